@@ -1,0 +1,36 @@
+// CPU matrix product with quantized weights (SPEC §5):
+//   y[m, n] = sum_k x[m, k] * (lut[n', code[n, k]] * scale[n, g] + zero[n, g]),  g = k / group_size
+// with fp32 accumulation; y has x's dtype. n' = n for per-row tables, 0 for a shared table.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace any4 {
+
+struct GemmArgs {
+  const void* x = nullptr;  // [M, K] row-major, x_dtype
+  DType x_dtype = DType::F32;
+  int64_t M = 0, K = 0;
+  const uint8_t* packed = nullptr;  // [N, ceil(K/2)] nibbles (pack.h)
+  int64_t N = 0;
+  const void* lut = nullptr;  // [lut_rows, lut_len], table_dtype; lut_rows is 1 or N; lut_len <= 16
+  int64_t lut_rows = 1, lut_len = 16;
+  const void* scales = nullptr;  // [N, n_groups, 2] (scale, zero), table_dtype
+  int64_t n_groups = 0, group_size = 128;
+  DType table_dtype = DType::F32;
+  void* y = nullptr;  // [M, N] row-major, x_dtype
+};
+
+// Which CPU implementation runs: Auto picks the best the processor supports.
+enum class CpuImpl : int { Auto = -1, Portable = 0, Avx2 = 1, Avx512 = 2 };
+
+// Validates the arguments (std::invalid_argument) and runs the product on the CPU thread pool.
+void gemm_cpu(const GemmArgs& args, CpuImpl impl = CpuImpl::Auto);
+
+// Best implementation this processor supports, and whether a given one is supported.
+CpuImpl best_cpu_impl();
+bool cpu_impl_supported(CpuImpl impl);
+
+}  // namespace any4

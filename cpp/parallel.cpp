@@ -1,0 +1,159 @@
+#include "parallel.h"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace any4 {
+namespace {
+
+int default_threads() {
+  if (const char* env = std::getenv("ANY4_NUM_THREADS")) {
+    int v = std::atoi(env);
+    if (v > 0) return v;
+  }
+  unsigned hw = std::thread::hardware_concurrency();
+  return hw == 0 ? 1 : static_cast<int>(hw);
+}
+
+// Workers sleep on a condition variable; a job is a function over chunk indices that every
+// participant (caller included) pulls from an atomic counter.
+class Pool {
+ public:
+  explicit Pool(int n_workers) { resize(n_workers); }
+  ~Pool() { stop_all(); }
+
+  void resize(int n_workers) {
+    stop_all();
+    stop_ = false;
+    for (int i = 0; i < n_workers; ++i) workers_.emplace_back([this] { loop(); });
+  }
+
+  int workers() const { return static_cast<int>(workers_.size()); }
+
+  void run(int64_t n_chunks, const std::function<void(int64_t)>& chunk_fn) {
+    std::unique_lock<std::mutex> call_lock(call_mu_);  // one parallel region at a time
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = &chunk_fn;
+      n_chunks_ = n_chunks;
+      next_.store(0);
+      done_.store(0);
+      error_ = nullptr;
+      ++generation_;
+    }
+    cv_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, [&] { return done_.load() == n_chunks_ && active_ == 0; });
+    job_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void work() {
+    const std::function<void(int64_t)>* job;
+    int64_t n;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job = job_;
+      n = n_chunks_;
+    }
+    if (!job) return;
+    for (;;) {
+      int64_t c = next_.fetch_add(1);
+      if (c >= n) break;
+      try {
+        (*job)(c);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (!error_) error_ = std::current_exception();
+      }
+      done_.fetch_add(1);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return stop_ || (generation_ != seen && job_ != nullptr); });
+        if (stop_) return;
+        seen = generation_;
+        ++active_;
+      }
+      work();
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        --active_;
+      }
+      done_cv_.notify_all();
+    }
+  }
+
+  void stop_all() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_, call_mu_;
+  std::condition_variable cv_, done_cv_;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  int64_t n_chunks_ = 0;
+  std::atomic<int64_t> next_{0}, done_{0};
+  int active_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+};
+
+int g_threads = default_threads();
+
+Pool& pool() {
+  static Pool p(std::max(0, g_threads - 1));
+  return p;
+}
+
+}  // namespace
+
+int get_num_threads() { return g_threads; }
+
+void set_num_threads(int n) {
+  if (n < 1) n = 1;
+  g_threads = n;
+  if (pool().workers() != n - 1) pool().resize(n - 1);
+}
+
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int threads = g_threads;
+  int64_t max_chunks = (n + grain - 1) / grain;
+  if (threads <= 1 || max_chunks <= 1) {
+    fn(0, n);
+    return;
+  }
+  // A few chunks per thread for load balance, never smaller than grain.
+  int64_t n_chunks = std::min<int64_t>(max_chunks, static_cast<int64_t>(threads) * 4);
+  int64_t chunk = (n + n_chunks - 1) / n_chunks;
+  n_chunks = (n + chunk - 1) / chunk;
+  pool().run(n_chunks, [&](int64_t c) {
+    int64_t b = c * chunk;
+    int64_t e = std::min(n, b + chunk);
+    fn(b, e);
+  });
+}
+
+}  // namespace any4

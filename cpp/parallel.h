@@ -1,0 +1,20 @@
+// A small persistent thread pool for the CPU core: parallel_for over [0, n) in contiguous chunks.
+// Work is split the same way whatever the thread count decides only *who* runs a chunk, so any
+// computation that is deterministic per index is deterministic for every thread count.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace any4 {
+
+// Number of threads used by parallel_for (default: hardware concurrency, or ANY4_NUM_THREADS).
+int get_num_threads();
+// Set the number of threads (>= 1). Not to be called concurrently with parallel_for.
+void set_num_threads(int n);
+
+// Calls fn(begin, end) over disjoint chunks covering [0, n); chunks hold at least `grain`
+// indices. Runs inline when one thread suffices. Exceptions from fn are rethrown in the caller.
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+}  // namespace any4

@@ -1,0 +1,91 @@
+"""Per-input-channel activation statistics and the sample weights built from them (SPEC §2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from ._tensor import to_numpy
+
+# name -> (statistic, power of the group scale): element weight = statistic[k] * scale**power
+WEIGHTINGS = ("mse", "abs_mean", "mean_abs", "rms", "none")
+DEFAULT_WEIGHTING = "mse"
+
+
+@dataclass
+class ChannelStats:
+    """Running float64 sums over activations x[..., K] seen by one Linear layer."""
+
+    count: int = 0
+    sum: Optional[np.ndarray] = None
+    sum_abs: Optional[np.ndarray] = None
+    sum_sq: Optional[np.ndarray] = None
+    extra: dict = field(default_factory=dict)
+
+    def update(self, x: Any) -> None:
+        """Accumulate a batch of activations [..., K] (torch or numpy)."""
+        if hasattr(x, "detach"):  # torch: reduce on the tensor's device, in float64
+            xd = x.detach().reshape(-1, x.shape[-1]).double()
+            s, sa, sq, n = (
+                xd.sum(0).cpu().numpy(),
+                xd.abs().sum(0).cpu().numpy(),
+                (xd * xd).sum(0).cpu().numpy(),
+                xd.shape[0],
+            )
+        else:
+            xd = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
+            s, sa, sq, n = xd.sum(0), np.abs(xd).sum(0), (xd * xd).sum(0), xd.shape[0]
+        if self.sum is None:
+            self.sum, self.sum_abs, self.sum_sq = s, sa, sq
+        else:
+            if s.shape != self.sum.shape:
+                raise ValueError(f"channel count changed: {self.sum.shape[0]} -> {s.shape[0]}")
+            self.sum += s
+            self.sum_abs += sa
+            self.sum_sq += sq
+        self.count += n
+
+    def _checked(self) -> None:
+        if self.count == 0 or self.sum is None:
+            raise ValueError("no activations were recorded for this layer")
+
+    @property
+    def mean(self) -> np.ndarray:
+        self._checked()
+        return self.sum / self.count
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        self._checked()
+        return self.sum_abs / self.count
+
+    @property
+    def mean_sq(self) -> np.ndarray:
+        self._checked()
+        return self.sum_sq / self.count
+
+
+def channel_weight(stats: ChannelStats, weighting: str = DEFAULT_WEIGHTING) -> tuple:
+    """(per-channel float32 weight [K] or None, scale power) for a weighting name.
+
+    - ``mse``: E[x_k^2] * scale^2, which makes the k-means objective the expected squared
+      output error; ``abs_mean``: |E[x_k]| * scale; ``mean_abs``: E|x_k| * scale;
+      ``rms``: sqrt(E[x_k^2]) * scale; ``none``: all ones.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; known: {', '.join(WEIGHTINGS)}")
+    if weighting == "none":
+        return None, 0
+    if weighting == "mse":
+        return stats.mean_sq.astype(np.float32), 2
+    if weighting == "abs_mean":
+        return np.abs(stats.mean).astype(np.float32), 1
+    if weighting == "mean_abs":
+        return stats.mean_abs.astype(np.float32), 1
+    return np.sqrt(stats.mean_sq).astype(np.float32), 1
+
+
+def as_numpy_weight(w: Any) -> np.ndarray:
+    return np.ascontiguousarray(to_numpy(w), dtype=np.float32)
