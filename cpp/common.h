@@ -17,9 +17,12 @@ enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
 inline const char* dtype_name(DType d) {
   switch (d) {
-    case DType::F32: return "float32";
-    case DType::F16: return "float16";
-    case DType::BF16: return "bfloat16";
+    case DType::F32:
+      return "float32";
+    case DType::F16:
+      return "float16";
+    case DType::BF16:
+      return "bfloat16";
   }
   return "?";
 }
@@ -29,7 +32,9 @@ inline DType to_dtype(int code) {
   return static_cast<DType>(code);
 }
 
-inline size_t dtype_size(DType d) { return d == DType::F32 ? 4 : 2; }
+inline size_t dtype_size(DType d) {
+  return d == DType::F32 ? 4 : 2;
+}
 
 // ---- bfloat16 <-> float32 (round to nearest even; NaN stays NaN) ----
 inline float bf16_to_f32(uint16_t h) {
@@ -79,10 +84,10 @@ inline uint16_t f32_to_f16(float f) {
   std::memcpy(&u, &f, 4);
   uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t absu = u & 0x7fffffffu;
-  if (absu > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (absu > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
   if (absu >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf
-  if (absu < 0x38800000u) {  // subnormal or zero in half
-    if (absu < 0x33000000u) return static_cast<uint16_t>(sign);  // underflow to zero
+  if (absu < 0x38800000u) {                                               // subnormal or zero in half
+    if (absu < 0x33000000u) return static_cast<uint16_t>(sign);           // underflow to zero
     uint32_t e = absu >> 23;
     uint32_t man = (absu & 0x7fffffu) | 0x800000u;
     uint32_t shift = 126 - e;  // value / 2^-24 = man >> shift, here 13 <= shift <= 24
@@ -99,36 +104,50 @@ inline uint16_t f32_to_f16(float f) {
 
 inline float load_as_f32(const void* p, DType d, int64_t i) {
   switch (d) {
-    case DType::F32: return static_cast<const float*>(p)[i];
-    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case DType::F32:
+      return static_cast<const float*>(p)[i];
+    case DType::F16:
+      return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case DType::BF16:
+      return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
   }
   return 0.f;
 }
 
 inline void store_from_f32(void* p, DType d, int64_t i, float v) {
   switch (d) {
-    case DType::F32: static_cast<float*>(p)[i] = v; break;
-    case DType::F16: static_cast<uint16_t*>(p)[i] = f32_to_f16(v); break;
-    case DType::BF16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
+    case DType::F32:
+      static_cast<float*>(p)[i] = v;
+      break;
+    case DType::F16:
+      static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
+      break;
+    case DType::BF16:
+      static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+      break;
   }
 }
 
 // Round a float32 to the nearest value representable in dtype d (returned as float32).
 inline float round_to_dtype(float v, DType d) {
   switch (d) {
-    case DType::F32: return v;
-    case DType::F16: return f16_to_f32(f32_to_f16(v));
-    case DType::BF16: return bf16_to_f32(f32_to_bf16(v));
+    case DType::F32:
+      return v;
+    case DType::F16:
+      return f16_to_f32(f32_to_f16(v));
+    case DType::BF16:
+      return bf16_to_f32(f32_to_bf16(v));
   }
   return v;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
-#define ANY4_CHECK(cond, msg)                                      \
-  do {                                                             \
-    if (!(cond)) throw std::invalid_argument(std::string(msg));    \
+#define ANY4_CHECK(cond, msg)                                   \
+  do {                                                          \
+    if (!(cond)) throw std::invalid_argument(std::string(msg)); \
   } while (0)
 
 }  // namespace any4

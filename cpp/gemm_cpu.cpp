@@ -48,9 +48,13 @@ static void gemm_portable(const GemmArgs& a) {
   });
 }
 
-CpuImpl best_cpu_impl() { return CpuImpl::Portable; }
+CpuImpl best_cpu_impl() {
+  return CpuImpl::Portable;
+}
 
-bool cpu_impl_supported(CpuImpl impl) { return impl == CpuImpl::Portable || impl == CpuImpl::Auto; }
+bool cpu_impl_supported(CpuImpl impl) {
+  return impl == CpuImpl::Portable || impl == CpuImpl::Auto;
+}
 
 void gemm_cpu(const GemmArgs& a, CpuImpl impl) {
   validate(a);

@@ -28,8 +28,7 @@ struct Sorted {
   std::vector<double> u, W, S, Q;  // sorted values; prefix sums (size n+1)
 };
 
-void prepare(const float* values, const float* weights, int64_t n, Sorted& s,
-             std::vector<int64_t>& order) {
+void prepare(const float* values, const float* weights, int64_t n, Sorted& s, std::vector<int64_t>& order) {
   order.resize(n);
   std::iota(order.begin(), order.end(), 0);
   std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return values[a] < values[b]; });
@@ -150,8 +149,8 @@ void kmeanspp(const Sorted& s, int k, std::mt19937_64& rng, std::vector<double>&
 
 }  // namespace
 
-double kmeans_1d(const float* values, const float* weights, int64_t n, int k,
-                 const KMeansParams& params, uint64_t row_seed, float* centroids, uint8_t* codes) {
+double kmeans_1d(const float* values, const float* weights, int64_t n, int k, const KMeansParams& params,
+                 uint64_t row_seed, float* centroids, uint8_t* codes) {
   ANY4_CHECK(k >= 1 && k <= kMaxClusters, "k must be in [1, 256]");
   ANY4_CHECK(n >= 1, "k-means needs at least one value");
   if (params.method == KMeansMethod::Optimal)
@@ -199,9 +198,9 @@ void kmeans_rows(const float* values, const float* weights, int64_t rows, int64_
                  const KMeansParams& params, float* centroids, uint8_t* codes, double* inertia) {
   parallel_for(rows, 1, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      double in = kmeans_1d(values + r * n, weights ? weights + r * n : nullptr, n, k, params,
-                            derive_row_seed(params.seed, r), centroids + r * k,
-                            codes ? codes + r * n : nullptr);
+      double in =
+          kmeans_1d(values + r * n, weights ? weights + r * n : nullptr, n, k, params,
+                    derive_row_seed(params.seed, r), centroids + r * k, codes ? codes + r * n : nullptr);
       if (inertia) inertia[r] = in;
     }
   });

@@ -15,9 +15,9 @@ enum class KMeansMethod : int { Lloyd = 0, Optimal = 1 };
 
 struct KMeansParams {
   KMeansMethod method = KMeansMethod::Lloyd;
-  int max_iter = 100;   // Lloyd iterations per start
-  int n_init = 1;       // Lloyd restarts (best inertia kept)
-  uint64_t seed = 0;    // base seed; row r uses a seed derived from (seed, r)
+  int max_iter = 100;  // Lloyd iterations per start
+  int n_init = 1;      // Lloyd restarts (best inertia kept)
+  uint64_t seed = 0;   // base seed; row r uses a seed derived from (seed, r)
 };
 
 // Max clusters (codes are uint8).
@@ -28,8 +28,8 @@ constexpr int kMaxClusters = 256;
 // when codes != nullptr the index of the nearest centroid for each value. If the row holds
 // fewer than k distinct values, the distinct values come first and the remaining centroids repeat
 // the largest value. Returns the weighted inertia sum_i w_i (u_i - c(u_i))^2.
-double kmeans_1d(const float* values, const float* weights, int64_t n, int k,
-                 const KMeansParams& params, uint64_t row_seed, float* centroids, uint8_t* codes);
+double kmeans_1d(const float* values, const float* weights, int64_t n, int k, const KMeansParams& params,
+                 uint64_t row_seed, float* centroids, uint8_t* codes);
 
 // Many independent rows of length n, in parallel over rows (parallel_for). values/weights are
 // [rows, n] row-major (weights may be nullptr); centroids [rows, k]; codes [rows, n] or nullptr;

@@ -7,7 +7,9 @@
 
 namespace any4 {
 
-inline int64_t packed_cols(int64_t K) { return (K + 1) / 2; }
+inline int64_t packed_cols(int64_t K) {
+  return (K + 1) / 2;
+}
 
 // codes [N, K] (each < 16) -> packed [N, ceil(K/2)]. Throws if a code is >= 16.
 void pack_nibbles(const uint8_t* codes, int64_t N, int64_t K, uint8_t* packed);

@@ -128,7 +128,9 @@ Pool& pool() {
 
 }  // namespace
 
-int get_num_threads() { return g_threads; }
+int get_num_threads() {
+  return g_threads;
+}
 
 void set_num_threads(int n) {
   if (n < 1) n = 1;

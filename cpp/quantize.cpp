@@ -26,19 +26,27 @@ inline int reassign(const float* lut, int L, float s, float z, float w, int c) {
   float e = err(c);
   while (c + 1 < L) {
     float e2 = err(c + 1);
-    if (e2 < e) { ++c; e = e2; } else break;
+    if (e2 < e) {
+      ++c;
+      e = e2;
+    } else
+      break;
   }
   while (c > 0) {
     float e2 = err(c - 1);
-    if (e2 < e) { --c; e = e2; } else break;
+    if (e2 < e) {
+      --c;
+      e = e2;
+    } else
+      break;
   }
   return c;
 }
 
 }  // namespace
 
-void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& p, uint8_t* codes,
-              float* lut, float* scales) {
+void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& p, uint8_t* codes, float* lut,
+              float* scales) {
   ANY4_CHECK(p.bits >= 1 && p.bits <= 4, "bits must be 1..4");
   ANY4_CHECK(N >= 1 && K >= 1, "weight must be non-empty");
   ANY4_CHECK(p.group_size >= 8 && p.group_size % 8 == 0,
@@ -51,7 +59,8 @@ void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& p, uin
   const float mid = 0.5f * static_cast<float>(L - 1);
   const bool learned = p.table == nullptr;
   if (!learned)
-    for (int j = 1; j < L; ++j) ANY4_CHECK(p.table[j - 1] <= p.table[j], "fixed table must be sorted ascending");
+    for (int j = 1; j < L; ++j)
+      ANY4_CHECK(p.table[j - 1] <= p.table[j], "fixed table must be sorted ascending");
   if (p.channel_weight)
     for (int64_t k = 0; k < K; ++k)
       ANY4_CHECK(std::isfinite(p.channel_weight[k]) && p.channel_weight[k] >= 0,
@@ -73,8 +82,8 @@ void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& p, uin
       float* sc = scales + n * n_groups * 2;
       for (int64_t k = 0; k < K; ++k)
         if (!std::isfinite(wr[k]))
-          throw std::invalid_argument("weight contains NaN or Inf at row " + std::to_string(n) +
-                                      ", column " + std::to_string(k));
+          throw std::invalid_argument("weight contains NaN or Inf at row " + std::to_string(n) + ", column " +
+                                      std::to_string(k));
       // 1. group statistics and normalised values
       for (int64_t g = 0; g < n_groups; ++g) {
         int64_t k0 = g * G, k1 = std::min(K, k0 + G);
@@ -117,8 +126,7 @@ void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& p, uin
         for (int j = 0; j < L; ++j) lr[j] = round_to_dtype(cent[j] - mid, p.out_dtype);
         row_lut = lr;
       } else {
-        for (int64_t k = 0; k < K; ++k)
-          cr[k] = static_cast<uint8_t>(nearest(p.table, L, u[k]));
+        for (int64_t k = 0; k < K; ++k) cr[k] = static_cast<uint8_t>(nearest(p.table, L, u[k]));
         row_lut = shared_lut.data();
       }
       // 3. round scale/zero, re-assign every code to the nearest rounded dequantized value
@@ -128,15 +136,16 @@ void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& p, uin
         sc[2 * g] = s;
         sc[2 * g + 1] = z;
         int64_t k0 = g * G, k1 = std::min(K, k0 + G);
-        for (int64_t k = k0; k < k1; ++k) cr[k] = static_cast<uint8_t>(reassign(row_lut, L, s, z, wr[k], cr[k]));
+        for (int64_t k = k0; k < k1; ++k)
+          cr[k] = static_cast<uint8_t>(reassign(row_lut, L, s, z, wr[k], cr[k]));
       }
     }
   });
 }
 
 void dequantize(const uint8_t* packed, int64_t N, int64_t K, const void* lut, int64_t lut_rows,
-                int64_t lut_len, const void* scales, int64_t n_groups, int64_t group_size,
-                DType td, float* w) {
+                int64_t lut_len, const void* scales, int64_t n_groups, int64_t group_size, DType td,
+                float* w) {
   ANY4_CHECK(lut_rows == 1 || lut_rows == N, "lut must have 1 or N rows");
   ANY4_CHECK(lut_len >= 1 && lut_len <= 16, "lut must have 1..16 entries per row");
   ANY4_CHECK(n_groups == ceil_div(K, group_size), "scales do not match K / group_size");

@@ -19,13 +19,13 @@
 namespace any4 {
 
 struct QuantizeParams {
-  int bits = 4;                        // 2, 3 or 4
-  const float* table = nullptr;        // fixed table [2^bits], sorted ascending; nullptr: learned
-  bool absmax = false;                 // true: scale = absmax, zero = 0; false: min-max affine
-  int64_t group_size = 128;            // positive multiple of 8
-  DType out_dtype = DType::BF16;       // lut / scale / zero are rounded to this type
+  int bits = 4;                           // 2, 3 or 4
+  const float* table = nullptr;           // fixed table [2^bits], sorted ascending; nullptr: learned
+  bool absmax = false;                    // true: scale = absmax, zero = 0; false: min-max affine
+  int64_t group_size = 128;               // positive multiple of 8
+  DType out_dtype = DType::BF16;          // lut / scale / zero are rounded to this type
   const float* channel_weight = nullptr;  // [K] per-input-channel statistic, or nullptr
-  int scale_power = 1;                 // element weight = channel_weight[k] * scale^scale_power
+  int scale_power = 1;                    // element weight = channel_weight[k] * scale^scale_power
   const float* element_weight = nullptr;  // [N, K] explicit element weights (overrides the above)
   KMeansParams kmeans;
 };
@@ -33,13 +33,13 @@ struct QuantizeParams {
 // w: [N, K] float32 row-major. Outputs (float32, each value exactly representable in out_dtype):
 // codes [N, K]; lut [N, 2^bits] if learned else [1, 2^bits]; scales [N, ceil(K/G), 2].
 // Throws std::invalid_argument on NaN/Inf weights or bad parameters.
-void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& params, uint8_t* codes,
-              float* lut, float* scales);
+void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& params, uint8_t* codes, float* lut,
+              float* scales);
 
 // Dequantize packed codes (two per byte, see pack.h) to float32 w [N, K].
 // lut: [lut_rows, lut_len] (lut_rows is 1 or N); scales: [N, n_groups, 2]; lut/scales in `table_dtype`.
 void dequantize(const uint8_t* packed, int64_t N, int64_t K, const void* lut, int64_t lut_rows,
-                int64_t lut_len, const void* scales, int64_t n_groups, int64_t group_size,
-                DType table_dtype, float* w);
+                int64_t lut_len, const void* scales, int64_t n_groups, int64_t group_size, DType table_dtype,
+                float* w);
 
 }  // namespace any4

@@ -37,7 +37,8 @@ void check_device(int device) {
   capability(device, &major, &minor);
   if (major < 8)
     throw std::runtime_error("any4: the CUDA kernels need compute capability 8.0 (Ampere) or newer; device " +
-                             std::to_string(device) + " is sm_" + std::to_string(major) + std::to_string(minor));
+                             std::to_string(device) + " is sm_" + std::to_string(major) +
+                             std::to_string(minor));
 }
 
 }  // namespace cuda

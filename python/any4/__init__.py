@@ -56,7 +56,10 @@ def set_num_threads(n: int) -> None:
 
 def build_info() -> dict:
     """How this wheel was built: version, CUDA kernels and architectures, CPU kernel paths."""
-    impls = {name: bool(_C.cpu_impl_supported(code)) for name, code in (("portable", 0), ("avx2", 1), ("avx512", 2))}
+    impls = {
+        name: bool(_C.cpu_impl_supported(code))
+        for name, code in (("portable", 0), ("avx2", 1), ("avx512", 2))
+    }
     return {
         "version": __version__,
         "cuda_compiled": cuda_compiled(),

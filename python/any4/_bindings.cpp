@@ -86,8 +86,8 @@ PYBIND11_MODULE(_C, m) {
         p.max_iter = max_iter;
         p.n_init = n_init;
         p.seed = seed;
-        kmeans_rows(ptr<const float>(values), ptr<const float>(weights), rows, n, k, p,
-                    ptr<float>(centroids), ptr<uint8_t>(codes), ptr<double>(inertia));
+        kmeans_rows(ptr<const float>(values), ptr<const float>(weights), rows, n, k, p, ptr<float>(centroids),
+                    ptr<uint8_t>(codes), ptr<double>(inertia));
       },
       gil());
 

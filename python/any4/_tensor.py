@@ -8,8 +8,9 @@ the caller's framework, so results come back as the caller's type with no copies
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -92,7 +93,9 @@ def buffer(
     return Buffer(t, ptr, tuple(int(s) for s in t.shape), dt, dev)
 
 
-def empty_like_framework(ref: Any, shape: Sequence[int], dtype: str, device: Optional[str] = None) -> Any:
+def empty_like_framework(
+    ref: Any, shape: Sequence[int], dtype: str, device: Optional[str] = None
+) -> Any:
     """Uninitialised array of ``dtype`` in ref's framework (and device, for torch)."""
     if is_torch(ref):
         torch = _torch()

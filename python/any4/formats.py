@@ -22,7 +22,10 @@ NF4_TABLE = (
 
 # FP4 e2m1: +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}, normalised by 6 (sorted; -0 and +0 both present).
 FP4_TABLE = tuple(
-    sorted([-v / 6.0 for v in (0, 0.5, 1, 1.5, 2, 3, 4, 6)] + [v / 6.0 for v in (0, 0.5, 1, 1.5, 2, 3, 4, 6)])
+    sorted(
+        [-v / 6.0 for v in (0, 0.5, 1, 1.5, 2, 3, 4, 6)]
+        + [v / 6.0 for v in (0, 0.5, 1, 1.5, 2, 3, 4, 6)]
+    )
 )
 
 
@@ -54,7 +57,7 @@ FORMATS = {
 }
 
 
-def get_format(fmt: "str | Format") -> Format:
+def get_format(fmt: str | Format) -> Format:
     """Look a format up by name (case-insensitive); Format objects pass through."""
     if isinstance(fmt, Format):
         return fmt

@@ -44,10 +44,14 @@ def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Opt
         raise ValueError("x must have at least one dimension [..., K]")
     K = int(x.shape[-1])
     if T.dtype_name(packed_w) != "uint8" or packed_w.ndim != 2:
-        raise TypeError(f"packed_w must be uint8 [N, ceil(K/2)], got {T.dtype_name(packed_w)} {tuple(packed_w.shape)}")
+        raise TypeError(
+            f"packed_w must be uint8 [N, ceil(K/2)], got {T.dtype_name(packed_w)} {tuple(packed_w.shape)}"
+        )
     N = int(packed_w.shape[0])
     if int(packed_w.shape[1]) != (K + 1) // 2:
-        raise ValueError(f"packed_w has {packed_w.shape[1]} bytes per row; x's K={K} needs {(K + 1) // 2}")
+        raise ValueError(
+            f"packed_w has {packed_w.shape[1]} bytes per row; x's K={K} needs {(K + 1) // 2}"
+        )
     ld = T.dtype_name(lut)
     if ld not in FLOAT_DTYPES:
         raise TypeError(f"lut must be float32, float16 or bfloat16, got {ld}")
@@ -60,14 +64,18 @@ def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Opt
     else:
         raise ValueError(f"lut must be [L], [1, L] or [N, L], got shape {tuple(lut.shape)}")
     if lut_rows not in (1, N) or not 1 <= lut_len <= 16:
-        raise ValueError(f"lut must be [1, L] or [N={N}, L] with L <= 16, got shape {tuple(lut.shape)}")
+        raise ValueError(
+            f"lut must be [1, L] or [N={N}, L] with L <= 16, got shape {tuple(lut.shape)}"
+        )
     if scales.ndim != 3 or int(scales.shape[0]) != N or int(scales.shape[2]) != 2:
         raise ValueError(f"scales must be [N={N}, groups, 2], got shape {tuple(scales.shape)}")
     n_groups = int(scales.shape[1])
     if group_size is None:
         group_size = infer_group_size(K, n_groups)
     elif group_size <= 0 or -(-K // group_size) != n_groups:
-        raise ValueError(f"group_size={group_size} gives {-(-K // max(group_size, 1))} groups for K={K}, scales have {n_groups}")
+        raise ValueError(
+            f"group_size={group_size} gives {-(-K // max(group_size, 1))} groups for K={K}, scales have {n_groups}"
+        )
     devs = {T.device_of(t) for t in (x, packed_w, lut, scales)}
     if len(devs) != 1:
         raise ValueError(f"x, packed_w, lut and scales must be on one device, got {sorted(devs)}")
@@ -95,7 +103,9 @@ def gemm(
     Returns:
         y [..., N] in x's dtype, framework and device.
     """
-    K, N, lut_rows, lut_len, n_groups, group_size = check_operands(x, packed_w, lut, scales, group_size)
+    K, N, lut_rows, lut_len, n_groups, group_size = check_operands(
+        x, packed_w, lut, scales, group_size
+    )
     lead = tuple(x.shape[:-1])
     if T.device_of(x) != "cpu":
         from .cuda import gemm_cuda
@@ -106,7 +116,13 @@ def gemm(
     if not C.cpu_impl_supported(CPU_IMPLS[impl]):
         raise RuntimeError(f"CPU implementation {impl!r} is not supported on this processor/build")
     x2 = x.reshape(-1, K)
-    x2 = x2.contiguous() if T.is_torch(x2) else x2.copy(order="C") if not x2.flags["C_CONTIGUOUS"] else x2
+    x2 = (
+        x2.contiguous()
+        if T.is_torch(x2)
+        else x2.copy(order="C")
+        if not x2.flags["C_CONTIGUOUS"]
+        else x2
+    )
     M = int(x2.shape[0])
     xb = T.buffer(x2, "x")
     pb = T.buffer(packed_w, "packed_w")
@@ -114,6 +130,21 @@ def gemm(
     sb = T.buffer(scales, "scales")
     y = T.empty_like_framework(x, (M, N), xb.dtype)
     if M:
-        C.gemm_cpu(xb.ptr, xb.code, M, K, pb.ptr, N, lb.ptr, lut_rows, lut_len, sb.ptr, n_groups,
-                   group_size, lb.code, T.buffer(y, "y").ptr, CPU_IMPLS[impl])
+        C.gemm_cpu(
+            xb.ptr,
+            xb.code,
+            M,
+            K,
+            pb.ptr,
+            N,
+            lb.ptr,
+            lut_rows,
+            lut_len,
+            sb.ptr,
+            n_groups,
+            group_size,
+            lb.code,
+            T.buffer(y, "y").ptr,
+            CPU_IMPLS[impl],
+        )
     return y.reshape(lead + (N,))

@@ -66,8 +66,20 @@ def kmeans(
     cent = np.empty((rows, k), np.float32)
     codes = np.empty((rows, n), np.uint8)
     inertia = np.empty((rows,), np.float64)
-    C.kmeans_rows(v2.ctypes.data, wptr, rows, n, int(k), METHODS[method], int(max_iter), int(n_init),
-                  int(seed), cent.ctypes.data, codes.ctypes.data, inertia.ctypes.data)
+    C.kmeans_rows(
+        v2.ctypes.data,
+        wptr,
+        rows,
+        n,
+        int(k),
+        METHODS[method],
+        int(max_iter),
+        int(n_init),
+        int(seed),
+        cent.ctypes.data,
+        codes.ctypes.data,
+        inertia.ctypes.data,
+    )
     codes = codes.astype(np.int64)
     if squeeze:
         cent, codes, inertia = cent[0], codes[0], inertia[0]

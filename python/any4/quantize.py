@@ -69,7 +69,7 @@ def check_group_size(group_size: int, K: int) -> None:
 
 def quantize(
     w: Any,
-    fmt: "str | Format" = "any4",
+    fmt: str | Format = "any4",
     group_size: int = 128,
     sample_weight: Optional[Any] = None,
     *,
@@ -179,8 +179,19 @@ def dequantize(qt: QuantizedTensor, dtype: Optional[str] = None) -> Any:
     if pb.shape != (N, (K + 1) // 2) or sb.shape[0] != N or sb.shape[2] != 2:
         raise ValueError("quantized tensor parts do not match its shape")
     out = np.empty((N, K), np.float32)
-    C.dequantize(pb.ptr, N, K, lb.ptr, lb.shape[0], lb.shape[1], sb.ptr, sb.shape[1], qt.group_size,
-                 lb.code, out.ctypes.data)
+    C.dequantize(
+        pb.ptr,
+        N,
+        K,
+        lb.ptr,
+        lb.shape[0],
+        lb.shape[1],
+        sb.ptr,
+        sb.shape[1],
+        qt.group_size,
+        lb.code,
+        out.ctypes.data,
+    )
     return T.from_numpy_like(qt.lut, out, dtype)
 
 
