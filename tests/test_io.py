@@ -12,8 +12,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
 
-import any4  # noqa: E402
 from _tiny import random_ids, tiny_config, tiny_llama  # noqa: E402
+
+import any4  # noqa: E402
 from any4.io import FORMAT_VERSION, Any4FormatError, read_metadata  # noqa: E402
 from any4.nn import QuantLinear  # noqa: E402
 

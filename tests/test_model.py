@@ -9,8 +9,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import any4  # noqa: E402
 from _tiny import HIDDEN, INTERMEDIATE, byte_tokenizer, random_ids, tiny_llama  # noqa: E402
+
+import any4  # noqa: E402
 from any4.calibration import ActivationRecorder, calibration_ids, default_text, run_model  # noqa: E402
 from any4.model import eligible_layers, matches_skip  # noqa: E402
 from any4.nn import QuantLinear, dequantize_model  # noqa: E402

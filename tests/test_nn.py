@@ -15,6 +15,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     y = y.detach().double()
     assert torch.isfinite(y).all(), "output has NaN/Inf"
+    ref = ref.detach()
     return float((y - ref).norm() / ref.norm())
 
 
@@ -170,3 +171,13 @@ def test_cuda_matches_cpu() -> None:
     assert qc.packed.is_cuda and qc.lut.dtype == torch.bfloat16
     y = qc(x.cuda()).cpu()
     assert rel_err(y, ref) < TOL[torch.bfloat16]
+
+
+def test_traces_without_graph_breaks() -> None:
+    q = QuantLinear.from_linear(make_linear(24, 64, True, seed=11), "any4", 32)
+    x = torch.randn(3, 64)
+    explanation = torch._dynamo.explain(q)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), q(x))

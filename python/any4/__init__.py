@@ -39,6 +39,7 @@ def __getattr__(name: str):
         return module if attr is None else getattr(module, attr)
     raise AttributeError(f"module 'any4' has no attribute {name!r}")
 
+
 __version__ = "0.1.0"
 
 

@@ -6,7 +6,9 @@ The module holds the three tensors of the one representation (SPEC §1) as buffe
     lut     [out_features or 1, 2^bits]                   per-row (learned) or shared table
     scales  [out_features, ceil(in_features / G), 2]      per-group (scale, zero)
 
-and ``forward`` is ``any4.gemm(x, packed, lut, scales, group_size) (+ bias)``: any batch shape
+and ``forward`` is ``any4.gemm(x, packed, lut, scales, group_size) (+ bias)``, called through its
+torch custom-op registration ``torch.ops.any4.gemm`` (same function; lets torch.compile and
+torch.export trace the module without graph breaks): any batch shape
 [..., in_features], x in float32 / float16 / bfloat16 (float64 is computed in float32 and cast
 back), output in x's dtype. The device follows ``.to()`` / ``.cuda()`` like any module, but the
 table *dtype* is fixed at quantization time (the codes were assigned to the rounded table):
@@ -20,8 +22,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from . import ops  # registers torch.ops.any4.gemm (a thin wrapper of any4.gemm)
 from .formats import get_format
-from .gemm import gemm
 from .quantize import QuantizedTensor, dequantize, quantize
 
 QUANT_BUFFERS = ("packed", "lut", "scales")
@@ -164,7 +166,7 @@ class QuantLinear(nn.Module):
             if not x.is_floating_point():
                 raise TypeError(f"QuantLinear expects a floating-point input, got {in_dtype}")
             x = x.to(torch.float32)
-        y = gemm(x, self.packed, self.lut, self.scales, self.group_size)
+        y = ops.gemm(x, self.packed, self.lut, self.scales, self.group_size)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y if y.dtype == in_dtype else y.to(in_dtype)
