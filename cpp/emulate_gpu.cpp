@@ -123,10 +123,7 @@ void emulate_gpu_gemm(const EmulateGpuArgs& a) {
                   }
                   if (bf16) apply_scale_zero<true>(A[lane], st.sz[u][lane][0], st.sz[u][lane][1]);
                   else apply_scale_zero<false>(A[lane], st.sz[u][lane][0], st.sz[u][lane][1]);
-                  for (int mt = 0; mt < MT; ++mt) {
-                    B[mt][lane][0] = st.x[u][mt][lane][2 * j];
-                    B[mt][lane][1] = st.x[u][mt][lane][2 * j + 1];
-                  }
+                  for (int mt = 0; mt < MT; ++mt) b_regs(st.x[u][mt][lane], j, B[mt][lane]);
                 }
                 for (int mt = 0; mt < MT; ++mt) emulate_mma(A, B[mt], acc[mt], bf16);
               }

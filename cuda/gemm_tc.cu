@@ -178,11 +178,11 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) gemm_tc_kernel(const TcPara
           apply_scale_zero<BF16>(a, st.sz[u].x, st.sz[u].y);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            // words 2j, 2j+1 of the lane's 16 x values = k-tile j's B registers
-            const uint4& lo = st.x[u][mt][j >> 1];
-            const uint32_t b0 = (j & 1) ? lo.z : lo.x;
-            const uint32_t b1 = (j & 1) ? lo.w : lo.y;
-            mma_16816<BF16>(acc[mt], a, b0, b1);
+            const uint4 &x0 = st.x[u][mt][0], &x1 = st.x[u][mt][1];
+            const uint32_t xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+            uint32_t b[2];
+            b_regs(xw, j, b);
+            mma_16816<BF16>(acc[mt], a, b[0], b[1]);
           }
         }
       }

@@ -423,6 +423,14 @@ ANY4_HD void dequant_lut_smem(uint32_t q, const uint32_t* tab_lane, uint32_t r[4
   r[3] = prmt(v[6], v[7], 0x7632);
 }
 
+// B registers (b0, b1) of k-tile j from the lane's 8 words of x for a chunk (word w holds
+// x[64 c + 16 t + 2w], x[... + 2w + 1]): mma rows (2t, 2t+1) -> chunk k 16t + 4j + {0, 1},
+// rows (2t+8, 2t+9) -> 16t + 4j + {2, 3} (mma_k_to_chunk_k).
+ANY4_HD void b_regs(const uint32_t xw[8], int j, uint32_t b[2]) {
+  b[0] = xw[2 * j];
+  b[1] = xw[2 * j + 1];
+}
+
 // Scale and zero: w = value * scale + zero, rows g (regs 0, 2) and g + 8 (regs 1, 3).
 // sz = (scale[g], zero[g]) packed in the low word, (scale[g+8], zero[g+8]) in the high word.
 template <bool BF16>
