@@ -107,7 +107,9 @@ def _scratch(dev: int, stream: int, floats: int, counters: int):
     return ws, ctr
 
 
-def gemm_gpu(x: Any, w: Any, *, dequant: Optional[str] = None, splits: int = 0) -> Any:
+def gemm_gpu(
+    x: Any, w: Any, *, dequant: Optional[str] = None, splits: int = 0, out: Any = None
+) -> Any:
     """y = x @ dequant(W)^T with the tensor-core kernel on a :class:`GpuWeight`.
 
     Args:
@@ -116,6 +118,7 @@ def gemm_gpu(x: Any, w: Any, *, dequant: Optional[str] = None, splits: int = 0) 
         dequant: "arith" (int tables only), "lut_reg" or "lut_smem"; default: arith for int
             formats, else the default table lookup.
         splits: > 0 forces this many K splits (tests); 0 lets the kernel choose.
+        out: optional contiguous [..., N] tensor (x's dtype and device) to write y into.
     Returns:
         y [..., N] in x's dtype, on x's device, computed on the current stream.
     """
@@ -150,7 +153,18 @@ def gemm_gpu(x: Any, w: Any, *, dequant: Optional[str] = None, splits: int = 0) 
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, K)
     M = int(x2.shape[0])
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if out is None:
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    else:
+        if (
+            not T.is_torch(out)
+            or tuple(out.shape) != lead + (N,)
+            or out.dtype != x.dtype
+            or out.device != x.device
+            or not out.is_contiguous()
+        ):
+            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {lead + (N,)} on {x.device}")
+        y = out.view(M, N)
     if M == 0:
         return y.reshape(lead + (N,))
     K_pad = int(w.codes.shape[1]) * 64

@@ -114,6 +114,11 @@ def gemm(
             from .cuda import gemm_gpu
 
             return gemm_gpu(x, packed_w)
+        if T.device_of(packed_w.codes) != T.device_of(x):
+            raise ValueError(
+                f"x and the GPU weight must be on one device, got x on {T.device_of(x)} and the "
+                f"weight on {T.device_of(packed_w.codes)}"
+            )
         from .pack_gpu import unpack_from_gpu
 
         group_size = packed_w.group_size
