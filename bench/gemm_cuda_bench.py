@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 import traceback
+from functools import partial
 
 import torch
 
@@ -79,8 +80,12 @@ def copies_for(nbytes: int, l2: int) -> int:
 
 def random_gpu_weight(N, K, lut_shared, arith_neg2, dev):
     sizes = gpu_layout_sizes(N, K, G)
-    codes = torch.randint(0, 256, (sizes["n_tiles"], sizes["k_chunks"], 32, 16), dtype=torch.uint8, device=dev)
-    scales = (torch.rand(sizes["n_tiles"], sizes["n_groups_pad"], 8, 4, device=dev) * 0.02).bfloat16()
+    codes = torch.randint(
+        0, 256, (sizes["n_tiles"], sizes["k_chunks"], 32, 16), dtype=torch.uint8, device=dev
+    )
+    scales = (
+        torch.rand(sizes["n_tiles"], sizes["n_groups_pad"], 8, 4, device=dev) * 0.02
+    ).bfloat16()
     lut = torch.randint(0, 256, (sizes["N_pad"], 32), dtype=torch.uint8, device=dev)
     lut[:, 16:] = 0x3F  # keep table values finite and O(1) (high byte of bf16 ~ 0.5..1)
     return GpuWeight(codes, scales, lut, (N, K), G, 16, lut_shared, arith_neg2)
@@ -119,24 +124,27 @@ def bench_shape(name, N, K, batches, l2, dev, records, deadline):
         xs = [torch.randn(M, K, dtype=torch.bfloat16, device=dev) for _ in range(nx)]
         reps = max(nx, 20)
         kernels = {
-            "bf16 cuBLAS": [lambda i=i: torch.nn.functional.linear(xs[i % nx], W[i % n_bf16]) for i in range(reps)],
+            "bf16 cuBLAS": [
+                partial(torch.nn.functional.linear, xs[i % nx], W[i % n_bf16]) for i in range(reps)
+            ],
         }
         if tiny is not None:
             kernels["torch int4 tinygemm"] = [
-                lambda i=i: torch.ops.aten._weight_int4pack_mm(xs[i % nx], tiny[i % n_q], G, tiny_sz)
+                partial(torch.ops.aten._weight_int4pack_mm, xs[i % nx], tiny[i % n_q], G, tiny_sz)
                 for i in range(reps)
             ]
         for dq in ("arith", "lut_reg", "lut_smem"):
             kernels[f"any4 int4 {dq}"] = [
-                lambda i=i, dq=dq: gemm_gpu(xs[i % nx], w_int4[i % n_q], dequant=dq) for i in range(reps)
+                partial(gemm_gpu, xs[i % nx], w_int4[i % n_q], dequant=dq) for i in range(reps)
             ]
         for dq in ("lut_reg", "lut_smem"):
             kernels[f"any4 any4 {dq}"] = [
-                lambda i=i, dq=dq: gemm_gpu(xs[i % nx], w_any4[i % n_q], dequant=dq) for i in range(reps)
+                partial(gemm_gpu, xs[i % nx], w_any4[i % n_q], dequant=dq) for i in range(reps)
             ]
         if M in (1, 16):
             kernels["any4 storage-layout (no tensor cores)"] = [
-                lambda i=i: any4.gemm(xs[i % nx], packed[i % n_q], lut_rows, scales_st, G) for i in range(reps)
+                partial(any4.gemm, xs[i % nx], packed[i % n_q], lut_rows, scales_st, G)
+                for i in range(reps)
             ]
         base = None
         for kname, fns in kernels.items():
@@ -144,7 +152,9 @@ def bench_shape(name, N, K, batches, l2, dev, records, deadline):
             try:
                 us = time_graph(fns)
                 rec["us"] = us
-                moved = (bf16_bytes if kname.startswith("bf16") else q_bytes) + M * K * 2 + M * N * 2
+                moved = (
+                    (bf16_bytes if kname.startswith("bf16") else q_bytes) + M * K * 2 + M * N * 2
+                )
                 rec["GBps"] = moved / (us * 1e-6) / 1e9
                 if kname == "bf16 cuBLAS":
                     base = us
@@ -154,8 +164,6 @@ def bench_shape(name, N, K, batches, l2, dev, records, deadline):
                 traceback.print_exc()
             records.append(rec)
             print(json.dumps(rec), flush=True)
-    del W, w_int4, w_any4, packed, tiny
-    torch.cuda.empty_cache()
     return True
 
 
@@ -195,10 +203,14 @@ def write(records, info, out):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16}")
-    ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new work after this")
+    ap.add_argument(
+        "--budget-s", type=float, default=240.0, help="stop starting new work after this"
+    )
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if not any4.cuda_available():
@@ -222,9 +234,11 @@ def main() -> int:
     records: list = []
     try:
         for name, N, K in shapes:
-            if not bench_shape(name, N, K, batches, l2, dev, records, deadline):
-                break
+            done = bench_shape(name, N, K, batches, l2, dev, records, deadline)
+            torch.cuda.empty_cache()  # the shape's weights are gone with bench_shape's frame
             write(records, info, args.out)
+            if not done:
+                break
     finally:
         write(records, info, args.out)
     return 0 if records and not any("error" in r for r in records) else 1

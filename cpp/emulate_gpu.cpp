@@ -26,13 +26,16 @@ uint32_t load_u32(const void* base, int64_t byte_offset) {
 }
 
 // D = A * B + C of mma.m16n8k16 (fp32 accumulate), operands given per lane in PTX fragment order.
-void emulate_mma(const uint32_t a[kWarpSize][4], const uint32_t b[kWarpSize][2], float acc[kWarpSize][4], bool bf16) {
+void emulate_mma(const uint32_t a[kWarpSize][4], const uint32_t b[kWarpSize][2], float acc[kWarpSize][4],
+                 bool bf16) {
   double A[16][16], B[16][8], C[16][8];
   for (int lane = 0; lane < kWarpSize; ++lane) {
     for (int e = 0; e < 8; ++e)
-      A[mma_a_row(lane, e)][mma_a_col(lane, e)] = h16_to_f32(uint16_t(a[lane][e >> 1] >> (16 * (e & 1))), bf16);
+      A[mma_a_row(lane, e)][mma_a_col(lane, e)] =
+          h16_to_f32(uint16_t(a[lane][e >> 1] >> (16 * (e & 1))), bf16);
     for (int e = 0; e < 4; ++e)
-      B[mma_b_row(lane, e)][mma_b_col(lane, e)] = h16_to_f32(uint16_t(b[lane][e >> 1] >> (16 * (e & 1))), bf16);
+      B[mma_b_row(lane, e)][mma_b_col(lane, e)] =
+          h16_to_f32(uint16_t(b[lane][e >> 1] >> (16 * (e & 1))), bf16);
     for (int e = 0; e < 4; ++e) C[mma_c_row(lane, e)][mma_c_col(lane, e)] = acc[lane][e];
   }
   for (int lane = 0; lane < kWarpSize; ++lane)
@@ -53,7 +56,7 @@ void emulate_gpu_gemm(const EmulateGpuArgs& a) {
   gpu_pack_sizes(a.N, a.K, a.group_size);  // validates
   const bool bf16 = a.dtype == DType::BF16;
   const TcShape s = tc_shape(a.N, a.K, a.group_size);
-  const TcPlan plan = make_tc_plan(a.M, s.n_tiles, s.k_chunks, a.num_sms, a.force_splits);
+  const TcPlan plan = make_tc_plan(a.M, s.n_tiles, s.k_chunks, a.num_sms, a.blocks_per_sm, a.force_splits);
   const int MT = plan.mt;
   const Dequant dq = static_cast<Dequant>(a.dequant);
 
@@ -83,7 +86,8 @@ void emulate_gpu_gemm(const EmulateGpuArgs& a) {
               row_g8[lane].lo[w] = load_u32(a.lut, (rg + 8) * kLutBytes + 4 * w);
               row_g8[lane].hi[w] = load_u32(a.lut, (rg + 8) * kLutBytes + 16 + 4 * w);
             }
-            for (int c = 0; c < 16; ++c) smem[smem_lut_word(c, lane)] = smem_lut_value(row_g[lane], row_g8[lane], c);
+            for (int c = 0; c < 16; ++c)
+              smem[smem_lut_word(c, lane)] = smem_lut_value(row_g[lane], row_g8[lane], c);
           }
 
           float acc[2][kWarpSize][4] = {};
@@ -98,9 +102,12 @@ void emulate_gpu_gemm(const EmulateGpuArgs& a) {
                 for (int mt = 0; mt < MT; ++mt) {
                   const int64_t m = x_row(mz, MT, mt, lane);
                   for (int w = 0; w < 8; ++w)
-                    st.x[u][mt][lane][w] = m < a.M ? load_u32(xp.data(), (x_elem_index(m, s.K_pad, chunk, lane) + 2 * w) * 2) : 0u;
+                    st.x[u][mt][lane][w] =
+                        m < a.M ? load_u32(xp.data(), (x_elem_index(m, s.K_pad, chunk, lane) + 2 * w) * 2)
+                                : 0u;
                 }
-                const int64_t sv = scales_vec_index(tile, lane_group(chunk, lane, s.log2_group), lane, s.n_groups_pad);
+                const int64_t sv =
+                    scales_vec_index(tile, lane_group(chunk, lane, s.log2_group), lane, s.n_groups_pad);
                 st.sz[u][lane][0] = load_u32(a.scales, sv * 8);
                 st.sz[u][lane][1] = load_u32(a.scales, sv * 8 + 4);
               }
@@ -114,15 +121,19 @@ void emulate_gpu_gemm(const EmulateGpuArgs& a) {
                 for (int lane = 0; lane < kWarpSize; ++lane) {
                   const uint32_t q = st.q[u][lane][j];
                   if (dq == Dequant::Arith) {
-                    if (bf16) dequant_arith<true>(q, a.arith_neg2, A[lane]);
-                    else dequant_arith<false>(q, a.arith_neg2, A[lane]);
+                    if (bf16)
+                      dequant_arith<true>(q, a.arith_neg2, A[lane]);
+                    else
+                      dequant_arith<false>(q, a.arith_neg2, A[lane]);
                   } else if (dq == Dequant::LutReg) {
                     dequant_lut_reg(q, row_g[lane], row_g8[lane], A[lane]);
                   } else {
                     dequant_lut_smem(q, smem + smem_lut_word(0, lane), A[lane]);
                   }
-                  if (bf16) apply_scale_zero<true>(A[lane], st.sz[u][lane][0], st.sz[u][lane][1]);
-                  else apply_scale_zero<false>(A[lane], st.sz[u][lane][0], st.sz[u][lane][1]);
+                  if (bf16)
+                    apply_scale_zero<true>(A[lane], st.sz[u][lane][0], st.sz[u][lane][1]);
+                  else
+                    apply_scale_zero<false>(A[lane], st.sz[u][lane][0], st.sz[u][lane][1]);
                   for (int mt = 0; mt < MT; ++mt) b_regs(st.x[u][mt][lane], j, B[mt][lane]);
                 }
                 for (int mt = 0; mt < MT; ++mt) emulate_mma(A, B[mt], acc[mt], bf16);

@@ -20,6 +20,7 @@ struct EmulateGpuArgs {
   int dequant = 1;                   // gpu::Dequant: 0 Arith, 1 LutReg, 2 LutSmem
   uint32_t arith_neg2 = 0;           // Arith constant (gpu_arith_constant)
   int num_sms = 108;                 // multiprocessors assumed by the grid plan (split-K choice)
+  int blocks_per_sm = 4;             // resident blocks per multiprocessor assumed by the plan
   int64_t force_splits = 0;          // > 0: use this many K splits
   uint16_t* y = nullptr;             // [M, N] bf16 / fp16
 };

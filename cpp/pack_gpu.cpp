@@ -84,7 +84,8 @@ void pack_for_gpu(const uint8_t* packed, int64_t N, int64_t K, const void* lut, 
           int64_t n = tile * kTileN + g + 8 * h;
           bool real = n < N && grp < n_groups;
           dst[2 * h] = real ? to_compute(scales, table_dtype, (n * n_groups + grp) * 2, compute_dtype) : 0;
-          dst[2 * h + 1] = real ? to_compute(scales, table_dtype, (n * n_groups + grp) * 2 + 1, compute_dtype) : 0;
+          dst[2 * h + 1] =
+              real ? to_compute(scales, table_dtype, (n * n_groups + grp) * 2 + 1, compute_dtype) : 0;
         }
       }
 
@@ -93,7 +94,8 @@ void pack_for_gpu(const uint8_t* packed, int64_t N, int64_t K, const void* lut, 
     uint8_t* dst = lut_out + n * kLutBytes;
     for (int c = 0; c < 16; ++c) {
       uint16_t v = 0;
-      if (n < N && c < lut_len) v = to_compute(lut, table_dtype, (lut_rows == 1 ? 0 : n) * lut_len + c, compute_dtype);
+      if (n < N && c < lut_len)
+        v = to_compute(lut, table_dtype, (lut_rows == 1 ? 0 : n) * lut_len + c, compute_dtype);
       dst[c] = static_cast<uint8_t>(v & 0xff);
       dst[16 + c] = static_cast<uint8_t>(v >> 8);
     }
@@ -136,7 +138,8 @@ void unpack_from_gpu(const uint8_t* codes, const uint16_t* scales_gpu, const uin
               int64_t n = tile * kTileN + gpu::code_row(lane, i);
               int64_t k = chunk * kChunkK + gpu::code_k(lane, j, i);
               if (n < N && k < K)
-                packed_out[n * P + (k >> 1)] |= static_cast<uint8_t>(((word >> (4 * i)) & 0xfu) << ((k & 1) * 4));
+                packed_out[n * P + (k >> 1)] |=
+                    static_cast<uint8_t>(((word >> (4 * i)) & 0xfu) << ((k & 1) * 4));
             }
           }
         }

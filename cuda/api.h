@@ -43,8 +43,10 @@ struct TcGemmArgs {
   uintptr_t stream = 0;  // cudaStream_t
 };
 
-// The grid plan (split-K, scratch sizes) gemm_tc will use on this device.
-gpu::TcPlan gemm_tc_plan(int64_t M, int64_t N, int64_t K, int device, int64_t force_splits);
+// The grid plan (split-K, scratch sizes) gemm_tc will use on this device for this kernel
+// (dtype and dequantizer decide the kernel, whose occupancy sizes the grid).
+gpu::TcPlan gemm_tc_plan(int64_t M, int64_t N, int64_t K, int dtype, int dequant, int device,
+                         int64_t force_splits);
 
 // y = x @ dequant(W)^T with mma.sync m16n8k16, fp32 accumulation; asynchronous on `stream`.
 void gemm_tc(const TcGemmArgs& args);

@@ -37,7 +37,8 @@ __device__ __forceinline__ void store_f32(void* p, int dtype, int64_t i, float v
   }
 }
 
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) gemm_simt_kernel(const SimtGemmArgs a, int64_t m_begin) {
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    gemm_simt_kernel(const SimtGemmArgs a, int64_t m_begin) {
   __shared__ float tables[kWarpsPerBlock][16];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
@@ -45,7 +46,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemm_simt_kernel(const Si
   if (n >= a.N) return;  // warp-uniform
   float* tab = tables[warp];
   if (lane < 16)
-    tab[lane] = lane < a.lut_len ? load_f32(a.lut, a.table_dtype, (a.lut_rows == 1 ? 0 : n) * a.lut_len + lane) : 0.f;
+    tab[lane] =
+        lane < a.lut_len ? load_f32(a.lut, a.table_dtype, (a.lut_rows == 1 ? 0 : n) * a.lut_len + lane) : 0.f;
   __syncwarp();
   const int64_t P = (a.K + 1) / 2;
   const uint8_t* row = a.packed + n * P;

@@ -30,8 +30,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "api.h"
 #include "launch.cuh"
@@ -155,7 +158,8 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) gemm_tc_kernel(const TcPara
             st.x[u][mt][1] = make_uint4(0, 0, 0, 0);
           }
         }
-        st.sz[u] = __ldg(p.scales + scales_vec_index(tile, lane_group(chunk, lane, p.log2_group), lane, p.n_groups_pad));
+        st.sz[u] = __ldg(p.scales +
+                         scales_vec_index(tile, lane_group(chunk, lane, p.log2_group), lane, p.n_groups_pad));
       }
     }
   };
@@ -230,9 +234,47 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) gemm_tc_kernel(const TcPara
   if (lane == 0) *counter = 0;  // ready for the next launch on this stream
 }
 
+// Pointer to the kernel instance for (dtype, dequantizer, MT).
+template <bool BF16>
+const void* kernel_for(int dq, int mt) {
+  switch (dq * 2 + (mt - 1)) {
+    case 0:
+      return reinterpret_cast<const void*>(&gemm_tc_kernel<BF16, 0, 1>);
+    case 1:
+      return reinterpret_cast<const void*>(&gemm_tc_kernel<BF16, 0, 2>);
+    case 2:
+      return reinterpret_cast<const void*>(&gemm_tc_kernel<BF16, 1, 1>);
+    case 3:
+      return reinterpret_cast<const void*>(&gemm_tc_kernel<BF16, 1, 2>);
+    case 4:
+      return reinterpret_cast<const void*>(&gemm_tc_kernel<BF16, 2, 1>);
+    default:
+      return reinterpret_cast<const void*>(&gemm_tc_kernel<BF16, 2, 2>);
+  }
+}
+
+// Resident blocks per multiprocessor of a kernel instance (cached per device).
+int blocks_per_sm(int device, bool bf16, int dq, int mt) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, bool, int, int>, int> cache;
+  const auto key = std::make_tuple(device, bf16, dq, mt);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  const void* fn = bf16 ? kernel_for<true>(dq, mt) : kernel_for<false>(dq, mt);
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, kWarps * kWarpSize, 0) != cudaSuccess || n < 1) {
+    cudaGetLastError();
+    n = 1;
+  }
+  cache[key] = n;
+  return n;
+}
+
 template <bool BF16, int DQ, int MT>
 void launch_tc(const TcParams& p, const TcPlan& plan, cudaStream_t stream) {
-  dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(plan.splits), static_cast<unsigned>(plan.m_tiles));
+  dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(plan.splits),
+            static_cast<unsigned>(plan.m_tiles));
   gemm_tc_kernel<BF16, DQ, MT><<<grid, kWarps * kWarpSize, 0, stream>>>(p);
 }
 
@@ -264,14 +306,22 @@ void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument("any4 gemm_tc: " + msg);
 }
 
-bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
+bool aligned(const void* p, uintptr_t a) {
+  return (reinterpret_cast<uintptr_t>(p) % a) == 0;
+}
 
 }  // namespace
 
-TcPlan gemm_tc_plan(int64_t M, int64_t N, int64_t K, int device, int64_t force_splits) {
+TcPlan gemm_tc_plan(int64_t M, int64_t N, int64_t K, int dtype, int dequant, int device,
+                    int64_t force_splits) {
   require(M >= 1 && N >= 1 && K >= 1, "M, N and K must be >= 1");
+  require(dtype == 1 || dtype == 2, "dtype must be float16 or bfloat16");
+  require(dequant >= 0 && dequant <= 2, "unknown dequantizer");
   const TcShape s = tc_shape(N, K, 16);
-  return make_tc_plan(M, s.n_tiles, s.k_chunks, num_sms(device), force_splits);
+  const int mt = M <= 8 ? 1 : 2;
+  DeviceScope scope(device);
+  return make_tc_plan(M, s.n_tiles, s.k_chunks, num_sms(device),
+                      blocks_per_sm(device, dtype == 2, dequant, mt), force_splits);
 }
 
 void gemm_tc(const TcGemmArgs& a) {
@@ -284,7 +334,7 @@ void gemm_tc(const TcGemmArgs& a) {
   if (a.M == 0) return;
   DeviceScope scope(a.device);
   const TcShape s = tc_shape(a.N, a.K, a.group_size);
-  const TcPlan plan = gemm_tc_plan(a.M, a.N, a.K, a.device, a.force_splits);
+  const TcPlan plan = gemm_tc_plan(a.M, a.N, a.K, a.dtype, a.dequant, a.device, a.force_splits);
   require(plan.m_tiles <= 65535, "M is too large for one launch (split the batch)");
   require(plan.splits == 1 || (a.workspace && a.workspace_floats >= plan.workspace_floats() && a.counters &&
                                a.n_counters >= plan.counters()),

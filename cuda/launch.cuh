@@ -36,7 +36,8 @@ class DeviceScope {
 
 inline void check_launch(const char* what) {
   cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) throw std::runtime_error(std::string("any4: ") + what + " launch failed: " + cudaGetErrorString(e));
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("any4: ") + what + " launch failed: " + cudaGetErrorString(e));
 }
 
 }  // namespace cuda

@@ -79,12 +79,12 @@ namespace gpu {
 
 // ------------------------------------------------------------------------------- constants
 constexpr int kWarpSize = 32;
-constexpr int kTileN = 16;         // rows of W per mma (A operand)
-constexpr int kChunkK = 64;        // k per 16-byte code vector of one lane
-constexpr int kKTiles = 4;         // mma k-tiles (16) per chunk
-constexpr int kWarps = 4;          // warps per block, each on its own 16-row tile
-constexpr int kStageChunks = 2;    // chunks per pipeline stage (two stages in flight)
-constexpr int kLutBytes = 32;      // bytes per row of the GPU table
+constexpr int kTileN = 16;       // rows of W per mma (A operand)
+constexpr int kChunkK = 64;      // k per 16-byte code vector of one lane
+constexpr int kKTiles = 4;       // mma k-tiles (16) per chunk
+constexpr int kWarps = 4;        // warps per block, each on its own 16-row tile
+constexpr int kStageChunks = 2;  // chunks per pipeline stage (two stages in flight)
+constexpr int kLutBytes = 32;    // bytes per row of the GPU table
 constexpr int kMinChunksPerSplit = 4;
 
 enum class Dequant : int { Arith = 0, LutReg = 1, LutSmem = 2 };
@@ -124,23 +124,45 @@ inline TcShape tc_shape(int64_t N, int64_t K, int64_t group_size) {
 }
 
 // ------------------------------------------------------------------------------- lanes
-ANY4_HD int lane_g(int lane) { return lane >> 2; }
-ANY4_HD int lane_t(int lane) { return lane & 3; }
+ANY4_HD int lane_g(int lane) {
+  return lane >> 2;
+}
+ANY4_HD int lane_t(int lane) {
+  return lane & 3;
+}
 
 // Row (within the 16-row tile) and k (within the 64-k chunk) of nibble i of word j of a lane.
-ANY4_HD int code_row(int lane, int i) { return lane_g(lane) + 8 * (i >> 2); }
-ANY4_HD int code_k(int lane, int j, int i) { return 16 * lane_t(lane) + 4 * j + (i & 3); }
+ANY4_HD int code_row(int lane, int i) {
+  return lane_g(lane) + 8 * (i >> 2);
+}
+ANY4_HD int code_k(int lane, int j, int i) {
+  return 16 * lane_t(lane) + 4 * j + (i & 3);
+}
 
 // Chunk offset of mma k index kk (0..15) of k-tile j (the k permutation above).
-ANY4_HD int mma_k_to_chunk_k(int j, int kk) { return 16 * ((kk & 7) >> 1) + 4 * j + 2 * (kk >> 3) + (kk & 1); }
+ANY4_HD int mma_k_to_chunk_k(int j, int kk) {
+  return 16 * ((kk & 7) >> 1) + 4 * j + 2 * (kk >> 3) + (kk & 1);
+}
 
 // PTX fragment layouts of mma.m16n8k16 (used by the emulation; the kernel gets them from hardware).
-ANY4_HD int mma_a_row(int lane, int e) { return lane_g(lane) + 8 * ((e >> 1) & 1); }
-ANY4_HD int mma_a_col(int lane, int e) { return 2 * lane_t(lane) + (e & 1) + 8 * (e >> 2); }
-ANY4_HD int mma_b_row(int lane, int e) { return 2 * lane_t(lane) + (e & 1) + 8 * (e >> 1); }
-ANY4_HD int mma_b_col(int lane, int e) { return lane_g(lane); }
-ANY4_HD int mma_c_row(int lane, int e) { return lane_g(lane) + 8 * (e >> 1); }
-ANY4_HD int mma_c_col(int lane, int e) { return 2 * lane_t(lane) + (e & 1); }
+ANY4_HD int mma_a_row(int lane, int e) {
+  return lane_g(lane) + 8 * ((e >> 1) & 1);
+}
+ANY4_HD int mma_a_col(int lane, int e) {
+  return 2 * lane_t(lane) + (e & 1) + 8 * (e >> 2);
+}
+ANY4_HD int mma_b_row(int lane, int e) {
+  return 2 * lane_t(lane) + (e & 1) + 8 * (e >> 1);
+}
+ANY4_HD int mma_b_col(int lane, int e) {
+  return lane_g(lane);
+}
+ANY4_HD int mma_c_row(int lane, int e) {
+  return lane_g(lane) + 8 * (e >> 1);
+}
+ANY4_HD int mma_c_col(int lane, int e) {
+  return 2 * lane_t(lane) + (e & 1);
+}
 
 // ------------------------------------------------------------------------------- offsets
 // Index of the lane's 16-byte code vector of (tile, chunk).
@@ -160,12 +182,16 @@ ANY4_HD int64_t x_elem_index(int64_t m, int64_t K_pad, int64_t chunk, int lane) 
   return m * K_pad + chunk * kChunkK + 16 * lane_t(lane);
 }
 // Row of x fed to B tile mt (0..MT-1) by this lane, in m-tile mz of 8 * MT rows.
-ANY4_HD int64_t x_row(int64_t mz, int mt_count, int mt, int lane) { return mz * 8 * mt_count + mt * 8 + lane_g(lane); }
+ANY4_HD int64_t x_row(int64_t mz, int mt_count, int mt, int lane) {
+  return mz * 8 * mt_count + mt * 8 + lane_g(lane);
+}
 // Output (row m of y, column n of y) of accumulator element e of B tile mt.
 ANY4_HD int64_t y_row(int64_t mz, int mt_count, int mt, int lane, int e) {
   return mz * 8 * mt_count + mt * 8 + mma_c_col(lane, e);
 }
-ANY4_HD int64_t y_col(int64_t tile, int lane, int e) { return tile * kTileN + mma_c_row(lane, e); }
+ANY4_HD int64_t y_col(int64_t tile, int lane, int e) {
+  return tile * kTileN + mma_c_row(lane, e);
+}
 // Split-K workspace: float [m_tiles][n_tiles][splits][MT * 4][32], coalesced per element.
 ANY4_HD int64_t workspace_index(int64_t mz, int64_t tile, int64_t split, int mt_count, int64_t n_tiles,
                                 int64_t splits, int elem, int lane) {
@@ -174,26 +200,31 @@ ANY4_HD int64_t workspace_index(int64_t mz, int64_t tile, int64_t split, int mt_
 
 // ------------------------------------------------------------------------------- plan
 // Grid shape and split-K. Blocks of kWarps warps each own kWarps consecutive 16-row tiles of one
-// K range (split) for one m-tile; splits > 1 when the tiles alone give fewer than ~4 blocks per
-// multiprocessor (small N), with at least kMinChunksPerSplit chunks (256 k) per split.
+// K range (split) for one m-tile. When the tiles alone give fewer blocks than the GPU holds at
+// once (num_sms * blocks_per_sm, the kernel's occupancy), K is split so that the grid fills one
+// wave as closely as possible without starting a second one, with at least kMinChunksPerSplit
+// chunks (256 k) per split.
 struct TcPlan {
-  int mt = 1;            // B tiles (of 8 rows of x) per mma A fragment: 1 for M <= 8, else 2
-  int64_t m_tiles = 0;   // grid z: tiles of 8 * mt rows of x
-  int64_t grid_x = 0;    // blocks along N
-  int64_t splits = 1;    // grid y: K ranges
+  int mt = 1;           // B tiles (of 8 rows of x) per mma A fragment: 1 for M <= 8, else 2
+  int64_t m_tiles = 0;  // grid z: tiles of 8 * mt rows of x
+  int64_t grid_x = 0;   // blocks along N
+  int64_t splits = 1;   // grid y: K ranges
   int64_t chunks_per_split = 0;
-  int64_t workspace_floats() const { return splits > 1 ? m_tiles * grid_x * kWarps * splits * mt * 4 * kWarpSize : 0; }
+  int64_t workspace_floats() const {
+    return splits > 1 ? m_tiles * grid_x * kWarps * splits * mt * 4 * kWarpSize : 0;
+  }
   int64_t counters() const { return splits > 1 ? m_tiles * grid_x * kWarps : 0; }
 };
 
-ANY4_HD TcPlan make_tc_plan(int64_t M, int64_t n_tiles, int64_t k_chunks, int num_sms, int64_t force_splits = 0) {
+ANY4_HD TcPlan make_tc_plan(int64_t M, int64_t n_tiles, int64_t k_chunks, int num_sms, int blocks_per_sm,
+                            int64_t force_splits = 0) {
   TcPlan p;
   p.mt = M <= 8 ? 1 : 2;
   p.m_tiles = (M + 8 * p.mt - 1) / (8 * p.mt);
   p.grid_x = (n_tiles + kWarps - 1) / kWarps;
   int64_t blocks = p.grid_x * p.m_tiles;
-  int64_t target = 4 * (int64_t)(num_sms > 0 ? num_sms : 1);
-  int64_t splits = blocks < target ? (target + blocks - 1) / blocks : 1;
+  int64_t target = (int64_t)(num_sms > 0 ? num_sms : 1) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
+  int64_t splits = blocks < target ? target / blocks : 1;
   int64_t max_splits = k_chunks / kMinChunksPerSplit;
   if (splits > max_splits) splits = max_splits;
   if (force_splits > 0) splits = force_splits;
@@ -207,7 +238,8 @@ ANY4_HD TcPlan make_tc_plan(int64_t M, int64_t n_tiles, int64_t k_chunks, int nu
 }
 
 // Chunk range [begin, end) of a split.
-ANY4_HD void split_range(int64_t split, int64_t chunks_per_split, int64_t k_chunks, int64_t* begin, int64_t* end) {
+ANY4_HD void split_range(int64_t split, int64_t chunks_per_split, int64_t k_chunks, int64_t* begin,
+                         int64_t* end) {
   int64_t b = split * chunks_per_split;
   int64_t e = b + chunks_per_split;
   *begin = b < k_chunks ? b : k_chunks;
@@ -347,8 +379,12 @@ struct Consts {
 };
 
 // Broadcast the low / high 16-bit half of v to both halves.
-ANY4_HD uint32_t dup_lo(uint32_t v) { return prmt(v, 0, 0x1010); }
-ANY4_HD uint32_t dup_hi(uint32_t v) { return prmt(v, 0, 0x3232); }
+ANY4_HD uint32_t dup_lo(uint32_t v) {
+  return prmt(v, 0, 0x1010);
+}
+ANY4_HD uint32_t dup_hi(uint32_t v) {
+  return prmt(v, 0, 0x3232);
+}
 
 // ------------------------------------------------------------------------------- dequantizers
 // Each turns the 8 codes of one word q (one k-tile of one lane) into the 4 A registers holding
@@ -382,8 +418,8 @@ struct RowTable {
 // Looks up the four codes in the low 16 bits of q (nibbles 0..3) in table T and returns the
 // two registers (values of nibbles 0,1) and (values of nibbles 2,3).
 ANY4_HD void lut_lookup4(uint32_t q, const RowTable& T, uint32_t* r01, uint32_t* r23) {
-  const uint32_t sel = q & 0x7777u;                            // entry within a half table
-  const uint32_t half = ((q >> 1) & 0x4444u) | 0x3210u;        // code >= 8: take the upper half
+  const uint32_t sel = q & 0x7777u;                      // entry within a half table
+  const uint32_t half = ((q >> 1) & 0x4444u) | 0x3210u;  // code >= 8: take the upper half
   const uint32_t lo = prmt(prmt(T.lo[0], T.lo[1], sel), prmt(T.lo[2], T.lo[3], sel), half);
   const uint32_t hi = prmt(prmt(T.hi[0], T.hi[1], sel), prmt(T.hi[2], T.hi[3], sel), half);
   *r01 = prmt(lo, hi, 0x5140);  // (lo0, hi0, lo1, hi1)
@@ -405,7 +441,9 @@ ANY4_HD uint32_t row_table_entry(const RowTable& T, int c) {
 
 // LutSmem: word index (in 32-bit words) of entry c for a lane in its warp's 16 x 32 table; the
 // word holds entry c of row g (low half) and of row g + 8 (high half).
-ANY4_HD int smem_lut_word(int c, int lane) { return c * kWarpSize + lane; }
+ANY4_HD int smem_lut_word(int c, int lane) {
+  return c * kWarpSize + lane;
+}
 ANY4_HD uint32_t smem_lut_value(const RowTable& row_g, const RowTable& row_g8, int c) {
   return row_table_entry(row_g, c) | (row_table_entry(row_g8, c) << 16);
 }

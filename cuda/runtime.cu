@@ -63,7 +63,8 @@ int num_sms(int device) {
     throw std::runtime_error("any4: CUDA device " + std::to_string(device) + " does not exist");
   int sms = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0)
-    throw std::runtime_error("any4: cannot query the multiprocessor count of device " + std::to_string(device));
+    throw std::runtime_error("any4: cannot query the multiprocessor count of device " +
+                             std::to_string(device));
   if (static_cast<int>(cache.size()) < n) cache.resize(n, 0);
   cache[device] = sms;
   return sms;

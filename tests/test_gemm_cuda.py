@@ -117,7 +117,12 @@ def test_large_batch_and_shapes():
 @pytest.mark.parametrize("table_dtype", ["float32", "bfloat16"])
 def test_storage_layout_kernel(x_dtype, table_dtype):
     """any4.gemm on CUDA tensors of the storage layout: any dtype, any group size, odd K."""
-    for fmt, N, K, G in (("any4", 37, 301, 64), ("int4", 20, 200, 24), ("nf4", 9, 577, 128), ("any2", 64, 96, 96)):
+    for fmt, N, K, G in (
+        ("any4", 37, 301, 64),
+        ("int4", 20, 200, 24),
+        ("nf4", 9, 577, 128),
+        ("any2", 64, 96, 96),
+    ):
         qt = any4.quantize(torch.randn(N, K), fmt, group_size=G, dtype=table_dtype)
         x = torch.randn(5, K).to(getattr(torch, x_dtype))
         ref = x.double().numpy() @ dequant_ref(qt.packed, qt.lut, qt.scales, K, G).T

@@ -96,7 +96,13 @@ def test_tables_in_another_dtype_are_rounded_once(rng):
 
 def test_quantized_tensor_in_and_arith_detection():
     w = torch.randn(24, 128)
-    for fmt, arith in (("int4", True), ("int3", True), ("int2", True), ("nf4", False), ("any4", False)):
+    for fmt, arith in (
+        ("int4", True),
+        ("int3", True),
+        ("int2", True),
+        ("nf4", False),
+        ("any4", False),
+    ):
         qt = any4.quantize(w, fmt, group_size=64, dtype="bfloat16")
         gw = any4.pack_for_gpu(qt)
         assert gw.arith == arith, fmt
@@ -104,7 +110,11 @@ def test_quantized_tensor_in_and_arith_detection():
     # an uncentred int table 0..15 and a shifted one are arithmetic too; a scaled one is not
     packed = any4.pack(torch.zeros(16, 64, dtype=torch.uint8))
     scales = torch.ones(16, 1, 2, dtype=torch.float16)
-    for table, arith in ((torch.arange(16.0), True), (torch.arange(16.0) - 3, True), (torch.arange(16.0) * 2, False)):
+    for table, arith in (
+        (torch.arange(16.0), True),
+        (torch.arange(16.0) - 3, True),
+        (torch.arange(16.0) * 2, False),
+    ):
         gw = any4.pack_for_gpu(packed, table[None].half(), scales, 64, 64)
         assert gw.arith == arith
 
@@ -112,7 +122,9 @@ def test_quantized_tensor_in_and_arith_detection():
 def test_bad_inputs(rng):
     codes, packed, lut, scales = random_operands(rng, 8, 96, 32, 8, False, torch.bfloat16)
     with pytest.raises(ValueError, match="power-of-two group size"):
-        any4.pack_for_gpu(packed, lut, any4.quantize(torch.randn(8, 96), "int4", 24).scales.bfloat16(), 96, 24)
+        any4.pack_for_gpu(
+            packed, lut, any4.quantize(torch.randn(8, 96), "int4", 24).scales.bfloat16(), 96, 24
+        )
     with pytest.raises(ValueError, match="past the table"):
         bad = any4.pack(torch.full((8, 96), 9, dtype=torch.uint8))  # code 9 >= L = 8
         any4.pack_for_gpu(bad, lut, scales, 96, 32)
@@ -185,14 +197,19 @@ def test_emulation_split_k(rng):
     ref = x.double().numpy() @ wref.T
     k_chunks = -(-K // 64)
     for splits in (1, 2, 3, 5, k_chunks):
-        plan = tc_plan(11, N, K, 108, splits)
+        plan = tc_plan(11, N, K, 108, 4, splits)
         assert plan["splits"] * plan["chunks_per_split"] >= k_chunks
         assert (plan["splits"] - 1) * plan["chunks_per_split"] < k_chunks  # no empty split
         y = emulate_gpu_gemm(x, w, splits=splits)
         assert rel_err(y, ref) < TOL["bfloat16"], splits
-    # small N on a large GPU: the plan splits K by itself
-    assert tc_plan(1, N, K, 132)["splits"] > 1
+    # small N on a large GPU: the plan splits K by itself, within one wave of blocks
+    plan = tc_plan(1, N, K, 132, 4)
+    assert plan["splits"] > 1 and plan["grid_x"] * plan["splits"] <= 132 * 4
     assert rel_err(emulate_gpu_gemm(x, w, num_sms=132), ref) < TOL["bfloat16"]
+    for N2, K2 in ((4096, 4096), (1024, 4096), (28672, 8192)):
+        p = tc_plan(16, N2, K2, 132, 4)
+        blocks = p["grid_x"] * p["splits"]
+        assert blocks <= max(132 * 4, p["grid_x"]) and p["chunks_per_split"] >= 4
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

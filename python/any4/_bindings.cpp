@@ -146,25 +146,25 @@ PYBIND11_MODULE(_C, m) {
                      ptr<uint8_t>(lut_out));
       },
       gil());
-  m.def("gpu_arith_constant", [](uintptr_t lut, int64_t lut_rows, int64_t lut_len, int table_dtype,
-                                  int compute_dtype) {
-    return gpu_arith_constant(ptr<const void>(lut), lut_rows, lut_len, to_dtype(table_dtype),
-                              to_dtype(compute_dtype));
-  });
+  m.def("gpu_arith_constant",
+        [](uintptr_t lut, int64_t lut_rows, int64_t lut_len, int table_dtype, int compute_dtype) {
+          return gpu_arith_constant(ptr<const void>(lut), lut_rows, lut_len, to_dtype(table_dtype),
+                                    to_dtype(compute_dtype));
+        });
   m.def(
       "unpack_from_gpu",
       [](uintptr_t codes, uintptr_t scales_gpu, uintptr_t lut_gpu, int64_t N, int64_t K, int64_t group_size,
          int64_t lut_rows, int64_t lut_len, uintptr_t packed_out, uintptr_t scales_out, uintptr_t lut_out) {
-        unpack_from_gpu(ptr<const uint8_t>(codes), ptr<const uint16_t>(scales_gpu), ptr<const uint8_t>(lut_gpu), N,
-                        K, group_size, lut_rows, lut_len, ptr<uint8_t>(packed_out), ptr<uint16_t>(scales_out),
-                        ptr<uint16_t>(lut_out));
+        unpack_from_gpu(ptr<const uint8_t>(codes), ptr<const uint16_t>(scales_gpu),
+                        ptr<const uint8_t>(lut_gpu), N, K, group_size, lut_rows, lut_len,
+                        ptr<uint8_t>(packed_out), ptr<uint16_t>(scales_out), ptr<uint16_t>(lut_out));
       },
       gil());
   m.def(
       "emulate_gpu_gemm",
       [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, int64_t group_size, uintptr_t codes,
-         uintptr_t scales, uintptr_t lut, int dequant, uint32_t arith_neg2, int num_sms, int64_t force_splits,
-         uintptr_t y) {
+         uintptr_t scales, uintptr_t lut, int dequant, uint32_t arith_neg2, int num_sms, int blocks_per_sm,
+         int64_t force_splits, uintptr_t y) {
         EmulateGpuArgs a;
         a.x = ptr<const uint16_t>(x);
         a.dtype = to_dtype(dtype);
@@ -178,14 +178,15 @@ PYBIND11_MODULE(_C, m) {
         a.dequant = dequant;
         a.arith_neg2 = arith_neg2;
         a.num_sms = num_sms;
+        a.blocks_per_sm = blocks_per_sm;
         a.force_splits = force_splits;
         a.y = ptr<uint16_t>(y);
         emulate_gpu_gemm(a);
       },
       gil());
-  m.def("tc_plan", [](int64_t M, int64_t N, int64_t K, int num_sms, int64_t force_splits) {
+  m.def("tc_plan", [](int64_t M, int64_t N, int64_t K, int num_sms, int blocks_per_sm, int64_t force_splits) {
     gpu::TcShape s = gpu::tc_shape(N, K, 16);
-    gpu::TcPlan p = gpu::make_tc_plan(M, s.n_tiles, s.k_chunks, num_sms, force_splits);
+    gpu::TcPlan p = gpu::make_tc_plan(M, s.n_tiles, s.k_chunks, num_sms, blocks_per_sm, force_splits);
     py::dict d;
     d["mt"] = p.mt;
     d["m_tiles"] = p.m_tiles;
@@ -200,8 +201,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_num_sms", &cuda::num_sms, py::arg("device"));
   m.def(
       "cuda_gemm_tc_scratch",
-      [](int64_t M, int64_t N, int64_t K, int device, int64_t force_splits) {
-        gpu::TcPlan p = cuda::gemm_tc_plan(M, N, K, device, force_splits);
+      [](int64_t M, int64_t N, int64_t K, int dtype, int dequant, int device, int64_t force_splits) {
+        gpu::TcPlan p = cuda::gemm_tc_plan(M, N, K, dtype, dequant, device, force_splits);
         return py::make_tuple(p.workspace_floats(), p.counters(), p.splits);
       },
       gil());
@@ -209,8 +210,8 @@ PYBIND11_MODULE(_C, m) {
       "cuda_gemm_tc",
       [](uintptr_t x, int dtype, int64_t M, int64_t N, int64_t K, int64_t group_size, uintptr_t codes,
          uintptr_t scales, uintptr_t lut, int dequant, uint32_t arith_neg2, uintptr_t y, uintptr_t workspace,
-         int64_t workspace_floats,
-         uintptr_t counters, int64_t n_counters, int64_t force_splits, int device, uintptr_t stream) {
+         int64_t workspace_floats, uintptr_t counters, int64_t n_counters, int64_t force_splits, int device,
+         uintptr_t stream) {
         cuda::TcGemmArgs a;
         a.x = ptr<const void>(x);
         a.dtype = dtype;

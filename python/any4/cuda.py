@@ -163,7 +163,9 @@ def gemm_gpu(
             or out.device != x.device
             or not out.is_contiguous()
         ):
-            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {lead + (N,)} on {x.device}")
+            raise ValueError(
+                f"out must be a contiguous {x.dtype} tensor of shape {lead + (N,)} on {x.device}"
+            )
         y = out.view(M, N)
     if M == 0:
         return y.reshape(lead + (N,))
@@ -171,12 +173,13 @@ def gemm_gpu(
     if K_pad != K or not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = torch.nn.functional.pad(x2, (0, K_pad - K)).contiguous()
     stream = _stream(dev)
-    key = (M, N, K, dev, int(splits))
+    dtype_code = T.DTYPE_CODE[w.dtype]
+    key = (M, N, K, dtype_code, code, dev, int(splits))
     plan = _PLAN.get(key)
     if plan is None:
         if len(_PLAN) > 4096:
             _PLAN.clear()
-        plan = _PLAN[key] = C.cuda_gemm_tc_scratch(M, N, K, dev, int(splits))
+        plan = _PLAN[key] = C.cuda_gemm_tc_scratch(M, N, K, dtype_code, code, dev, int(splits))
     floats, counters, n_splits = plan
     ws_ptr = ctr_ptr = 0
     ws_n = ctr_n = 0
@@ -184,7 +187,7 @@ def gemm_gpu(
         ws, ctr = _scratch(dev, stream, floats, counters)
         ws_ptr, ctr_ptr, ws_n, ctr_n = ws.data_ptr(), ctr.data_ptr(), ws.numel(), ctr.numel()
     C.cuda_gemm_tc(
-        x2.data_ptr(), T.DTYPE_CODE[w.dtype], M, N, K, w.group_size, w.codes.data_ptr(),
+        x2.data_ptr(), dtype_code, M, N, K, w.group_size, w.codes.data_ptr(),
         w.scales.data_ptr(), w.lut.data_ptr(), code, max(w.arith_neg2, 0), y.data_ptr(), ws_ptr,
         ws_n, ctr_ptr, ctr_n,
         int(splits), dev, stream,

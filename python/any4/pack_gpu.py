@@ -119,7 +119,13 @@ def pack_for_gpu(
         qt = packed
         if lut is not None or scales is not None:
             raise TypeError("pass either a QuantizedTensor or packed, lut and scales")
-        packed, lut, scales, K, group_size = qt.packed, qt.lut, qt.scales, qt.shape[1], qt.group_size
+        packed, lut, scales, K, group_size = (
+            qt.packed,
+            qt.lut,
+            qt.scales,
+            qt.shape[1],
+            qt.group_size,
+        )
     if lut is None or scales is None or K is None:
         raise TypeError("pack_for_gpu needs packed, lut, scales and K (or a QuantizedTensor)")
     for name, t in (("packed", packed), ("lut", lut), ("scales", scales)):
@@ -140,7 +146,9 @@ def pack_for_gpu(
         raise ValueError(f"lut must be [1, L] or [N={N}, L] with L <= 16, got {tuple(lut.shape)}")
     table_dtype = T.dtype_name(lut2)
     if table_dtype not in T.DTYPE_CODE or T.dtype_name(scales) != table_dtype:
-        raise TypeError(f"lut and scales must share a float dtype, got {table_dtype} and {T.dtype_name(scales)}")
+        raise TypeError(
+            f"lut and scales must share a float dtype, got {table_dtype} and {T.dtype_name(scales)}"
+        )
     if scales.ndim != 3 or int(scales.shape[0]) != N or int(scales.shape[2]) != 2:
         raise ValueError(f"scales must be [N={N}, groups, 2], got {tuple(scales.shape)}")
     n_groups = int(scales.shape[1])
@@ -153,7 +161,9 @@ def pack_for_gpu(
             "any4.gemm on the storage layout handles other group sizes (slower)"
         )
     if -(-K // group_size) != n_groups:
-        raise ValueError(f"group_size={group_size} and K={K} need {-(-K // group_size)} groups, scales have {n_groups}")
+        raise ValueError(
+            f"group_size={group_size} and K={K} need {-(-K // group_size)} groups, scales have {n_groups}"
+        )
     if dtype is None:
         dtype = table_dtype if table_dtype in COMPUTE_DTYPES else "bfloat16"
     dtype = str(dtype).replace("torch.", "")
@@ -215,12 +225,19 @@ def dequant_code(w: GpuWeight, dequant: Optional[str]) -> int:
 
 
 def emulate_gpu_gemm(
-    x: Any, w: GpuWeight, *, dequant: Optional[str] = None, num_sms: int = 108, splits: int = 0
+    x: Any,
+    w: GpuWeight,
+    *,
+    dequant: Optional[str] = None,
+    num_sms: int = 108,
+    blocks_per_sm: int = 4,
+    splits: int = 0,
 ) -> Any:
     """Run the tensor-core kernel's lanes on the CPU (slow; for tests): y = x @ dequant(W)^T.
 
-    x: [..., K] CPU tensor in the weight's dtype. ``num_sms`` drives the kernel's split-K plan,
-    ``splits`` > 0 forces a number of K splits. Returns y [..., N] in x's dtype.
+    x: [..., K] CPU tensor in the weight's dtype. ``num_sms`` and ``blocks_per_sm`` drive the
+    kernel's split-K plan, ``splits`` > 0 forces a number of K splits. Returns y [..., N] in
+    x's dtype.
     """
     torch = _torch()
     N, K = w.shape
@@ -240,14 +257,15 @@ def emulate_gpu_gemm(
         C.emulate_gpu_gemm(
             x2.data_ptr(), T.DTYPE_CODE[w.dtype], M, K, N, w.group_size, wc.codes.data_ptr(),
             wc.scales.data_ptr(), wc.lut.data_ptr(), code, max(w.arith_neg2, 0), int(num_sms),
-            int(splits), y.data_ptr(),
+            int(blocks_per_sm), int(splits), y.data_ptr(),
         )  # fmt: skip
     return y.reshape(lead + (N,))
 
 
-def tc_plan(M: int, N: int, K: int, num_sms: int, splits: int = 0) -> dict:
-    """The kernel's grid plan (B tiles per mma, m-tiles, blocks, K splits) for a shape."""
-    return dict(C.tc_plan(int(M), int(N), int(K), int(num_sms), int(splits)))
+def tc_plan(M: int, N: int, K: int, num_sms: int, blocks_per_sm: int = 4, splits: int = 0) -> dict:
+    """The kernel's grid plan (B tiles per mma, m-tiles, blocks, K splits) for a shape on a GPU
+    with num_sms multiprocessors holding blocks_per_sm blocks each."""
+    return dict(C.tc_plan(int(M), int(N), int(K), int(num_sms), int(blocks_per_sm), int(splits)))
 
 
 def gpu_layout_sizes(N: int, K: int, group_size: int) -> dict:
