@@ -415,21 +415,23 @@ struct RowTable {
   uint32_t hi[4];
 };
 
-// Looks up the four codes in the low 16 bits of q (nibbles 0..3) in table T and returns the
-// two registers (values of nibbles 0,1) and (values of nibbles 2,3).
-ANY4_HD void lut_lookup4(uint32_t q, const RowTable& T, uint32_t* r01, uint32_t* r23) {
-  const uint32_t sel = q & 0x7777u;                      // entry within a half table
-  const uint32_t half = ((q >> 1) & 0x4444u) | 0x3210u;  // code >= 8: take the upper half
+// Looks up four codes in table T: sel holds their low 3 bits (prmt selector nibbles 0..3) and
+// half the byte each output byte takes (n, or n + 4 for codes >= 8). Returns the registers
+// (values of codes 0, 1) and (values of codes 2, 3).
+ANY4_HD void lut_lookup4(uint32_t sel, uint32_t half, const RowTable& T, uint32_t* r01, uint32_t* r23) {
   const uint32_t lo = prmt(prmt(T.lo[0], T.lo[1], sel), prmt(T.lo[2], T.lo[3], sel), half);
   const uint32_t hi = prmt(prmt(T.hi[0], T.hi[1], sel), prmt(T.hi[2], T.hi[3], sel), half);
   *r01 = prmt(lo, hi, 0x5140);  // (lo0, hi0, lo1, hi1)
   *r23 = prmt(lo, hi, 0x7362);  // (lo2, hi2, lo3, hi3)
 }
 
-// LutReg: rows g (nibbles 0..3) and g + 8 (nibbles 4..7) from register tables.
+// LutReg: rows g (nibbles 0..3) and g + 8 (nibbles 4..7) from register tables. prmt reads only
+// the low 16 bits of its selector, so the high row uses the selectors shifted down.
 ANY4_HD void dequant_lut_reg(uint32_t q, const RowTable& row_g, const RowTable& row_g8, uint32_t r[4]) {
-  lut_lookup4(q, row_g, &r[0], &r[2]);
-  lut_lookup4(q >> 16, row_g8, &r[1], &r[3]);
+  const uint32_t sel = q & 0x77777777u;                          // entry within a half table
+  const uint32_t half = ((q >> 1) & 0x44444444u) | 0x32103210u;  // code >= 8: upper half
+  lut_lookup4(sel, half, row_g, &r[0], &r[2]);
+  lut_lookup4(sel >> 16, half >> 16, row_g8, &r[1], &r[3]);
 }
 
 // 16-bit entry c of a row table.
