@@ -1,5 +1,7 @@
 """Time the any4 CUDA gemm kernels against torch bf16 ``x @ W.T`` (cuBLAS) and torch's int4
-tinygemm (``torch._weight_int4pack_mm``), same run, same device (SPEC §7).
+tinygemm (``torch._weight_int4pack_mm``), same run, same device (SPEC §7). Every kernel
+instance is timed: int4 (arithmetic conversion) and any4 (per-row tables) weights, the three
+dequantizers, one B tile (M <= 8) and two (M = 16), bf16 and (at M = 1, 16) fp16.
 
 Shapes N x K: Llama-3-8B 4096x4096, 1024x4096, 14336x4096, 4096x14336; Llama-3-70B 8192x8192,
 28672x8192, 8192x28672; batch M in {1, 2, 4, 8, 16}; group size 128; bf16 activations.
@@ -26,6 +28,7 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -48,9 +51,16 @@ BATCHES = [1, 2, 4, 8, 16]
 G = 128
 
 
+_STREAM = None
+
+
 def time_graph(fn_list, warmup=3, replays=15):
-    """Median time (µs) of one call, from a CUDA graph of all calls in fn_list."""
-    stream = torch.cuda.Stream()
+    """Median time (µs) of one call, from a CUDA graph of all calls in fn_list (replayed
+    ``replays`` times after ``warmup``; fewer when one replay is slower than 20 ms)."""
+    global _STREAM
+    if _STREAM is None:
+        _STREAM = torch.cuda.Stream()
+    stream = _STREAM
     with torch.cuda.stream(stream):
         for fn in fn_list:  # warm-up outside capture (allocations, split-K scratch, plans)
             fn()
@@ -59,9 +69,12 @@ def time_graph(fn_list, warmup=3, replays=15):
     with torch.cuda.graph(graph, stream=stream):
         for fn in fn_list:
             fn()
+    t0 = time.perf_counter()
     for _ in range(warmup):
         graph.replay()
     torch.cuda.synchronize()
+    if (time.perf_counter() - t0) / warmup > 0.02:
+        replays = 3
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -141,11 +154,24 @@ def bench_shape(name, N, K, batches, l2, dev, records, deadline):
             kernels[f"any4 any4 {dq}"] = [
                 partial(gemm_gpu, xs[i % nx], w_any4[i % n_q], dequant=dq) for i in range(reps)
             ]
-        if M in (1, 16):
+        if M == 1:
             kernels["any4 storage-layout (no tensor cores)"] = [
                 partial(any4.gemm, xs[i % nx], packed[i % n_q], lut_rows, scales_st, G)
                 for i in range(reps)
             ]
+        if M in (1, 16):
+            # fp16 instances of the kernel (same weights, scales read as fp16, fp16 activations)
+            xs16 = [x.half() for x in xs]
+            for wname, ws, dqs in (
+                ("int4", w_int4, ("arith",)),
+                ("any4", w_any4, ("lut_reg", "lut_smem")),
+            ):
+                ws16 = [replace(w, scales=w.scales.view(torch.float16)) for w in ws]
+                for dq in dqs:
+                    kernels[f"any4 {wname} {dq} fp16"] = [
+                        partial(gemm_gpu, xs16[i % nx], ws16[i % n_q], dequant=dq)
+                        for i in range(reps)
+                    ]
         base = None
         for kname, fns in kernels.items():
             rec = {"shape": name, "N": N, "K": K, "M": M, "kernel": kname}

@@ -17,7 +17,7 @@
 # gemm_cuda_bench.json, gemm_cuda_bench.md. Exit status: 0 when every stage passed.
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_check_out}
+OUT=${OUT:-/tmp/any4_gpu_check}
 mkdir -p "$OUT"
 BUDGET_S=${BUDGET_S:-540}
 PY=${PYTHON:-python3}
