@@ -205,3 +205,13 @@ def test_cuda_graph_replay():
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(y, x_new.double().numpy() @ wref.T) < TOL["bfloat16"]
+
+
+def test_tensor_level_entry_point():
+    from any4.cuda import gemm_gpu_tensors
+
+    qt = any4.quantize(torch.randn(40, 300), "int4", group_size=64, dtype="bfloat16")
+    w = any4.pack_for_gpu(qt).cuda()
+    x = torch.randn(7, 300, dtype=torch.bfloat16, device="cuda")
+    y = gemm_gpu_tensors(x, w.codes, w.scales, w.lut, 40, 300, 64, w.lut_len, w.arith_neg2)
+    assert torch.equal(y, gemm_gpu(x, w))

@@ -193,3 +193,25 @@ def gemm_gpu(
         int(splits), dev, stream,
     )  # fmt: skip
     return y.reshape(lead + (N,))
+
+
+def gemm_gpu_tensors(
+    x: Any,
+    codes: Any,
+    scales: Any,
+    lut: Any,
+    N: int,
+    K: int,
+    group_size: int,
+    lut_len: int = 16,
+    arith_neg2: int = -1,
+    dequant: Optional[str] = None,
+) -> Any:
+    """:func:`gemm_gpu` on the GPU layout given as plain tensors and ints (the fields of a
+    GpuWeight), e.g. for a torch custom op or module buffers: y [..., N] = x [..., K] @ W^T."""
+    from .pack_gpu import GpuWeight
+
+    w = GpuWeight(
+        codes, scales, lut, (int(N), int(K)), int(group_size), int(lut_len), False, int(arith_neg2)
+    )
+    return gemm_gpu(x, w, dequant=dequant)
