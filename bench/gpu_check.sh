@@ -61,6 +61,7 @@ stage() {
 }
 
 # ---------------------------------------------------------------- env
+command -v nvcc >/dev/null 2>&1 || export PATH=/usr/local/cuda/bin:$PATH
 {
   echo "date: $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
@@ -75,7 +76,7 @@ SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanit
 # ---------------------------------------------------------------- build
 export ANY4_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 stage build build.log 300 $PY -m pip install --no-build-isolation --no-deps -v \
-  -C cmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCH" .
+  --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCH" .
 $PY -c "import any4; print('build_info', any4.build_info())" 2>&1 | tee -a "$SUMMARY"
 
 # ---------------------------------------------------------------- tests
