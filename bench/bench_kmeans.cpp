@@ -100,9 +100,17 @@ void one_row(benchmark::State& state, any4::KMeansMethod method, int n_init) {
 void BM_Lloyd_Row4096_k16(benchmark::State& state) {
   one_row(state, any4::KMeansMethod::Lloyd, static_cast<int>(state.range(0)));
 }
-BENCHMARK(BM_Lloyd_Row4096_k16)->ArgName("n_init")->Arg(1)->Arg(2)->Arg(4)->Arg(8)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Lloyd_Row4096_k16)
+    ->ArgName("n_init")
+    ->Arg(1)
+    ->Arg(2)
+    ->Arg(4)
+    ->Arg(8)
+    ->Unit(benchmark::kMicrosecond);
 
-void BM_Optimal_Row4096_k16(benchmark::State& state) { one_row(state, any4::KMeansMethod::Optimal, 1); }
+void BM_Optimal_Row4096_k16(benchmark::State& state) {
+  one_row(state, any4::KMeansMethod::Optimal, 1);
+}
 BENCHMARK(BM_Optimal_Row4096_k16)->Unit(benchmark::kMicrosecond);
 
 const Rows& big_rows() {

@@ -115,11 +115,25 @@ uint64_t* radix_sort(const float* values, int32_t n, uint64_t* a, uint64_t* tmp)
   return src;
 }
 
+// Finite values; finite, non-negative weights (-0.0 allowed). Bit tests, so the loops vectorise.
 inline void check_row(const float* values, const float* weights, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(values[i]))
-      throw std::invalid_argument("k-means values must be finite (index " + std::to_string(i) + ")");
-  if (weights)
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, values + i, 4);
+    bad |= static_cast<uint32_t>((b & 0x7f800000u) == 0x7f800000u);
+  }
+  if (bad)
+    for (int64_t i = 0; i < n; ++i)
+      if (!std::isfinite(values[i]))
+        throw std::invalid_argument("k-means values must be finite (index " + std::to_string(i) + ")");
+  if (!weights) return;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, weights + i, 4);
+    bad |= static_cast<uint32_t>(b >= 0x7f800000u && b != 0x80000000u);  // inf, nan or negative
+  }
+  if (bad)
     for (int64_t i = 0; i < n; ++i)
       if (!(std::isfinite(weights[i]) && weights[i] >= 0))
         throw std::invalid_argument("k-means weights must be finite and >= 0 (index " + std::to_string(i) +
@@ -248,7 +262,8 @@ double finish(const SortedRow& r, int k, const int32_t* bounds, const double* fa
     }
     if (codes) {
       const uint64_t* it = r.items.data();
-      for (int32_t i = r.run[lo], e = r.run[hi]; i < e; ++i) codes[static_cast<uint32_t>(it[i])] = static_cast<uint8_t>(j);
+      for (int32_t i = r.run[lo], e = r.run[hi]; i < e; ++i)
+        codes[static_cast<uint32_t>(it[i])] = static_cast<uint8_t>(j);
     }
     lo = hi;
   }
@@ -276,7 +291,8 @@ double kmeans_1d(const float* values, const float* weights, int64_t n, int k, co
     if (codes) {
       const uint64_t* it = r.items.data();
       for (int32_t d = 0; d < D; ++d)
-        for (int32_t i = r.run[d]; i < r.run[d + 1]; ++i) codes[static_cast<uint32_t>(it[i])] = static_cast<uint8_t>(d);
+        for (int32_t i = r.run[d]; i < r.run[d + 1]; ++i)
+          codes[static_cast<uint32_t>(it[i])] = static_cast<uint8_t>(d);
     }
     return 0.0;
   }
@@ -301,8 +317,9 @@ void kmeans_rows(const float* values, const float* weights, int64_t rows, int64_
                  const KMeansParams& params, float* centroids, uint8_t* codes, double* inertia) {
   parallel_for(rows, 1, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      double in = kmeans_1d(values + r * n, weights ? weights + r * n : nullptr, n, k, params,
-                            derive_row_seed(params.seed, r), centroids + r * k, codes ? codes + r * n : nullptr);
+      double in =
+          kmeans_1d(values + r * n, weights ? weights + r * n : nullptr, n, k, params,
+                    derive_row_seed(params.seed, r), centroids + r * k, codes ? codes + r * n : nullptr);
       if (inertia) inertia[r] = in;
     }
   });

@@ -50,8 +50,8 @@ constexpr int kMaxClusters = 256;
 //   cluster (it is the cluster's weighted mean, rounded to float).
 // Throws std::invalid_argument on k outside [1, 256], n < 1, n >= 2^31, non-finite values or
 // weights, or negative weights.
-double kmeans_1d(const float* values, const float* weights, int64_t n, int k,
-                 const KMeansParams& params, uint64_t row_seed, float* centroids, uint8_t* codes);
+double kmeans_1d(const float* values, const float* weights, int64_t n, int k, const KMeansParams& params,
+                 uint64_t row_seed, float* centroids, uint8_t* codes);
 
 // Many independent rows of length n, in parallel over rows (parallel_for). values/weights are
 // [rows, n] row-major (weights may be nullptr); centroids [rows, k]; codes [rows, n] or nullptr;

@@ -24,18 +24,18 @@ struct SortedRow {
   double ref = 0;               // v[d] = double(vf[d]) - ref
   std::vector<uint64_t> items;  // sorted (key << 32 | original index), size n
   std::vector<uint64_t> items_tmp;
-  std::vector<float> vf;        // distinct values, ascending (as given), size D
-  std::vector<double> v;        // vf - ref, size D
-  std::vector<double> wd;       // summed weight of each distinct value, size D
-  std::vector<int32_t> run;     // distinct d covers items [run[d], run[d+1]), size D+1
+  std::vector<float> vf;           // distinct values, ascending (as given), size D
+  std::vector<double> v;           // vf - ref, size D
+  std::vector<double> wd;          // summed weight of each distinct value, size D
+  std::vector<int32_t> run;        // distinct d covers items [run[d], run[d+1]), size D+1
   std::vector<double> PW, PS, PQ;  // prefix sums, size D+1
 };
 
 // Per-thread scratch for Lloyd and the exact DP.
 struct Scratch {
-  std::vector<double> a, b;     // DP layers, size D+1
-  std::vector<int32_t> opt;     // DP split table, size (k+1) * (D+1)
-  std::vector<double> d2;       // reseeding: weighted squared distances, size D
+  std::vector<double> a, b;  // DP layers, size D+1
+  std::vector<int32_t> opt;  // DP split table, size (k+1) * (D+1)
+  std::vector<double> d2;    // reseeding: weighted squared distances, size D
 };
 
 // Minimal deterministic generator (splitmix64): identical streams on every platform.
@@ -53,9 +53,15 @@ struct Rng {
 };
 
 // Weight, weighted sum and weighted sum of squares of cluster [a, b).
-inline double cw(const SortedRow& r, int32_t a, int32_t b) { return r.PW[b] - r.PW[a]; }
-inline double cs(const SortedRow& r, int32_t a, int32_t b) { return r.PS[b] - r.PS[a]; }
-inline double cq(const SortedRow& r, int32_t a, int32_t b) { return r.PQ[b] - r.PQ[a]; }
+inline double cw(const SortedRow& r, int32_t a, int32_t b) {
+  return r.PW[b] - r.PW[a];
+}
+inline double cs(const SortedRow& r, int32_t a, int32_t b) {
+  return r.PS[b] - r.PS[a];
+}
+inline double cq(const SortedRow& r, int32_t a, int32_t b) {
+  return r.PQ[b] - r.PQ[a];
+}
 
 // sum_{d in [a,b)} W_d (v_d - c)^2, clamped at 0 (rounding).
 inline double cost_about(const SortedRow& r, int32_t a, int32_t b, double c) {

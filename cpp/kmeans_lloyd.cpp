@@ -11,80 +11,88 @@ namespace any4 {
 namespace kmeans_detail {
 namespace {
 
-// Cost of the distinct values strictly between two neighbouring centres (lp, lv) and (rp, rv),
-// each value counted against its nearer centre. lp = -1: no centre on the left; rp = D: none on
-// the right.
-double gap_cost(const SortedRow& r, int32_t lp, double lv, int32_t rp, double rv) {
+// Branchless lower bound: first index in [lo, hi) with v[index] >= x, or hi.
+inline int32_t lower_bound_branchless(const double* v, int32_t lo, int32_t hi, double x) {
+  int32_t n = hi - lo;
+  if (n <= 0) return lo;
+  const double* base = v + lo;
+  while (n > 1) {
+    const int32_t half = n / 2;
+    base = base[half - 1] < x ? base + half : base;
+    n -= half;
+  }
+  return static_cast<int32_t>(base - v) + (*base < x);
+}
+
+// The distinct values strictly between two neighbouring centres, each counted against its
+// nearer centre: [a, s) belong to the left centre, [s, b) to the right one. A gap at either end
+// of the row has only one centre (lp = -1: none on the left; rp = D: none on the right).
+struct Gap {
+  int32_t lp, rp, s;
+  double lv, rv;
+  double mass_left, mass_right;  // sum of w (v - centre)^2 over each half
+  double mass() const { return mass_left + mass_right; }
+};
+
+inline Gap make_gap(const SortedRow& r, int32_t lp, double lv, int32_t rp, double rv) {
+  Gap g{lp, rp, 0, lv, rv, 0.0, 0.0};
   const int32_t a = lp + 1, b = rp;
-  if (a >= b) return 0.0;
-  if (lp < 0) return cost_about(r, a, b, rv);
-  if (rp >= r.D) return cost_about(r, a, b, lv);
-  const double* v = r.v.data();
-  int32_t s = static_cast<int32_t>(std::lower_bound(v + a, v + b, 0.5 * (lv + rv)) - v);
-  return cost_about(r, a, s, lv) + cost_about(r, s, b, rv);
+  if (a >= b) {
+    g.s = b;
+    return g;
+  }
+  if (lp < 0)
+    g.s = a;
+  else if (rp >= r.D)
+    g.s = b;
+  else
+    g.s = lower_bound_branchless(r.v.data(), a, b, 0.5 * (lv + rv));
+  if (g.s > a) g.mass_left = cost_about(r, a, g.s, lv);
+  if (b > g.s) g.mass_right = cost_about(r, g.s, b, rv);
+  return g;
 }
 
 // Centres chosen so far, ascending; gap t lies between centre t-1 and centre t (0 <= t <= m).
 struct Centres {
   int m = 0;
   double val[kMaxClusters];
-  int32_t pos[kMaxClusters];  // distinct index of each centre
-  double phi[kMaxClusters + 1];  // gap costs
+  Gap gap[kMaxClusters + 1];
 
-  int32_t left_pos(int t) const { return t > 0 ? pos[t - 1] : -1; }
-  double left_val(int t) const { return t > 0 ? val[t - 1] : 0.0; }
-  int32_t right_pos(int t, int32_t D) const { return t < m ? pos[t] : D; }
-  double right_val(int t) const { return t < m ? val[t] : 0.0; }
-
-  // Insert a centre at distinct index p into gap t, whose two new gaps cost gl and gr.
-  void insert(int t, int32_t p, double value, double gl, double gr) {
-    for (int i = m; i > t; --i) {
-      val[i] = val[i - 1];
-      pos[i] = pos[i - 1];
-    }
-    for (int i = m + 1; i > t + 1; --i) phi[i] = phi[i - 1];
+  // Insert a centre (distinct index p) into gap t, which it splits into gl and gr.
+  void insert(int t, double value, const Gap& gl, const Gap& gr) {
+    for (int i = m; i > t; --i) val[i] = val[i - 1];
+    for (int i = m + 1; i > t + 1; --i) gap[i] = gap[i - 1];
     val[t] = value;
-    pos[t] = p;
-    phi[t] = gl;
-    phi[t + 1] = gr;
+    gap[t] = gl;
+    gap[t + 1] = gr;
     ++m;
   }
 };
 
-// D^2 sampling inside gap t: the distinct index whose cumulative weighted squared distance to
-// its nearer centre first exceeds x (0 <= x < gap cost). Returns -1 if rounding left nothing
-// with positive weight to pick.
-int32_t sample_in_gap(const SortedRow& r, const Centres& C, int t, double x) {
-  const int32_t lp = C.left_pos(t), rp = C.right_pos(t, r.D);
-  const double lv = C.left_val(t), rv = C.right_val(t);
-  const int32_t a = lp + 1, b = rp;
-  if (a >= b) return -1;
-  int32_t s;
-  if (lp < 0)
-    s = a;  // all of the gap belongs to the right centre
-  else if (rp >= r.D)
-    s = b;  // all to the left centre
-  else
-    s = static_cast<int32_t>(std::lower_bound(r.v.data() + a, r.v.data() + b, 0.5 * (lv + rv)) - r.v.data());
-  const double mass_left = s > a ? cost_about(r, a, s, lv) : 0.0;
+// D^2 sampling inside gap g: the distinct index whose cumulative weighted squared distance to
+// its nearer centre first exceeds x (0 <= x < mass). Returns -1 if rounding left nothing with
+// positive weight to pick.
+int32_t sample_in_gap(const SortedRow& r, const Gap& g, double x) {
   int32_t lo, hi;
   double c;
-  if (x < mass_left) {
-    lo = a, hi = s, c = lv;
+  if (x < g.mass_left) {
+    lo = g.lp + 1, hi = g.s, c = g.lv;
   } else {
-    x -= mass_left;
-    lo = s, hi = b, c = rv;
+    x -= g.mass_left;
+    lo = g.s, hi = g.rp, c = g.rv;
   }
   if (lo >= hi) return -1;
-  // smallest i in [lo, hi) with cost_about(lo, i + 1, c) > x
-  int32_t L = lo, H = hi - 1;
-  while (L < H) {
-    int32_t M = L + (H - L) / 2;
-    if (cost_about(r, lo, M + 1, c) > x)
-      H = M;
-    else
-      L = M + 1;
+  // smallest i in [lo, hi) with cost_about(lo, i + 1, c) > x (branchless bisection)
+  const double PWlo = r.PW[lo], PSlo = r.PS[lo], PQlo = r.PQ[lo];
+  int32_t base = lo, n = hi - lo;
+  while (n > 1) {
+    const int32_t half = n / 2;
+    const int32_t e = base + half;  // test prefix [lo, e)
+    const double mass = (r.PQ[e] - PQlo) - 2.0 * c * (r.PS[e] - PSlo) + c * c * (r.PW[e] - PWlo);
+    base = mass <= x ? e : base;
+    n -= half;
   }
+  const int32_t L = base;
   if (r.wd[L] > 0) return L;
   for (int32_t i = L + 1; i < hi; ++i)
     if (r.wd[i] > 0) return i;
@@ -100,13 +108,13 @@ int32_t farthest_point(const SortedRow& r, const Centres& C, int* gap) {
   double best_d = -1;
   const double* v = r.v.data();
   for (int t = 0; t <= C.m; ++t) {
-    const int32_t lp = C.left_pos(t), rp = C.right_pos(t, r.D);
-    for (int32_t d = lp + 1; d < rp; ++d) {
+    const Gap& g = C.gap[t];
+    for (int32_t d = g.lp + 1; d < g.rp; ++d) {
       if (!(r.wd[d] > 0)) continue;
       double e = std::numeric_limits<double>::infinity();
-      if (lp >= 0) e = std::min(e, std::fabs(v[d] - C.val[t - 1]));
-      if (t < C.m) e = std::min(e, std::fabs(v[d] - C.val[t]));
-      double dd = r.wd[d] * e * e;
+      if (g.lp >= 0) e = std::min(e, std::fabs(v[d] - g.lv));
+      if (g.rp < r.D) e = std::min(e, std::fabs(v[d] - g.rv));
+      const double dd = r.wd[d] * e * e;
       if (dd > best_d) {
         best_d = dd;
         best = d;
@@ -125,31 +133,34 @@ void kmeanspp(const SortedRow& r, int k, Rng& rng, Centres& C) {
   C.m = 0;
   // First centre: sampled by weight.
   {
-    double x = rng.uniform() * r.PW[D];
-    int32_t p = static_cast<int32_t>(std::upper_bound(r.PW.data() + 1, r.PW.data() + D + 1, x) - (r.PW.data() + 1));
+    const double x = rng.uniform() * r.PW[D];
+    int32_t p =
+        static_cast<int32_t>(std::upper_bound(r.PW.data() + 1, r.PW.data() + D + 1, x) - (r.PW.data() + 1));
     p = std::min(p, D - 1);
     while (p > 0 && !(r.wd[p] > 0)) --p;
     while (p < D - 1 && !(r.wd[p] > 0)) ++p;
     const double pv = r.v[p];
-    C.insert(0, p, pv, gap_cost(r, -1, 0.0, p, pv), gap_cost(r, p, pv, D, 0.0));
+    C.insert(0, pv, make_gap(r, -1, 0.0, p, pv), make_gap(r, p, pv, D, 0.0));
   }
   while (C.m < k) {
     double total = 0;
-    for (int t = 0; t <= C.m; ++t) total += C.phi[t];
+    for (int t = 0; t <= C.m; ++t) total += C.gap[t].mass();
     int32_t best_p = -1;
     int best_t = 0;
-    double best_delta = std::numeric_limits<double>::infinity(), best_gl = 0, best_gr = 0;
+    double best_delta = std::numeric_limits<double>::infinity();
+    Gap best_l{}, best_r{};
     auto consider = [&](int t, int32_t p) {
+      const Gap& g = C.gap[t];
       const double pv = r.v[p];
-      double gl = gap_cost(r, C.left_pos(t), C.left_val(t), p, pv);
-      double gr = gap_cost(r, p, pv, C.right_pos(t, D), C.right_val(t));
-      double delta = gl + gr - C.phi[t];
+      const Gap gl = make_gap(r, g.lp, g.lv, p, pv);
+      const Gap gr = make_gap(r, p, pv, g.rp, g.rv);
+      const double delta = gl.mass() + gr.mass() - g.mass();
       if (delta < best_delta) {
         best_delta = delta;
         best_p = p;
         best_t = t;
-        best_gl = gl;
-        best_gr = gr;
+        best_l = gl;
+        best_r = gr;
       }
     };
     if (total > 0) {
@@ -158,26 +169,27 @@ void kmeanspp(const SortedRow& r, int k, Rng& rng, Centres& C) {
         int t = 0;
         int last_positive = -1;
         for (; t <= C.m; ++t) {
-          if (C.phi[t] > 0) last_positive = t;
-          if (x < C.phi[t]) break;
-          x -= C.phi[t];
+          const double mt = C.gap[t].mass();
+          if (mt > 0) last_positive = t;
+          if (x < mt) break;
+          x -= mt;
         }
         if (t > C.m) {  // rounding: take the end of the last gap with mass
           if (last_positive < 0) break;
           t = last_positive;
-          x = C.phi[t] * (1.0 - 1e-12);
+          x = C.gap[t].mass() * (1.0 - 1e-12);
         }
-        int32_t p = sample_in_gap(r, C, t, x);
+        const int32_t p = sample_in_gap(r, C.gap[t], x);
         if (p >= 0) consider(t, p);
       }
     }
     if (best_p < 0) {
       int t = 0;
-      int32_t p = farthest_point(r, C, &t);
+      const int32_t p = farthest_point(r, C, &t);
       if (p < 0) break;  // cannot happen while D_pos > m
       consider(t, p);
     }
-    C.insert(best_t, best_p, r.v[best_p], best_gl, best_gr);
+    C.insert(best_t, r.v[best_p], best_l, best_r);
   }
 }
 

@@ -41,7 +41,8 @@ Impl pick_impl() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
   if (cap == "avx512" && __builtin_cpu_supports("avx512f")) return &avx512::optimal_partition_impl;
-  if ((cap == "avx512" || cap == "avx2") && __builtin_cpu_supports("avx2")) return &avx2::optimal_partition_impl;
+  if ((cap == "avx512" || cap == "avx2") && __builtin_cpu_supports("avx2"))
+    return &avx2::optimal_partition_impl;
 #endif
   return &portable::optimal_partition_impl_inline;
 }

@@ -40,7 +40,9 @@ struct Layer {
   int32_t prev_hi;
 };
 
-inline vd splat(double x) { return vd{} + x; }
+inline vd splat(double x) {
+  return vd{} + x;
+}
 
 inline vd lane_ramp() {
   vd r;
@@ -240,7 +242,7 @@ inline double optimal_partition_impl_inline(const SortedRow& r, int k, Scratch& 
   for (int j = 2; j <= k; ++j) {
     const int32_t ilo = j == k ? D : j;
     const int32_t ihi = D - (k - j);
-    const int32_t prev_hi = j == 2 ? D : ihi - 1;  // last row solved in layer j-1
+    const int32_t prev_hi = j == 2 ? D : ihi - 1;                 // last row solved in layer j-1
     for (int32_t m = j - 1; m <= prev_hi; ++m) prev[m] -= PQ[m];  // E -> A
     Layer L{prev, PW, PS, PQ, cur, s.opt.data() + stride * j, s.opt.data() + stride * (j - 1), prev_hi};
     solve_layer(L, ilo, ihi, j - 1);
