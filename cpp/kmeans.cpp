@@ -298,11 +298,19 @@ double kmeans_1d(const float* values, const float* weights, int64_t n, int k, co
   }
 
   int32_t bounds[kMaxClusters + 1];
-  if (params.method == KMeansMethod::Optimal || r.D_pos < k || k == 1) {
-    optimal_partition(r, k, ws.scratch, bounds);
+  double c[kMaxClusters];
+  const bool lloyd_ok = r.D_pos >= k && k >= 2;  // Lloyd needs k distinct weighted values
+  if (params.method == KMeansMethod::Optimal || !lloyd_ok) {
+    // One Lloyd start gives a reachable inertia, which lets the DP skip hopeless rows. The
+    // margin covers rounding (DP values carry errors relative to the prefix sums' magnitude).
+    double upper = std::numeric_limits<double>::infinity();
+    if (lloyd_ok) {
+      upper = lloyd_best_of(r, k, params.max_iter, 1, row_seed, ws.scratch, c);
+      upper += 1e-9 * upper + 1e-10 * r.PQ[D];
+    }
+    optimal_partition(r, k, upper, ws.scratch, bounds);
     return finish(r, k, bounds, nullptr, centroids, codes);
   }
-  double c[kMaxClusters];
   lloyd_best_of(r, k, params.max_iter, params.n_init, row_seed, ws.scratch, c);
   // Partition induced by the centroids (nearest centroid, ties to the larger one).
   bounds[0] = 0;

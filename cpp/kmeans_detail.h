@@ -78,10 +78,12 @@ int32_t lower_bound_from(const double* v, int32_t D, int32_t p, double x);
 double lloyd_best_of(const SortedRow& r, int k, int max_iter, int n_init, uint64_t seed, Scratch& s,
                      double* centroids);
 
-// Exact weighted k-means by dynamic programming; requires D > k >= 1. Writes the optimal
-// partition: cluster j holds distinct values [bounds[j], bounds[j+1]), bounds[0] = 0,
-// bounds[k] = D, every cluster non-empty. Returns the optimal inertia.
-double optimal_partition(const SortedRow& r, int k, Scratch& s, int32_t* bounds);
+// Exact weighted k-means by dynamic programming; requires D > k >= 1. `upper_bound` is an
+// inertia known to be reachable (e.g. a Lloyd run; +inf if none): it only prunes work, the
+// result is the optimum either way. Writes the optimal partition: cluster j holds distinct
+// values [bounds[j], bounds[j+1]), bounds[0] = 0, bounds[k] = D, every cluster non-empty.
+// Returns the optimal inertia.
+double optimal_partition(const SortedRow& r, int k, double upper_bound, Scratch& s, int32_t* bounds);
 
 }  // namespace kmeans_detail
 }  // namespace any4

@@ -7,6 +7,9 @@
 // opt_{j-1}(i) <= opt_j(i)). Each layer is solved by divide & conquer over i (the split of a
 // middle row bounds the splits of the rows on either side): O(n log n) per layer, O(k n log n)
 // in all, with the inner scans vectorised (kmeans_optimal_impl.h, built per instruction set).
+// Two exact prunings: the first k/2 clusters are solved over the row and the last k - k/2 over
+// the reversed row, joined at the best boundary; and since E_j(i) grows with i, rows whose
+// prefix cost already exceeds a reachable inertia (a Lloyd run) are dropped.
 #include <cstdlib>
 #include <string>
 
@@ -23,15 +26,15 @@ namespace any4 {
 namespace kmeans_detail {
 
 namespace avx2 {
-double optimal_partition_impl(const SortedRow& r, int k, Scratch& s, int32_t* bounds);
+double optimal_partition_impl(const SortedRow& r, int k, double upper_bound, Scratch& s, int32_t* bounds);
 }
 namespace avx512 {
-double optimal_partition_impl(const SortedRow& r, int k, Scratch& s, int32_t* bounds);
+double optimal_partition_impl(const SortedRow& r, int k, double upper_bound, Scratch& s, int32_t* bounds);
 }
 
 namespace {
 
-using Impl = double (*)(const SortedRow&, int, Scratch&, int32_t*);
+using Impl = double (*)(const SortedRow&, int, double, Scratch&, int32_t*);
 
 // Best build for this processor; ANY4_KMEANS_ISA=portable|avx2|avx512 caps the choice (used by
 // the tests to check that every build gives bit-identical results).
@@ -49,9 +52,9 @@ Impl pick_impl() {
 
 }  // namespace
 
-double optimal_partition(const SortedRow& r, int k, Scratch& s, int32_t* bounds) {
+double optimal_partition(const SortedRow& r, int k, double upper_bound, Scratch& s, int32_t* bounds) {
   static const Impl impl = pick_impl();
-  return impl(r, k, s, bounds);
+  return impl(r, k, upper_bound, s, bounds);
 }
 
 }  // namespace kmeans_detail

@@ -8,8 +8,8 @@ namespace any4 {
 namespace kmeans_detail {
 namespace avx2 {
 
-double optimal_partition_impl(const SortedRow& r, int k, Scratch& s, int32_t* bounds) {
-  return optimal_partition_impl_inline(r, k, s, bounds);
+double optimal_partition_impl(const SortedRow& r, int k, double upper_bound, Scratch& s, int32_t* bounds) {
+  return optimal_partition_impl_inline(r, k, upper_bound, s, bounds);
 }
 
 }  // namespace avx2

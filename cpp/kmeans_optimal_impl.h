@@ -37,7 +37,7 @@ struct Layer {
   double* cur;              // E_j(i)
   int32_t* opt;             // argmin split of E_j(i)
   const int32_t* opt_prev;  // splits of layer j-1, valid up to prev_hi (non-decreasing)
-  int32_t prev_hi;
+  int32_t prev_hi;          // last row of layer j-1 kept: the largest admissible split
 };
 
 inline vd splat(double x) {
@@ -126,7 +126,7 @@ inline int32_t best_split(const Layer& L, int32_t i, int32_t lo, int32_t hi, dou
 
 inline void solve_row(const Layer& L, int32_t i, int32_t lo, int32_t hi) {
   lo = std::max(lo, L.opt_prev[std::min(i, L.prev_hi)]);
-  hi = std::min(hi, i - 1);
+  hi = std::min(std::min(hi, i - 1), L.prev_hi);
   lo = std::min(lo, hi);
   double val;
   L.opt[i] = best_split(L, i, lo, hi, &val);
@@ -135,7 +135,7 @@ inline void solve_row(const Layer& L, int32_t i, int32_t lo, int32_t hi) {
 
 // Rows a+1 .. b-1 (at most kBlockRows) whose splits lie in [opt(a), opt(b)], one row per vector
 // lane: every candidate split m is broadcast to all rows. Leftmost argmin per row.
-constexpr int kBlockRows = 8;
+constexpr int kBlockRows = kLanes >= 4 ? 16 : 8;
 constexpr int kGroups = kBlockRows / kLanes;
 
 inline void solve_block_lanes(const Layer& L, int32_t a, int32_t b) {
@@ -191,7 +191,7 @@ inline void solve_block_lanes(const Layer& L, int32_t a, int32_t b) {
 // narrow, else solve the middle row and recurse.
 inline void solve_block(const Layer& L, int32_t a, int32_t b) {
   if (b - a < 2) return;
-  if (b - a <= kBlockRows + 1 && L.opt[b] - L.opt[a] < 32) {
+  if (b - a <= kBlockRows + 1 && L.opt[b] - L.opt[a] < 48) {
     solve_block_lanes(L, a, b);
     return;
   }
@@ -201,57 +201,147 @@ inline void solve_block(const Layer& L, int32_t a, int32_t b) {
   solve_block(L, mid, b);
 }
 
-// Rows i in [ilo, ihi], splits in [mlo, i-1]. Divide & conquer over i (a row's split lies
-// between the splits of its two solved neighbours), swept level by level on power-of-two
-// strides down to every 8th row; the rows in between are solved in blocks, one row per lane.
-inline void solve_layer(const Layer& L, int32_t ilo, int32_t ihi, int32_t mlo) {
+// Rows i in [ilo, ihi], splits in [mlo, min(i-1, prev_hi)]. Divide & conquer over i (a row's
+// split lies between the splits of its two solved neighbours), swept level by level on
+// power-of-two strides down to every 8th row; the rows in between are solved in blocks, one row
+// per lane. E_j(i) grows with i, so once a solved row exceeds the bound U every row after it
+// does too: those rows are skipped (they cannot lie on an optimal path, whose prefixes all cost
+// at most OPT <= U). Returns the last row kept (every row in [ilo, result] is solved and <= U).
+inline int32_t solve_layer(const Layer& L, int32_t ilo, int32_t ihi, int32_t mlo, double U) {
   constexpr int32_t kStride = kBlockRows;
   const int32_t R = ihi - ilo + 1;
-  solve_row(L, ihi, mlo, ihi - 1);
-  if (R == 1) return;
-  solve_row(L, ilo, mlo, L.opt[ihi]);
-  int32_t s = 1;
-  while (s * 2 < R - 1) s *= 2;
-  for (; s >= kStride; s /= 2)
-    for (int32_t r = s; r < R - 1; r += 2 * s) {
-      const int32_t left = ilo + r - s, right = ilo + std::min(r + s, R - 1);
-      solve_row(L, ilo + r, L.opt[left], L.opt[right]);
+  int32_t cut = ihi + 1;  // first row known to exceed U (rows >= cut are skipped)
+  auto row = [&](int32_t i, int32_t lo, int32_t hi) {
+    solve_row(L, i, lo, hi);
+    if (L.cur[i] > U && i < cut) cut = i;
+  };
+  row(ihi, mlo, ihi - 1);
+  if (R > 1) {
+    row(ilo, mlo, L.opt[ihi]);
+    int32_t s = 1;
+    while (s * 2 < R - 1) s *= 2;
+    for (; s >= kStride; s /= 2)
+      for (int32_t r = s; r < R - 1 && ilo + r < cut; r += 2 * s) {
+        const int32_t left = ilo + r - s, right = std::min(ilo + std::min(r + s, R - 1), cut);
+        row(ilo + r, L.opt[left], L.opt[right]);
+      }
+    for (int32_t r = 0; r < R - 1 && ilo + r < cut; r += kStride) {
+      const int32_t a = ilo + r, b = std::min(ilo + std::min(r + kStride, R - 1), cut);
+      solve_block(L, a, b);
+      for (int32_t i = a + 1; i < b; ++i)
+        if (L.cur[i] > U) {
+          cut = std::min(cut, i);
+          break;
+        }
     }
-  for (int32_t r = 0; r < R - 1; r += kStride) solve_block(L, ilo + r, ilo + std::min(r + kStride, R - 1));
+  }
+  return cut - 1;
 }
 
-inline double optimal_partition_impl_inline(const SortedRow& r, int k, Scratch& s, int32_t* bounds) {
-  const int32_t D = r.D;
-  const size_t stride = static_cast<size_t>(D) + 1;
-  if (s.a.size() < stride + 16) s.a.resize(stride + 16);  // + 16: window loads may run past D
-  if (s.b.size() < stride + 16) s.b.resize(stride + 16);
-  if (s.opt.size() < stride * (k + 1)) s.opt.resize(stride * (k + 1));
-  double* prev = s.a.data();
-  double* cur = s.b.data();
-  const double *PW = r.PW.data(), *PS = r.PS.data(), *PQ = r.PQ.data();
-
+// Layers 1..layers of the forward recurrence over one direction of the row (prefix sums PW, PS,
+// PQ over D values), for a k-cluster problem: layer j keeps rows [j, D - (k - j)] that cost at
+// most U. Layer j's splits go to opt + j * stride. Returns the last layer's values (valid on
+// [layers, *last_row]) in one of the two buffers.
+inline const double* run_layers(const double* PW, const double* PS, const double* PQ, int32_t D, int k,
+                                int layers, double U, double* buf0, double* buf1, int32_t* opt, size_t stride,
+                                int32_t* last_row) {
+  double* prev = buf0;
+  double* cur = buf1;
   // Layer 1: one cluster over [0, i).
-  int32_t* opt1 = s.opt.data() + stride;
+  int32_t* opt1 = opt + stride;
+  const int32_t hi1 = D - (k - 1);
   prev[0] = 0;
-  opt1[0] = 0;
-  for (int32_t i = 1; i <= D; ++i) {
+  int32_t keep = hi1;
+  for (int32_t i = 1; i <= hi1; ++i) {
     const double W = std::max(PW[i], kTiny);
     prev[i] = PQ[i] - PS[i] * PS[i] / W;
     opt1[i] = 0;
   }
-  for (int j = 2; j <= k; ++j) {
-    const int32_t ilo = j == k ? D : j;
-    const int32_t ihi = D - (k - j);
-    const int32_t prev_hi = j == 2 ? D : ihi - 1;                 // last row solved in layer j-1
-    for (int32_t m = j - 1; m <= prev_hi; ++m) prev[m] -= PQ[m];  // E -> A
-    Layer L{prev, PW, PS, PQ, cur, s.opt.data() + stride * j, s.opt.data() + stride * (j - 1), prev_hi};
-    solve_layer(L, ilo, ihi, j - 1);
+  for (int32_t i = 1; i <= hi1; ++i)
+    if (prev[i] > U) {
+      keep = i - 1;
+      break;
+    }
+  for (int j = 2; j <= layers; ++j) {
+    if (keep < j - 1) break;                                   // nothing left within the bound
+    for (int32_t m = j - 1; m <= keep; ++m) prev[m] -= PQ[m];  // E -> A
+    Layer L{prev, PW, PS, PQ, cur, opt + stride * j, opt + stride * (j - 1), keep};
+    keep = solve_layer(L, j, D - (k - j), j - 1, U);
     std::swap(prev, cur);
   }
+  *last_row = keep;
+  return prev;
+}
+
+// Exact optimum, meeting in the middle: the first kf = k/2 clusters by the recurrence over the
+// row, the last kb = k - kf by the same recurrence over the reversed row, joined at the best
+// boundary. With an upper bound U on the optimum (a Lloyd run), both halves keep only rows whose
+// prefix (suffix) cost is at most U. Returns false when the bound pruned everything (rounding;
+// the caller retries without it).
+inline bool optimal_partition_bounded(const SortedRow& r, int k, double U, Scratch& s, int32_t* bounds,
+                                      double* optimum) {
+  const int32_t D = r.D;
+  const size_t stride = static_cast<size_t>(D) + 1;
+  const size_t padded = stride + 16;  // vector loads may run up to 15 entries past D
+  const int kf = k / 2, kb = k - kf;
+  if (s.a.size() < 4 * padded) s.a.resize(4 * padded);
+  if (s.b.size() < 3 * padded) s.b.resize(3 * padded);
+  if (s.opt.size() < stride * (kf + 1 + kb + 1)) s.opt.resize(stride * (kf + 1 + kb + 1));
+  // reversed row: prefix sums of the suffixes
+  double* RW = s.b.data();
+  double* RS = RW + padded;
+  double* RQ = RS + padded;
+  const double *PW = r.PW.data(), *PS = r.PS.data(), *PQ = r.PQ.data();
+  for (int32_t i = 0; i <= D; ++i) {
+    RW[i] = PW[D] - PW[D - i];
+    RS[i] = PS[D] - PS[D - i];
+    RQ[i] = PQ[D] - PQ[D - i];
+  }
+  int32_t* opt_f = s.opt.data();
+  int32_t* opt_b = s.opt.data() + stride * (kf + 1);
+  int32_t last_f = D, last_b = D;
+  const double* Ef = nullptr;
+  if (kf >= 1)
+    Ef = run_layers(PW, PS, PQ, D, k, kf, U, s.a.data(), s.a.data() + padded, opt_f, stride, &last_f);
+  const double* Eb = run_layers(RW, RS, RQ, D, k, kb, U, s.a.data() + 2 * padded, s.a.data() + 3 * padded,
+                                opt_b, stride, &last_b);
+  // join: clusters 0..kf-1 over [0, i), kf..k-1 over [i, D) (reversed prefix of length D - i)
+  int32_t best_i = -1;
+  double best = std::numeric_limits<double>::infinity();
+  const int32_t ilo = std::max(kf, D - last_b), ihi = std::min(D - kb, kf >= 1 ? last_f : 0);
+  for (int32_t i = ilo; i <= ihi; ++i) {
+    const double v = (kf >= 1 ? Ef[i] : 0.0) + Eb[D - i];
+    if (v < best) {
+      best = v;
+      best_i = i;
+    }
+  }
+  if (best_i < 0) return false;
   bounds[0] = 0;
+  bounds[kf] = best_i;
+  for (int j = kf; j >= 2; --j) bounds[j - 1] = opt_f[stride * j + bounds[j]];
+  int32_t rr = D - best_i;  // reversed index of the join
+  for (int c = kb; c >= 2; --c) {
+    rr = opt_b[stride * c + rr];
+    bounds[kf + kb - c + 1] = D - rr;
+  }
   bounds[k] = D;
-  for (int j = k; j >= 2; --j) bounds[j - 1] = s.opt[stride * j + bounds[j]];
-  return prev[D];
+  *optimum = best;
+  return true;
+}
+
+inline double optimal_partition_impl_inline(const SortedRow& r, int k, double upper_bound, Scratch& s,
+                                            int32_t* bounds) {
+  double optimum = 0;
+  if (k == 1) {
+    bounds[0] = 0;
+    bounds[1] = r.D;
+    const double W = std::max(r.PW[r.D], kTiny);
+    return r.PQ[r.D] - r.PS[r.D] * r.PS[r.D] / W;
+  }
+  if (!optimal_partition_bounded(r, k, upper_bound, s, bounds, &optimum))
+    optimal_partition_bounded(r, k, std::numeric_limits<double>::infinity(), s, bounds, &optimum);
+  return optimum;
 }
 
 }  // namespace ANY4_KMEANS_ISA
