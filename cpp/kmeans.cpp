@@ -170,44 +170,56 @@ void prepare(const float* values, const float* weights, int32_t n, SortedRow& r)
   double* __restrict PW = r.PW.data();
   double* __restrict PS = r.PS.data();
   double* __restrict PQ = r.PQ.data();
-  // Merge runs of equal keys; prefix sums are written one step behind (a run may grow).
-  int32_t D = 0, D_pos = 0;
-  double W = 0, S = 0, Q = 0;
+  // Merge runs of equal keys into distinct values with summed weights.
+  int32_t D = 0;
   uint32_t last_key = 0;
-  double x = 0, w_run = 0;
-  PW[0] = PS[0] = PQ[0] = 0;
   for (int32_t i = 0; i < n; ++i) {
     const uint32_t key = static_cast<uint32_t>(it[i] >> 32);
     const double w = weighted ? static_cast<double>(weights[static_cast<uint32_t>(it[i])]) : 1.0;
     if (D > 0 && key == last_key) {
-      w_run += w;
+      wd[D - 1] += w;
       continue;
     }
-    if (D > 0) {  // close the previous run
-      wd[D - 1] = w_run;
-      D_pos += w_run > 0;
-      W += w_run;
-      S += w_run * x;
-      Q += w_run * x * x;
-      PW[D] = W;
-      PS[D] = S;
-      PQ[D] = Q;
-    }
-    const float u = key_float(key);
-    x = static_cast<double>(u) - ref;
-    vf[D] = u;
-    v[D] = x;
+    vf[D] = key_float(key);
+    wd[D] = w;
     run[D] = i;
-    w_run = w;
     last_key = key;
     ++D;
   }
-  wd[D - 1] = w_run;
-  D_pos += w_run > 0;
-  PW[D] = W + w_run;
-  PS[D] = S + w_run * x;
-  PQ[D] = Q + w_run * x * x;
   run[D] = n;
+  // Prefix sums. Four interleaved segments (then their offsets) instead of one long chain of
+  // dependent additions; the order is fixed, so results do not depend on anything but the row.
+  int32_t D_pos = 0;
+  for (int32_t d = 0; d < D; ++d) {
+    v[d] = static_cast<double>(vf[d]) - ref;
+    D_pos += wd[d] > 0;
+  }
+  constexpr int kSeg = 4;
+  const int32_t seg = (D + kSeg - 1) / kSeg;
+  double W[kSeg] = {}, S[kSeg] = {}, Q[kSeg] = {};
+  for (int32_t t = 0; t < seg; ++t)
+    for (int g = 0; g < kSeg; ++g) {
+      const int32_t d = g * seg + t;
+      if (d >= D) break;
+      const double w = wd[d], x = v[d];
+      W[g] += w;
+      S[g] += w * x;
+      Q[g] += w * x * x;
+      PW[d + 1] = W[g];
+      PS[d + 1] = S[g];
+      PQ[d + 1] = Q[g];
+    }
+  PW[0] = PS[0] = PQ[0] = 0;
+  for (int g = 1; g < kSeg; ++g) {
+    const int32_t d0 = g * seg, d1 = std::min(D, d0 + seg);
+    if (d0 >= D) break;
+    const double ow = PW[d0], os = PS[d0], oq = PQ[d0];  // totals of the segments before
+    for (int32_t d = d0; d < d1; ++d) {
+      PW[d + 1] += ow;
+      PS[d + 1] += os;
+      PQ[d + 1] += oq;
+    }
+  }
   r.D = D;
   r.D_pos = D_pos;
 }
@@ -256,10 +268,18 @@ double finish(const SortedRow& r, int k, const int32_t* bounds, const double* fa
       hi = g;
     }
     const double c = centroids[j];
-    for (int32_t d = lo; d < hi; ++d) {
-      double e = static_cast<double>(r.vf[d]) - c;
-      inertia += r.wd[d] * e * e;
+    double part[4] = {0, 0, 0, 0};  // independent partial sums, fixed order
+    int32_t d = lo;
+    for (; d + 4 <= hi; d += 4)
+      for (int t = 0; t < 4; ++t) {
+        const double e = static_cast<double>(r.vf[d + t]) - c;
+        part[t] += r.wd[d + t] * e * e;
+      }
+    for (; d < hi; ++d) {
+      const double e = static_cast<double>(r.vf[d]) - c;
+      part[0] += r.wd[d] * e * e;
     }
+    inertia += (part[0] + part[1]) + (part[2] + part[3]);
     if (codes) {
       const uint64_t* it = r.items.data();
       for (int32_t i = r.run[lo], e = r.run[hi]; i < e; ++i)
