@@ -18,6 +18,8 @@ within a few percent of the 1-thread time). Multi-threaded runs are wall-clock.
 3. Lloyd with n_init in {1, 2, 4, 8} against the exact optimum on realistic rows: Gaussian and
    heavy-tailed (Student t, 3 dof) weight rows, group-normalised, weights = random positive
    channel statistics times the group scale.
+4. If the Google Benchmark binary is built (build/bench/bench_kmeans, see bench/bench_kmeans.cpp),
+   its one-row figures (1 thread, C++ only, no Python) are included.
 Writes bench/results/kmeans_cpu.json and .md.
 """
 
@@ -41,6 +43,7 @@ from any4.stats import ChannelStats, channel_weight
 K_CLUSTERS = 16
 GROUP = 128
 RESULTS = Path(__file__).resolve().parent / "results"
+BENCH_BINARY = Path(__file__).resolve().parent.parent / "build" / "bench" / "bench_kmeans"
 
 
 def machine() -> dict:
@@ -141,6 +144,26 @@ def any4_rows(u, wt, threads: int, **kw):
     cent, codes = out["res"]
     inert = np.array([inertia(u[r], wt[r], cent[r], codes[r]) for r in range(u.shape[0])])
     return inert, secs
+
+
+def cpp_benchmark() -> dict:
+    """One-row C++ timings (CPU time, 1 thread) from bench_kmeans, if it is built."""
+    if not BENCH_BINARY.exists():
+        return {}
+    env = dict(os.environ, ANY4_NUM_THREADS="1")
+    out = subprocess.run(
+        [str(BENCH_BINARY), "--benchmark_filter=Row4096", "--benchmark_format=json"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if out.returncode != 0:
+        return {}
+    data = json.loads(out.stdout)
+    return {
+        b["name"]: {"cpu_us": b["cpu_time"], "mean_inertia": b.get("mean_inertia")}
+        for b in data["benchmarks"]
+    }
 
 
 def realistic_rows(kind: str, rows: int, cols: int, seed: int):
@@ -248,6 +271,7 @@ def main(argv=None) -> None:
             }
         sweep[kind] = entry
     res["n_init_sweep"] = {"rows_per_kind": a.sweep_rows, **sweep}
+    res["cpp_one_row"] = cpp_benchmark()
 
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "kmeans_cpu.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -320,6 +344,23 @@ def markdown(res: dict, a) -> str:
                 f"| {kind} | lloyd n_init={n_init} | {r['seconds_per_row_1thread'] * 1e6:.1f} "
                 f"| {r['mean_excess_over_optimal'] * 100:.2f}% | {r['p90_excess'] * 100:.2f}% "
                 f"| {r['max_excess'] * 100:.2f}% |"
+            )
+    if res.get("cpp_one_row"):
+        sk = pr["sklearn_seconds_per_row"]["mean"] * 1e6
+        ck = pr["ckwrap_seconds_per_row"]["mean"] * 1e6
+        lines += [
+            "",
+            "## One row in C++ (bench_kmeans, Google Benchmark, CPU time, 1 thread)",
+            "",
+            "Ratios against the sklearn / ckwrap per-row CPU times measured above.",
+            "",
+            "| benchmark | us | vs sklearn | vs ckwrap | mean inertia (64 rows) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, b in res["cpp_one_row"].items():
+            lines.append(
+                f"| {name} | {b['cpu_us']:.1f} | {sk / b['cpu_us']:.0f}x | {ck / b['cpu_us']:.1f}x "
+                f"| {b['mean_inertia']:.6f} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -12,7 +12,10 @@
 // duplicate centroid). n_init restarts keep the lowest inertia.
 //
 // Optimal: the exact, globally optimal weighted k-means by dynamic programming over the sorted
-// distinct values, O(k n log n) (divide & conquer over the monotone split points).
+// distinct values, O(k n log n) (divide & conquer over the monotone split points, inner scans
+// vectorised per instruction set with bit-identical results). Exact prunings: the first k/2
+// clusters are solved forwards and the rest backwards, joined at the best boundary, and rows
+// whose prefix cost already exceeds one Lloyd run's inertia are skipped.
 //
 // Both are deterministic for a given (input, seed), whatever the thread count: each row has its
 // own generator seeded from (seed, row), and per-thread workspaces carry no state across rows.
