@@ -51,6 +51,10 @@ constexpr int kMaxClusters = 256;
 //   values get the midpoint of their value range.
 // - Otherwise all k centroids are distinct, and each lies inside the value range of its
 //   cluster (it is the cluster's weighted mean, rounded to float).
+// "Optimal" is the exact optimum over real-valued centroids; the returned centroids are those
+// means rounded to float32, which adds at most sum_j W_j (ulp(c_j)/2)^2 to the inertia
+// (negligible for quantization, where u is in [0, 15]; visible only for data whose spread is a
+// few float32 steps, e.g. 1e6 +- 8, where a Lloyd run's rounding can happen to be luckier).
 // Throws std::invalid_argument on k outside [1, 256], n < 1, n >= 2^31, non-finite values or
 // weights, or negative weights.
 double kmeans_1d(const float* values, const float* weights, int64_t n, int k, const KMeansParams& params,

@@ -40,6 +40,7 @@ def brute_force_optimum(values, weights, k: int) -> float:
         w = np.ones_like(v)
     uniq, inv = np.unique(v, return_inverse=True)
     wd = np.bincount(inv, weights=w, minlength=uniq.size)
+    uniq = uniq - 0.5 * (uniq[0] + uniq[-1])  # centre: the cost is shift-invariant
     n = uniq.size
     if n <= k:
         return 0.0
