@@ -19,8 +19,6 @@ from hypothesis import strategies as st
 
 import any4
 
-ckwrap = pytest.importorskip("ckwrap")
-
 
 # ----------------------------------------------------------------------------- references
 def inertia64(values, weights, centroids, codes) -> float:
@@ -134,6 +132,7 @@ def test_optimal_matches_brute_force(rng, n, k):
 
 
 def test_optimal_matches_ckwrap_and_beats_lloyd(rng):
+    ckwrap = pytest.importorskip("ckwrap")
     for r in range(6):
         u, wt = realistic_row(rng, n=1024, heavy=r % 2 == 1)
         cent, codes, inert = any4.kmeans(u, wt, 16, "optimal", return_inertia=True)
@@ -151,7 +150,7 @@ def test_optimal_matches_ckwrap_and_beats_lloyd(rng):
 
 
 def test_lloyd_close_to_sklearn(rng):
-    from sklearn.cluster import KMeans
+    KMeans = pytest.importorskip("sklearn.cluster").KMeans
 
     ours, theirs = [], []
     for r in range(12):
