@@ -16,6 +16,7 @@ from .formats import FORMATS, Format, get_format
 from .gemm import gemm
 from .kmeans import kmeans
 from .pack import pack, unpack
+from .pack_gpu import GpuWeight, pack_for_gpu, unpack_from_gpu
 from .quantize import QuantizedTensor, dequantize, quantize
 from .stats import ChannelStats, channel_weight
 
@@ -51,7 +52,8 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "FORMATS", "ChannelStats", "Format", "QuantizedTensor", "build_info", "channel_weight",
-    "cuda_available", "cuda_compiled", "dequantize", "gemm", "get_format", "get_num_threads",
-    "kmeans", "pack", "quantize", "set_num_threads", "unpack",
+    "FORMATS", "ChannelStats", "Format", "GpuWeight", "QuantizedTensor", "build_info",
+    "channel_weight", "cuda_available", "cuda_compiled", "dequantize", "gemm", "get_format",
+    "get_num_threads", "kmeans", "pack", "pack_for_gpu", "quantize", "set_num_threads", "unpack",
+    "unpack_from_gpu",
 ]  # fmt: skip
