@@ -205,7 +205,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="bench/results/decode")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    modes = args.modes or ("eager,compiled,cudagraphs" if device.type == "cuda" else "eager,compiled")
+    modes = args.modes or (
+        "eager,compiled,cudagraphs" if device.type == "cuda" else "eager,compiled"
+    )
     rows = []
     for workload in args.workloads.split(","):
         fn = {"llama3-8b-stack": bench_stack, "builtin": bench_builtin}[workload]
@@ -221,28 +223,53 @@ def main(argv=None) -> None:
                         ms, err = math.nan, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     if fmt == "bf16":
                         base = ms
-                    row = dict(workload=workload, mode=mode, batch=batch, fmt=fmt, ms_per_token=ms,
-                               speedup_vs_bf16=(base / ms) if base and ms == ms else None, error=err)
+                    row = dict(
+                        workload=workload,
+                        mode=mode,
+                        batch=batch,
+                        fmt=fmt,
+                        ms_per_token=ms,
+                        speedup_vs_bf16=(base / ms) if base and ms == ms else None,
+                        error=err,
+                    )
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    info = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
-                or platform.machine(), threads=torch.get_num_threads(), torch=torch.__version__,
-                any4=any4.build_info(), argv=sys.argv, layers=args.layers, group_size=args.group_size)
+    info = dict(
+        device=torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        any4=any4.build_info(),
+        argv=sys.argv,
+        layers=args.layers,
+        group_size=args.group_size,
+    )
     if device.type == "cpu":
         try:
-            info["device"] = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")][0]
+            info["device"] = [
+                ln.split(":", 1)[1].strip()
+                for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")
+            ][0]
         except OSError:
             pass
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(dict(info=info, rows=rows), f, indent=1)
     with open(args.out + ".md", "w") as f:
-        f.write(f"# Decode speed: ms/token (device: {info['device']}, {info['threads']} threads)\n\n")
+        f.write(
+            f"# Decode speed: ms/token (device: {info['device']}, {info['threads']} threads)\n\n"
+        )
         f.write(f"Command: `python bench/decode.py {' '.join(sys.argv[1:])}`\n\n")
-        f.write("| workload | mode | batch | format | ms/token | speed-up vs bf16 |\n|---|---|---|---|---|---|\n")
+        f.write(
+            "| workload | mode | batch | format | ms/token | speed-up vs bf16 |\n|---|---|---|---|---|---|\n"
+        )
         for r in rows:
             sp = f"{r['speedup_vs_bf16']:.2f}x" if r["speedup_vs_bf16"] else (r["error"] or "")
-            f.write(f"| {r['workload']} | {r['mode']} | {r['batch']} | {r['fmt']} | {r['ms_per_token']:.2f} | {sp} |\n")
+            f.write(
+                f"| {r['workload']} | {r['mode']} | {r['batch']} | {r['fmt']} | {r['ms_per_token']:.2f} | {sp} |\n"
+            )
     print(open(args.out + ".md").read())
 
 
