@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import time
 
 import torch
@@ -42,6 +43,8 @@ ABLATIONS = [
     {"weighting": "rms"},
     {"weighting": "none"},
     {"method": "lloyd"},
+    {"method": "lloyd", "seed": 1},
+    {"method": "lloyd", "seed": 2},
     {"mode": "sequential"},
 ]
 
@@ -63,9 +66,9 @@ def main() -> None:
     p.add_argument("--no-main", action="store_true", help="skip the format table (ablations only)")
     p.add_argument(
         "--ablations",
-        default=",".join(_name(a) for a in ABLATIONS),
-        help="comma list of ablations to run (default all): "
-        + ", ".join(_name(a) for a in ABLATIONS),
+        default=";".join(_name(a) for a in ABLATIONS),
+        help="ablations to run, separated by ';' (default all): "
+        + "; ".join(_name(a) for a in ABLATIONS),
     )
     p.add_argument("--ablation-group-size", type=int, default=128)
     p.add_argument("--no-kernel-check", action="store_true")
@@ -90,7 +93,9 @@ def main() -> None:
         "kernel": "dequant (QuantLinear weights dequantized, dense fp32 matmul; same function as any4.gemm)",
         "command": "python bench/perplexity_builtin.py "
         + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}")
+            for k, v in vars(args).items()
+            if v not in (None, False)
         ),
         "environment": environment(),
     }
@@ -152,7 +157,7 @@ def main() -> None:
             tokenizer=tok,
             kernel="dequant",
             progress=False,
-            variants=[a for a in ABLATIONS if _name(a) in args.ablations.split(",")],
+            variants=[a for a in ABLATIONS if _name(a) in args.ablations.split(";")],
             on_row=add(out["ablations"]),
         )
     if not args.no_kernel_check:
