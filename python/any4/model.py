@@ -20,7 +20,7 @@ from .calibration import (
     run_model,
 )
 from .formats import get_format
-from .kmeans import DEFAULT_N_INIT, METHODS
+from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
 from .nn import QuantLinear, set_submodule
 from .stats import DEFAULT_WEIGHTING, WEIGHTINGS, ChannelStats
 
@@ -61,7 +61,7 @@ def quantize_model(
     tokenizer: Any = None,
     mode: str = "one-pass",
     weighting: str = DEFAULT_WEIGHTING,
-    method: str = "lloyd",
+    method: str = DEFAULT_METHOD,
     n_init: int = DEFAULT_N_INIT,
     seed: int = 0,
     table_dtype: Optional[torch.dtype] = None,
