@@ -24,7 +24,9 @@ struct GemmArgs {
 };
 
 // Which CPU implementation runs: Auto picks the best the processor supports.
-enum class CpuImpl : int { Auto = -1, Portable = 0, Avx2 = 1, Avx512 = 2 };
+// Avx512Bf16 is Avx512 plus AVX512-BF16 dot products for bf16 x with bf16 tables (group size a
+// multiple of 32); other operands run the Avx512 kernel.
+enum class CpuImpl : int { Auto = -1, Portable = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 
 // Validates the arguments (std::invalid_argument) and runs the product on the CPU thread pool.
 void gemm_cpu(const GemmArgs& args, CpuImpl impl = CpuImpl::Auto);

@@ -8,7 +8,7 @@ from . import _tensor as T
 from ._core import C
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-CPU_IMPLS = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2}
+CPU_IMPLS = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
 
 
 def infer_group_size(K: int, n_groups: int) -> int:

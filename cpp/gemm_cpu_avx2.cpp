@@ -1,0 +1,290 @@
+// AVX2 + FMA (+ F16C) CPU gemm kernel, float32 arithmetic for every dtype.
+//
+// Same structure as the AVX-512 kernel with 8 lanes: a block is 16 codes (8 packed bytes); the
+// 16-entry float32 table is two 8-entry registers, vpermps looks up both halves and a blend on
+// bit 3 of the code (moved to the sign bit) picks one. w = lut[code] * scale + zero with one fma
+// into a small per-tile buffer, then a register-blocked micro-kernel reuses it for all x rows.
+// Only this file's own functions and plain loops: see gemm_cpu_kernel.h for why.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "gemm_cpu_kernel.h"
+
+namespace any4 {
+namespace gemm_detail {
+namespace {
+
+constexpr int64_t kBlock = 16;   // codes per block (8 packed bytes)
+constexpr int64_t kRows = 4;     // weight rows per tile
+constexpr int kMR = 2;           // x rows per micro-kernel call
+constexpr int64_t kChunk = 512;  // codes per k-chunk (multiple of kBlock)
+
+inline int64_t imin(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+inline int64_t imax(int64_t a, int64_t b) {
+  return a > b ? a : b;
+}
+inline int64_t round_up(int64_t a, int64_t b) {
+  return (a + b - 1) / b * b;
+}
+
+inline int64_t elem_size(DType d) {
+  return d == DType::F32 ? 4 : 2;
+}
+
+// 8 elements of dtype d from p[offset, offset + count) as float32 (count in [0, 8], rest zero).
+inline __m256 load8_f32(const void* p, DType d, int64_t offset, int64_t count) {
+  alignas(32) unsigned char tmp[32];
+  const int64_t es = elem_size(d);
+  const unsigned char* src = static_cast<const unsigned char*>(p) + offset * es;
+  if (count < 8) {
+    std::memset(tmp, 0, sizeof(tmp));
+    if (count > 0) std::memcpy(tmp, src, static_cast<size_t>(count * es));
+    src = tmp;
+  }
+  switch (d) {
+    case DType::F32:
+      return _mm256_loadu_ps(reinterpret_cast<const float*>(src));
+    case DType::F16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    case DType::BF16:
+    default:
+      return _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))), 16));
+  }
+}
+
+// Converts count elements of dtype d at p[offset...] to float32 dst[0, count).
+inline void convert_f32(const void* p, DType d, int64_t offset, int64_t count, float* dst) {
+  for (int64_t i = 0; i < count; i += 8) {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, load8_f32(p, d, offset + i, imin(8, count - i)));
+    for (int64_t j = 0; j < imin(8, count - i); ++j) dst[i + j] = tmp[j];
+  }
+}
+
+// The 8 packed bytes of block b of a row of P bytes, widened to 8 dwords (past the row end: 0).
+inline __m256i load_block_codes(const uint8_t* row, int64_t P, int64_t b) {
+  const int64_t off = b * 8, rem = P - off;
+  if (rem >= 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + off)));
+  alignas(16) unsigned char tmp[16] = {0};
+  if (rem > 0) std::memcpy(tmp, row + off, static_cast<size_t>(rem));
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tmp)));
+}
+
+// table[idx & 15] for 8 indices (bits above 3 ignored).
+inline __m256 lookup16(__m256i idx, __m256 table_lo, __m256 table_hi) {
+  const __m256 lo = _mm256_permutevar8x32_ps(table_lo, idx);
+  const __m256 hi = _mm256_permutevar8x32_ps(table_hi, idx);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+// float32 -> bfloat16 bits (round to nearest even, NaN stays NaN) for 8 values.
+inline __m128i f32_to_bf16_bits(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  r = _mm256_blendv_epi8(r, quiet, nan);
+  // Pack the low 16 bits of the 8 dwords (values < 2^16, so unsigned saturation is exact).
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+// Stores the first count (<= 8) lanes of v to p[offset...] as dtype d.
+inline void store8(void* p, DType d, int64_t offset, int64_t count, __m256 v) {
+  alignas(32) unsigned char tmp[32];
+  const int64_t es = elem_size(d);
+  switch (d) {
+    case DType::F32:
+      _mm256_store_ps(reinterpret_cast<float*>(tmp), v);
+      break;
+    case DType::F16:
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+    case DType::BF16:
+    default:
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), f32_to_bf16_bits(v));
+      break;
+  }
+  std::memcpy(static_cast<unsigned char*>(p) + offset * es, tmp, static_cast<size_t>(count * es));
+}
+
+inline int64_t group_slots(int64_t n_groups) {
+  return round_up(n_groups + 8, 8);
+}
+
+int64_t padded_k(const GemmArgs& a) {
+  return round_up(a.K, kBlock);
+}
+
+size_t x_bytes(const GemmArgs& a, int64_t mb) {
+  return static_cast<size_t>(mb * padded_k(a)) * sizeof(float);
+}
+
+// x rows as float32 rows of Kx elements, each 16-block ordered [even 8, odd 8]; zero past K.
+void prepare_x(const GemmArgs& a, int64_t m0, int64_t mb, int64_t r0, int64_t r1, void* xbuf) {
+  const int64_t K = a.K, Kx = padded_k(a);
+  float* xb = static_cast<float*>(xbuf);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t src = (m0 + r) * K;
+    float* dst = xb + r * Kx;
+    for (int64_t k0 = 0; k0 < Kx; k0 += kBlock) {
+      const __m256 lo = load8_f32(a.x, a.x_dtype, src + k0, imax(0, imin(8, K - k0)));
+      const __m256 hi = load8_f32(a.x, a.x_dtype, src + k0 + 8, imax(0, imin(8, K - k0 - 8)));
+      // shuffle_ps works per 128-bit lane: [l0 l2 h0 h2 | l4 l6 h4 h6]; permute4x64 fixes the order.
+      const __m256 ev = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+      const __m256 od = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+      _mm256_store_ps(dst + k0, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xd8)));
+      _mm256_store_ps(dst + k0 + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xd8)));
+    }
+  }
+}
+
+size_t scratch_bytes(const GemmArgs& a, int64_t mb) {
+  return static_cast<size_t>(kRows * kChunk + 2 * kRows * group_slots(a.n_groups) + 2 * a.n_groups + 8 +
+                             mb * kRows * 8) *
+         sizeof(float);
+}
+
+// Decodes blocks [b0, b0 + nb) of one weight row to float32 w = lut[code] * scale + zero.
+// kAligned: every block lies in one group (blocks_per_group of them); otherwise a block spans at
+// most two groups (group_size a multiple of 8).
+template <bool kAligned>
+inline void decode_row(const uint8_t* row, int64_t P, __m256 t_lo, __m256 t_hi, const float* scale,
+                       const float* zero, int64_t G, int64_t blocks_per_group, int64_t b0, int64_t nb, float* out) {
+  if (kAligned) {
+    int64_t g = b0 / blocks_per_group, j = b0 - g * blocks_per_group;
+    __m256 s = _mm256_set1_ps(scale[g]), z = _mm256_set1_ps(zero[g]);
+    for (int64_t i = 0; i < nb; ++i) {
+      const __m256i v = load_block_codes(row, P, b0 + i);
+      _mm256_store_ps(out + i * kBlock, _mm256_fmadd_ps(lookup16(v, t_lo, t_hi), s, z));
+      _mm256_store_ps(out + i * kBlock + 8,
+                      _mm256_fmadd_ps(lookup16(_mm256_srli_epi32(v, 4), t_lo, t_hi), s, z));
+      if (++j == blocks_per_group) {
+        j = 0;
+        ++g;
+        s = _mm256_set1_ps(scale[g]);
+        z = _mm256_set1_ps(zero[g]);
+      }
+    }
+  } else {
+    const __m256i lane_even = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    for (int64_t i = 0; i < nb; ++i) {
+      const int64_t k0 = (b0 + i) * kBlock, g0 = k0 / G;
+      // Lanes at or past the next group's start take group g0 + 1.
+      const __m256i first_next = _mm256_set1_epi32(static_cast<int>((g0 + 1) * G - 1));
+      const __m256i k_even = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k0)), lane_even);
+      const __m256i k_odd = _mm256_add_epi32(k_even, _mm256_set1_epi32(1));
+      const __m256 next_even = _mm256_castsi256_ps(_mm256_cmpgt_epi32(k_even, first_next));
+      const __m256 next_odd = _mm256_castsi256_ps(_mm256_cmpgt_epi32(k_odd, first_next));
+      const __m256 s0 = _mm256_set1_ps(scale[g0]), s1 = _mm256_set1_ps(scale[g0 + 1]);
+      const __m256 z0 = _mm256_set1_ps(zero[g0]), z1 = _mm256_set1_ps(zero[g0 + 1]);
+      const __m256i v = load_block_codes(row, P, b0 + i);
+      _mm256_store_ps(out + i * kBlock, _mm256_fmadd_ps(lookup16(v, t_lo, t_hi), _mm256_blendv_ps(s0, s1, next_even),
+                                                        _mm256_blendv_ps(z0, z1, next_even)));
+      _mm256_store_ps(out + i * kBlock + 8,
+                      _mm256_fmadd_ps(lookup16(_mm256_srli_epi32(v, 4), t_lo, t_hi),
+                                      _mm256_blendv_ps(s0, s1, next_odd), _mm256_blendv_ps(z0, z1, next_odd)));
+    }
+  }
+}
+
+template <int MR>
+inline void dot_tile(const float* x, int64_t x_stride, const float* w, int64_t len, __m256* acc) {
+  __m256 c[MR][kRows];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < kRows; ++r) c[m][r] = acc[m * kRows + r];
+  for (int64_t k = 0; k < len; k += 8) {
+    __m256 wv[kRows];
+    for (int r = 0; r < kRows; ++r) wv[r] = _mm256_load_ps(w + r * kChunk + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_load_ps(x + m * x_stride + k);
+      for (int r = 0; r < kRows; ++r) c[m][r] = _mm256_fmadd_ps(xv, wv[r], c[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < kRows; ++r) acc[m * kRows + r] = c[m][r];
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+void run_tiles(const GemmArgs& a, int64_t m0, int64_t mb, const void* xbuf, int64_t t0, int64_t t1,
+               void* scratch) {
+  const int64_t K = a.K, N = a.N, P = (K + 1) / 2, Kx = padded_k(a), ng = a.n_groups, slots = group_slots(ng);
+  const int64_t G = a.group_size;
+  int64_t blocks_per_group = 0;  // > 0: every block lies in one group
+  if (ng == 1)
+    blocks_per_group = Kx / kBlock + 2;
+  else if (G % kBlock == 0)
+    blocks_per_group = G / kBlock;
+  const float* xb = static_cast<const float*>(xbuf);
+  float* wbuf = static_cast<float*>(scratch);
+  float* scale_zero = wbuf + kRows * kChunk;  // per row: scale[slots], zero[slots]
+  float* pairs = scale_zero + 2 * kRows * slots;
+  __m256* acc = reinterpret_cast<__m256*>(pairs + round_up(2 * ng + 8, 8));
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n0 = t * kRows, nr = imin(kRows, N - n0);
+    __m256 t_lo[kRows], t_hi[kRows];
+    const uint8_t* rows[kRows];
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int64_t n = n0 + imin(r, nr - 1);  // a short last tile repeats its last row
+      const int64_t lut_off = (a.lut_rows == 1 ? 0 : n) * a.lut_len;
+      t_lo[r] = load8_f32(a.lut, a.table_dtype, lut_off, imin(8, a.lut_len));
+      t_hi[r] = load8_f32(a.lut, a.table_dtype, lut_off + 8, imax(0, a.lut_len - 8));
+      rows[r] = a.packed + n * P;
+      float* s = scale_zero + 2 * r * slots;
+      float* z = s + slots;
+      convert_f32(a.scales, a.table_dtype, n * ng * 2, ng * 2, pairs);
+      for (int64_t g = 0; g < slots; ++g) {
+        s[g] = g < ng ? pairs[2 * g] : 0.f;
+        z[g] = g < ng ? pairs[2 * g + 1] : 0.f;
+      }
+    }
+    for (int64_t i = 0; i < mb * kRows; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t kc = 0; kc < Kx; kc += kChunk) {
+      const int64_t len = imin(kChunk, Kx - kc);
+      for (int64_t r = 0; r < kRows; ++r) {
+        const float* s = scale_zero + 2 * r * slots;
+        if (blocks_per_group > 0)
+          decode_row<true>(rows[r], P, t_lo[r], t_hi[r], s, s + slots, G, blocks_per_group, kc / kBlock,
+                           len / kBlock, wbuf + r * kChunk);
+        else
+          decode_row<false>(rows[r], P, t_lo[r], t_hi[r], s, s + slots, G, 0, kc / kBlock, len / kBlock,
+                            wbuf + r * kChunk);
+      }
+      const float* x = xb + kc;
+      int64_t m = 0;
+      for (; m + kMR <= mb; m += kMR) dot_tile<kMR>(x + m * Kx, Kx, wbuf, len, acc + m * kRows);
+      if (m < mb) dot_tile<1>(x + m * Kx, Kx, wbuf, len, acc + m * kRows);
+    }
+    for (int64_t m = 0; m < mb; ++m) {
+      alignas(32) float y[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int64_t r = 0; r < kRows; ++r) y[r] = hsum(acc[m * kRows + r]);
+      store8(a.y, a.x_dtype, (m0 + m) * N + n0, nr, _mm256_load_ps(y));
+    }
+  }
+}
+
+}  // namespace
+
+Kernel avx2_kernel() {
+  Kernel k;
+  k.tile_rows = kRows;
+  k.pass_rows = 64;
+  k.x_bytes = x_bytes;
+  k.prepare_x = prepare_x;
+  k.scratch_bytes = scratch_bytes;
+  k.run_tiles = run_tiles;
+  return k;
+}
+
+}  // namespace gemm_detail
+}  // namespace any4
