@@ -1,14 +1,18 @@
 // AVX-512 (F/BW/VL/DQ) CPU gemm kernel, float32 arithmetic for every dtype.
 //
-// Per tile of kRows weight rows and per k-chunk, the codes are decoded once into a small float32
-// buffer (L1-resident): 16 packed bytes widen to 16 dwords; vpermps (_mm512_permutexvar_ps)
-// looks up the 16 low nibbles in the row's 16-entry table held in one register, and, after a
-// shift, the 16 high nibbles (vpermps reads only the low 4 index bits); one fma applies the
-// group's (scale, zero): w = lut[code] * scale + zero exactly as the reference. x rows were
-// converted once per call to float32 in the same [even, odd] order per 32-element block.
-// Then a register-blocked micro-kernel (kMR x rows by kRows weight rows, 16-lane accumulators)
-// reuses each decoded chunk for every x row; the accumulators live in a per-worker buffer
-// between chunks and are reduced horizontally once per output.
+// Decoding: 16 packed bytes (a block of 32 codes) widen to 16 dwords; vpermps
+// (_mm512_permutexvar_ps) looks the 16 low nibbles up in the row's 16-entry float32 table held in
+// one register (vpermps reads only the low 4 index bits), and, after a shift, the 16 high
+// nibbles. So a decoded block is [16 even elements, 16 odd elements]; x rows are converted once
+// per call to float32 in the same order.
+//
+// Small batches (M <= 4) decode straight into registers and split each group's sum as
+//     sum_k x_k * (lut[c_k] * s + z) = s * sum_k x_k * lut[c_k] + z * sum_k x_k,
+// so the hot loop is one fma per code and x row; the per-group scale is one fma per group, and
+// z * sum(x over the group) comes from group sums of x computed once per call.
+// Larger batches decode a chunk of the tile's rows into an L1 buffer as w = lut[code] * scale +
+// zero (one fma, as the reference), then a register-blocked micro-kernel reuses it for every x
+// row.
 #include <immintrin.h>
 
 #include "gemm_cpu_avx512_util.h"
@@ -19,68 +23,231 @@ namespace gemm_detail {
 namespace {
 
 constexpr int64_t kRows = 4;     // weight rows per tile
-constexpr int kMR = 4;           // x rows per micro-kernel call
-constexpr int64_t kChunk = 512;  // codes per k-chunk (multiple of kBlock)
+constexpr int64_t kBlock = 32;   // codes per block (16 packed bytes)
+constexpr int kDirectRows = 4;   // x rows up to which blocks are decoded into registers
+constexpr int kMR = 4;           // x rows per buffered micro-kernel call
+constexpr int64_t kChunk = 512;  // codes per chunk of the buffered path (multiple of kBlock)
 
-// Blocks per group when every block lies in one group (group_size % 32 == 0, or a single
-// group), else 0.
-inline int64_t aligned_blocks_per_group(const GemmArgs& a) {
-  if (a.n_groups == 1) return a.K / kBlock + 2;
-  return a.group_size % kBlock == 0 ? a.group_size / kBlock : 0;
+// x rows and code rows are processed in whole units (see unit_scale), zero past K.
+int64_t padded_k(const GemmArgs& a) {
+  if (a.n_groups > 1 && a.group_size % kBlock == 0) return round_up(a.K, a.group_size);
+  return round_up(a.K, kBlock);
 }
 
-// Decodes blocks [b0, b0 + nb) of one weight row to float32 w = lut[code] * scale + zero.
-// kAligned: every block lies in one group, blocks_per_group of them per group.
+// The 16 packed bytes of block b of a row of P bytes; bytes past the row end read as zero.
+inline __m128i load_block_codes(const uint8_t* row, int64_t P, int64_t b) {
+  const int64_t off = b * 16, rem = P - off;
+  if (rem >= 16) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + off));
+  if (rem <= 0) return _mm_setzero_si128();
+  return _mm_maskz_loadu_epi8(low_mask16(rem), row + off);
+}
+
+inline void decode_block(__m128i codes, __m512 table, __m512& lo, __m512& hi) {
+  const __m512i v = _mm512_cvtepu8_epi32(codes);
+  lo = _mm512_permutexvar_ps(v, table);
+  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+}
+
+// Group of each lane of block b (the same for its even and odd halves: group boundaries are
+// multiples of 8), as an offset from g0 = first group of the block. A block of 32 elements
+// starting at a multiple of 8 spans at most 4 groups (group_size a multiple of 8, several
+// groups, so group_size < K < 2^31).
+inline __m512i block_group_offsets(int64_t b, int64_t G, int64_t& g0) {
+  const int64_t k0 = b * kBlock;
+  g0 = k0 / G;
+  const __m512i k = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(k0)),
+                                     _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0));
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i off = _mm512_setzero_si512();
+  for (int64_t j = 1; j <= 3; ++j) {
+    const __m512i bound = _mm512_set1_epi32(static_cast<int>((g0 + j) * G));
+    off = _mm512_mask_add_epi32(off, _mm512_cmpge_epi32_mask(k, bound), off, one);
+  }
+  return off;
+}
+
+// ---------------------------------------------------------------- x preparation
+// Per pass of mb rows: float32 rows of Kx elements ([even 16, odd 16] per block, zero past K),
+// then float32 group sums [mb][group_slots] (used by the direct path).
+size_t x_sums_offset(const GemmArgs& a, int64_t mb) {
+  return static_cast<size_t>(mb * padded_k(a)) * sizeof(float);
+}
+
+size_t x_bytes(const GemmArgs& a, int64_t mb) {
+  return x_sums_offset(a, mb) + static_cast<size_t>(mb * group_slots(a.n_groups)) * sizeof(float);
+}
+
+void prepare_x(const GemmArgs& a, int64_t m0, int64_t mb, int64_t r0, int64_t r1, void* xbuf) {
+  const int64_t K = a.K, Kx = padded_k(a), G = a.group_size, slots = group_slots(a.n_groups);
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  float* xb = static_cast<float*>(xbuf);
+  float* sums = reinterpret_cast<float*>(static_cast<char*>(xbuf) + x_sums_offset(a, mb));
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t src = (m0 + r) * K;
+    float* dst = xb + r * Kx;
+    for (int64_t k0 = 0; k0 < Kx; k0 += kBlock) {
+      const int64_t valid = K - k0;
+      const __m512 lo = load_f32x16(a.x, a.x_dtype, src + k0, imin(16, valid));
+      const __m512 hi = load_f32x16(a.x, a.x_dtype, src + k0 + 16, imin(16, valid - 16));
+      _mm512_store_ps(dst + k0, _mm512_permutex2var_ps(lo, even, hi));
+      _mm512_store_ps(dst + k0 + 16, _mm512_permutex2var_ps(lo, odd, hi));
+    }
+    float* sum_row = sums + r * slots;
+    for (int64_t g = 0; g < slots; ++g) sum_row[g] = 0.f;
+    for (int64_t g = 0; g < a.n_groups; ++g) {
+      const int64_t end = imin(K, (g + 1) * G);
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t k = g * G; k < end; k += 16) s = _mm512_add_ps(s, load_f32x16(a.x, a.x_dtype, src + k, end - k));
+      sum_row[g] = _mm512_reduce_add_ps(s);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- tiles
+struct Tile {
+  int64_t n0 = 0, nr = 0;  // first weight row, valid rows (<= kRows)
+  const uint8_t* rows[kRows];
+  __m512 table[kRows];
+  const float* scale[kRows];  // per row: scale[slots], then zero[slots]
+};
+
+inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, Tile& tile) {
+  const int64_t P = (a.K + 1) / 2, slots = group_slots(a.n_groups);
+  tile.n0 = t * kRows;
+  tile.nr = imin(kRows, a.N - tile.n0);
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int64_t n = tile.n0 + imin(r, tile.nr - 1);  // a short last tile repeats its last row
+    tile.rows[r] = a.packed + n * P;
+    tile.table[r] = load_table_f32(a, n);
+    float* s = scale_zero + 2 * r * slots;
+    load_row_scales(a, n, s, s + slots);
+    tile.scale[r] = s;
+  }
+  if (tile.n0 + kRows < a.N)
+    for (int64_t r = 0; r < kRows; ++r) prefetch_row_params(a, tile.n0 + kRows + r);
+}
+
+// Prefetches codes [k0, k1) of the next tile's rows (rows are contiguous: next = row + kRows*P).
+inline void prefetch_next_tile(const GemmArgs& a, const Tile& tile, int64_t k0, int64_t k1) {
+  if (tile.n0 + kRows >= a.N) return;
+  const int64_t P = (a.K + 1) / 2, end = imin(P, (k1 + 1) / 2);
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int64_t off = k0 / 2; off < end; off += 64) prefetch_line(tile.rows[r] + kRows * P + off);
+}
+
+// y[m0 + m, tile rows] = lane sums of acc[m][r] (+ sum_g zero[r][g] * xsum[m][g] if sums).
+inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t mb, const __m512* acc,
+                       const float* sums) {
+  const int64_t slots = group_slots(a.n_groups);
+  for (int64_t m = 0; m < mb; ++m) {
+    __m512 c[kRows];
+    for (int64_t r = 0; r < kRows; ++r) {
+      c[r] = acc[m * kRows + r];
+      if (sums) {
+        const float* zero = tile.scale[r] + slots;
+        for (int64_t g = 0; g < slots; g += 16)
+          c[r] = _mm512_fmadd_ps(_mm512_load_ps(zero + g), _mm512_load_ps(sums + m * slots + g), c[r]);
+      }
+    }
+    static_assert(kRows == 4, "store_tile reduces four rows at a time");
+    const __m128 y4 = reduce4(c[0], c[1], c[2], c[3]);
+    store_f32x16(a.y, a.x_dtype, (m0 + m) * a.N + tile.n0, tile.nr, _mm512_castps128_ps512(y4));
+  }
+}
+
+// ---------------------------------------------------------------- direct path (M <= 4)
+// Units: the stretches of codes sharing one scale vector. kAligned (group_size % 32 == 0 or a
+// single group): a unit is a group; otherwise a block, with a per-lane scale.
 template <bool kAligned>
-inline void decode_row(const uint8_t* row, int64_t P, __m512 table, const float* scale, const float* zero,
-                       int64_t G, int64_t blocks_per_group, int64_t b0, int64_t nb, float* out) {
-  if (kAligned) {
-    int64_t g = b0 / blocks_per_group, j = b0 - g * blocks_per_group;
-    __m512 s = _mm512_set1_ps(scale[g]), z = _mm512_set1_ps(zero[g]);
-    for (int64_t i = 0; i < nb; ++i) {
-      const __m512i v = _mm512_cvtepu8_epi32(load_block_codes(row, P, b0 + i));
-      const __m512 lo = _mm512_permutexvar_ps(v, table);
-      const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
-      _mm512_store_ps(out + i * kBlock, _mm512_fmadd_ps(lo, s, z));
-      _mm512_store_ps(out + i * kBlock + 16, _mm512_fmadd_ps(hi, s, z));
-      if (++j == blocks_per_group) {
-        j = 0;
-        ++g;
-        s = _mm512_set1_ps(scale[g]);
-        z = _mm512_set1_ps(zero[g]);
+inline __m512 unit_scale(const float* scale, int64_t G, int64_t u) {
+  if (kAligned) return _mm512_set1_ps(scale[u]);
+  int64_t g0;
+  const __m512i off = block_group_offsets(u, G, g0);
+  return _mm512_permutexvar_ps(off, _mm512_loadu_ps(scale + g0));
+}
+
+// Totals in registers for MR <= 2, else in acc (memory), leaving the registers to the product
+// sums (the compiler would otherwise keep both and spill).
+template <int MR, bool kAligned>
+void direct_tile(const GemmArgs& a, const Tile& tile, const float* x, int64_t x_stride, __m512* acc) {
+  const int64_t P = (a.K + 1) / 2, G = a.group_size, Kx = padded_k(a);
+  const int64_t unit = kAligned ? (a.n_groups == 1 ? Kx : G) : kBlock, blocks_per_unit = unit / kBlock;
+  constexpr bool kRegTotals = MR <= 2;
+  __m512 tot[MR][kRows];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < kRows; ++r) tot[m][r] = _mm512_setzero_ps();
+  for (int64_t u = 0; u * unit < Kx; ++u) {
+    prefetch_next_tile(a, tile, u * unit, (u + 1) * unit);
+    __m512 c[MR][kRows];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < kRows; ++r) c[m][r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < blocks_per_unit; ++j) {
+      const int64_t b = u * blocks_per_unit + j, k = b * kBlock;
+      for (int r = 0; r < kRows; ++r) {
+        __m512 lo, hi;
+        decode_block(load_block_codes(tile.rows[r], P, b), tile.table[r], lo, hi);
+        for (int m = 0; m < MR; ++m) {
+          c[m][r] = _mm512_fmadd_ps(_mm512_load_ps(x + m * x_stride + k), lo, c[m][r]);
+          c[m][r] = _mm512_fmadd_ps(_mm512_load_ps(x + m * x_stride + k + 16), hi, c[m][r]);
+        }
       }
     }
-  } else {
-    // A block of 32 elements starting at a multiple of 8 spans at most 4 groups (G >= 8 and a
-    // multiple of 8, more than one group, so G < K < 2^31): lane
-    // group = g0 + #{j in 1..3 : k >= (g0 + j) * G}, looked up in the 16 scales from g0 on.
-    const __m512i lane_even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i one = _mm512_set1_epi32(1);
-    for (int64_t i = 0; i < nb; ++i) {
-      const int64_t k0 = (b0 + i) * kBlock, g0 = k0 / G;
-      const __m512i k_even = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(k0)), lane_even);
-      const __m512i k_odd = _mm512_add_epi32(k_even, one);
-      __m512i off_even = _mm512_setzero_si512(), off_odd = _mm512_setzero_si512();
-      for (int64_t j = 1; j <= 3; ++j) {
-        const __m512i bound = _mm512_set1_epi32(static_cast<int>((g0 + j) * G));
-        off_even = _mm512_mask_add_epi32(off_even, _mm512_cmpge_epi32_mask(k_even, bound), off_even, one);
-        off_odd = _mm512_mask_add_epi32(off_odd, _mm512_cmpge_epi32_mask(k_odd, bound), off_odd, one);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 s = unit_scale<kAligned>(tile.scale[r], G, u);
+      for (int m = 0; m < MR; ++m) {
+        if (kRegTotals)
+          tot[m][r] = _mm512_fmadd_ps(c[m][r], s, tot[m][r]);
+        else
+          acc[m * kRows + r] = _mm512_fmadd_ps(c[m][r], s, u == 0 ? _mm512_setzero_ps() : acc[m * kRows + r]);
       }
-      const __m512 s16 = _mm512_loadu_ps(scale + g0), z16 = _mm512_loadu_ps(zero + g0);
-      const __m512i v = _mm512_cvtepu8_epi32(load_block_codes(row, P, b0 + i));
-      const __m512 lo = _mm512_permutexvar_ps(v, table);
-      const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
-      _mm512_store_ps(out + i * kBlock, _mm512_fmadd_ps(lo, _mm512_permutexvar_ps(off_even, s16),
-                                                        _mm512_permutexvar_ps(off_even, z16)));
-      _mm512_store_ps(out + i * kBlock + 16, _mm512_fmadd_ps(hi, _mm512_permutexvar_ps(off_odd, s16),
-                                                             _mm512_permutexvar_ps(off_odd, z16)));
     }
+    if (!kRegTotals) asm volatile("" ::: "memory");  // keep the totals in memory (see above)
+  }
+  if (kRegTotals)
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < kRows; ++r) acc[m * kRows + r] = tot[m][r];
+}
+
+template <int MR, bool kAligned>
+void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, const float* x, int64_t x_stride,
+                 __m512* acc) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return direct_rows<MR - 1, kAligned>(rows, a, tile, x, x_stride, acc);
+  }
+  direct_tile<MR, kAligned>(a, tile, x, x_stride, acc);
+}
+
+// ---------------------------------------------------------------- buffered path (M > 4)
+// Decodes blocks [b0, b0 + nb) of row r to float32 w = lut[code] * scale + zero.
+template <bool kAligned>
+inline void decode_affine(const GemmArgs& a, const Tile& tile, int64_t r, int64_t b0, int64_t nb, float* out) {
+  const int64_t P = (a.K + 1) / 2, G = a.group_size, slots = group_slots(a.n_groups);
+  const float* scale = tile.scale[r];
+  const float* zero = scale + slots;
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t b = b0 + i;
+    __m512 s, z;
+    if (kAligned) {
+      const int64_t g = a.n_groups == 1 ? 0 : b * kBlock / G;
+      s = _mm512_set1_ps(scale[g]);
+      z = _mm512_set1_ps(zero[g]);
+    } else {
+      int64_t g0;
+      const __m512i off = block_group_offsets(b, G, g0);
+      s = _mm512_permutexvar_ps(off, _mm512_loadu_ps(scale + g0));
+      z = _mm512_permutexvar_ps(off, _mm512_loadu_ps(zero + g0));
+    }
+    __m512 lo, hi;
+    decode_block(load_block_codes(tile.rows[r], P, b), tile.table[r], lo, hi);
+    _mm512_store_ps(out + i * kBlock, _mm512_fmadd_ps(lo, s, z));
+    _mm512_store_ps(out + i * kBlock + 16, _mm512_fmadd_ps(hi, s, z));
   }
 }
 
 // acc[m][r] += x[m, :len] . w[r, :len] (16 lanes each) for MR x rows and kRows decoded rows.
 template <int MR>
-inline void dot_tile(const float* x, int64_t x_stride, const float* w, int64_t len, __m512* acc) {
+inline void buffered_tile(const float* x, int64_t x_stride, const float* w, int64_t len, __m512* acc) {
   __m512 c[MR][kRows];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < kRows; ++r) c[m][r] = acc[m * kRows + r];
@@ -96,16 +263,12 @@ inline void dot_tile(const float* x, int64_t x_stride, const float* w, int64_t l
     for (int r = 0; r < kRows; ++r) acc[m * kRows + r] = c[m][r];
 }
 
-int64_t padded_k(const GemmArgs& a) {
-  return round_up(a.K, kBlock);
-}
-
-size_t x_bytes(const GemmArgs& a, int64_t mb) {
-  return static_cast<size_t>(mb * padded_k(a)) * sizeof(float);
-}
-
-void prepare_x(const GemmArgs& a, int64_t m0, int64_t mb, int64_t r0, int64_t r1, void* xbuf) {
-  prepare_x_f32(a, m0, r0, r1, static_cast<float*>(xbuf));
+template <int MR>
+void buffered_rows(int64_t rows, const float* x, int64_t x_stride, const float* w, int64_t len, __m512* acc) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return buffered_rows<MR - 1>(rows, x, x_stride, w, len, acc);
+  }
+  buffered_tile<MR>(x, x_stride, w, len, acc);
 }
 
 size_t scratch_bytes(const GemmArgs& a, int64_t mb) {
@@ -114,59 +277,30 @@ size_t scratch_bytes(const GemmArgs& a, int64_t mb) {
 }
 
 template <bool kAligned>
-void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xbuf, int64_t t0, int64_t t1,
+void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, int64_t t0, int64_t t1,
                     float* scratch) {
-  const int64_t K = a.K, N = a.N, P = (K + 1) / 2, Kx = padded_k(a), slots = group_slots(a.n_groups);
-  const int64_t blocks_per_group = aligned_blocks_per_group(a);
+  const int64_t Kx = padded_k(a);
+  const float* sums = reinterpret_cast<const float*>(reinterpret_cast<const char*>(xb) + x_sums_offset(a, mb));
   float* wbuf = scratch;
-  float* scale_zero = wbuf + kRows * kChunk;  // per row: scale[slots], zero[slots]
-  __m512* acc = reinterpret_cast<__m512*>(scale_zero + 2 * kRows * slots);
+  float* scale_zero = wbuf + kRows * kChunk;
+  __m512* acc = reinterpret_cast<__m512*>(scale_zero + 2 * kRows * group_slots(a.n_groups));
+  Tile tile;
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n0 = t * kRows, nr = imin(kRows, N - n0);
-    __m512 table[kRows];
-    const uint8_t* rows[kRows];
-    for (int64_t r = 0; r < kRows; ++r) {
-      const int64_t n = n0 + imin(r, nr - 1);  // a short last tile repeats its last row
-      table[r] = load_table_f32(a, n);
-      rows[r] = a.packed + n * P;
-      load_row_scales(a, n, scale_zero + 2 * r * slots, scale_zero + (2 * r + 1) * slots);
+    load_tile(a, t, scale_zero, tile);
+    if (mb <= kDirectRows) {
+      direct_rows<kDirectRows, kAligned>(mb, a, tile, xb, Kx, acc);
+      store_tile(a, tile, m0, mb, acc, sums);
+      continue;
     }
     for (int64_t i = 0; i < mb * kRows; ++i) acc[i] = _mm512_setzero_ps();
-    const bool prefetch_next = n0 + kRows < N;
-    if (prefetch_next)
-      for (int64_t r = 0; r < kRows; ++r) prefetch_row_params(a, n0 + kRows + r);
-    for (int64_t kc = 0; kc < Kx; kc += kChunk) {
-      const int64_t len = imin(kChunk, Kx - kc);
-      for (int64_t r = 0; r < kRows; ++r) {
-        if (prefetch_next) {  // this chunk's codes of the next tile's row r (rows are contiguous)
-          const uint8_t* next = rows[r] + kRows * P;
-          for (int64_t off = kc / 2; off < imin(P, (kc + len) / 2); off += 64) prefetch_line(next + off);
-        }
-        decode_row<kAligned>(rows[r], P, table[r], scale_zero + 2 * r * slots, scale_zero + (2 * r + 1) * slots,
-                             a.group_size, blocks_per_group, kc / kBlock, len / kBlock, wbuf + r * kChunk);
-      }
-      const float* x = xbuf + kc;
-      int64_t m = 0;
-      for (; m + kMR <= mb; m += kMR) dot_tile<kMR>(x + m * Kx, Kx, wbuf, len, acc + m * kRows);
-      switch (mb - m) {
-        case 3:
-          dot_tile<3>(x + m * Kx, Kx, wbuf, len, acc + m * kRows);
-          break;
-        case 2:
-          dot_tile<2>(x + m * Kx, Kx, wbuf, len, acc + m * kRows);
-          break;
-        case 1:
-          dot_tile<1>(x + m * Kx, Kx, wbuf, len, acc + m * kRows);
-          break;
-        default:
-          break;
-      }
+    for (int64_t k0 = 0; k0 < Kx; k0 += kChunk) {
+      const int64_t len = imin(kChunk, Kx - k0);
+      prefetch_next_tile(a, tile, k0, k0 + len);
+      for (int64_t r = 0; r < kRows; ++r) decode_affine<kAligned>(a, tile, r, k0 / kBlock, len / kBlock, wbuf + r * kChunk);
+      for (int64_t m = 0; m < mb; m += kMR)
+        buffered_rows<kMR>(imin(kMR, mb - m), xb + m * Kx + k0, Kx, wbuf, len, acc + m * kRows);
     }
-    for (int64_t m = 0; m < mb; ++m) {
-      const __m512* c = acc + m * kRows;
-      const __m128 y4 = reduce4(c[0], c[1], c[2], c[3]);
-      store_f32x16(a.y, a.x_dtype, (m0 + m) * N + n0, nr, _mm512_castps128_ps512(y4));
-    }
+    store_tile(a, tile, m0, mb, acc, nullptr);
   }
 }
 
@@ -174,7 +308,7 @@ void run_tiles(const GemmArgs& a, int64_t m0, int64_t mb, const void* xbuf, int6
                void* scratch) {
   const float* x = static_cast<const float*>(xbuf);
   float* s = static_cast<float*>(scratch);
-  if (aligned_blocks_per_group(a) > 0)
+  if (a.n_groups == 1 || a.group_size % kBlock == 0)
     run_tiles_impl<true>(a, m0, mb, x, t0, t1, s);
   else
     run_tiles_impl<false>(a, m0, mb, x, t0, t1, s);

@@ -28,19 +28,6 @@ inline __mmask16 low_mask16(int64_t count) {
   return static_cast<__mmask16>(count >= 16 ? 0xffffu : (1u << (count < 0 ? 0 : count)) - 1u);
 }
 
-// Codes per block: one block is 16 packed bytes. Lane i of the low half of a decoded block is
-// element 2i of the block, lane i of the high half element 2i+1 (the low and high nibbles).
-constexpr int64_t kBlock = 32;
-
-// The 16 packed bytes of block b of a row of P bytes; bytes past the row end read as zero
-// (never touched in memory).
-inline __m128i load_block_codes(const uint8_t* row, int64_t P, int64_t b) {
-  const int64_t off = b * 16, rem = P - off;
-  if (rem >= 16) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + off));
-  if (rem <= 0) return _mm_setzero_si128();
-  return _mm_maskz_loadu_epi8(low_mask16(rem), row + off);
-}
-
 // Up to 16 elements of dtype d from p[offset, offset + count) as float32 (the rest zero).
 inline __m512 load_f32x16(const void* p, DType d, int64_t offset, int64_t count) {
   const __mmask16 m = low_mask16(count);
@@ -141,26 +128,6 @@ inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
   __m128 ab = _mm_hadd_ps(half(a), half(b));
   __m128 cd = _mm_hadd_ps(half(c), half(d));
   return _mm_hadd_ps(ab, cd);
-}
-
-// Converts x rows [r0, r1) of a pass starting at x row m0 into float32 rows of Kx = K rounded
-// up to kBlock elements, each block reordered as [even elements, odd elements] to match the
-// decoded weights; elements past K are zero.
-inline void prepare_x_f32(const GemmArgs& a, int64_t m0, int64_t r0, int64_t r1, float* xbuf) {
-  const int64_t K = a.K, Kx = round_up(K, kBlock);
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t src = (m0 + r) * K;
-    float* dst = xbuf + r * Kx;
-    for (int64_t k0 = 0; k0 < Kx; k0 += kBlock) {
-      const int64_t valid = K - k0;
-      const __m512 lo = load_f32x16(a.x, a.x_dtype, src + k0, imin(16, valid));
-      const __m512 hi = load_f32x16(a.x, a.x_dtype, src + k0 + 16, imin(16, valid - 16));
-      _mm512_store_ps(dst + k0, _mm512_permutex2var_ps(lo, even, hi));
-      _mm512_store_ps(dst + k0 + 16, _mm512_permutex2var_ps(lo, odd, hi));
-    }
-  }
 }
 
 }  // namespace

@@ -82,6 +82,22 @@ def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Opt
     return K, N, lut_rows, lut_len, n_groups, int(group_size)
 
 
+def check_out(out: Any, x: Any, shape: tuple) -> None:
+    """``out=`` of gemm: y's shape, x's dtype, framework and device, contiguous."""
+    T.check_array(out, "out")
+    if T.is_torch(out) != T.is_torch(x):
+        raise TypeError("out must be of x's framework (torch tensor or numpy array)")
+    if tuple(int(s) for s in out.shape) != shape:
+        raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
+    if T.dtype_name(out) != T.dtype_name(x):
+        raise TypeError(f"out must have x's dtype {T.dtype_name(x)}, got {T.dtype_name(out)}")
+    if T.device_of(out) != T.device_of(x):
+        raise ValueError(f"out must be on x's device {T.device_of(x)}, got {T.device_of(out)}")
+    contiguous = out.is_contiguous() if T.is_torch(out) else out.flags["C_CONTIGUOUS"]
+    if not contiguous:
+        raise ValueError("out must be contiguous")
+
+
 def gemm(
     x: Any,
     packed_w: Any,
@@ -90,6 +106,7 @@ def gemm(
     group_size: Optional[int] = None,
     *,
     impl: str = "auto",
+    out: Optional[Any] = None,
 ) -> Any:
     """y = x @ dequant(W)^T with fp32 accumulation.
 
@@ -99,7 +116,10 @@ def gemm(
         lut: [N, L] per-row or [1, L] / [L] shared table, L <= 16 (float32/16, bfloat16).
         scales: [N, ceil(K/G), 2] (scale, zero), lut's dtype.
         group_size: G; inferred from K and scales.shape[1] when omitted (see infer_group_size).
-        impl: CPU implementation: "auto", "portable", "avx2" or "avx512".
+        impl: CPU implementation: "auto" (the best this processor supports), "portable", "avx2",
+            "avx512" or "avx512bf16" (AVX-512 with bf16 dot products for bf16 x and tables).
+        out: optional preallocated y [..., N] (x's dtype, framework and device, contiguous);
+            every element is overwritten and it is returned.
     Returns:
         y [..., N] in x's dtype, framework and device.
     """
@@ -107,10 +127,16 @@ def gemm(
         x, packed_w, lut, scales, group_size
     )
     lead = tuple(x.shape[:-1])
+    if out is not None:
+        check_out(out, x, lead + (N,))
     if T.device_of(x) != "cpu":
         from .cuda import gemm_cuda
 
-        return gemm_cuda(x, packed_w, lut, scales, group_size)
+        y = gemm_cuda(x, packed_w, lut, scales, group_size)
+        if out is None:
+            return y
+        out.copy_(y)
+        return out
     if impl not in CPU_IMPLS:
         raise ValueError(f"impl must be one of {tuple(CPU_IMPLS)}, got {impl!r}")
     if not C.cpu_impl_supported(CPU_IMPLS[impl]):
@@ -128,7 +154,7 @@ def gemm(
     pb = T.buffer(packed_w, "packed_w")
     lb = T.buffer(lut, "lut")
     sb = T.buffer(scales, "scales")
-    y = T.empty_like_framework(x, (M, N), xb.dtype)
+    y = T.empty_like_framework(x, (M, N), xb.dtype) if out is None else out.reshape(M, N)
     if M:
         C.gemm_cpu(
             xb.ptr,
@@ -147,4 +173,4 @@ def gemm(
             T.buffer(y, "y").ptr,
             CPU_IMPLS[impl],
         )
-    return y.reshape(lead + (N,))
+    return y.reshape(lead + (N,)) if out is None else out
