@@ -6,7 +6,7 @@
 // nibbles. So a decoded block is [16 even elements, 16 odd elements]; x rows are converted once
 // per call to float32 in the same order.
 //
-// Small batches (M <= 4) decode straight into registers and split each group's sum as
+// Small batches (M <= 8) decode straight into registers and split each group's sum as
 //     sum_k x_k * (lut[c_k] * s + z) = s * sum_k x_k * lut[c_k] + z * sum_k x_k,
 // so the hot loop is one fma per code and x row; the per-group scale is one fma per group, and
 // z * sum(x over the group) comes from group sums of x computed once per call.
@@ -24,7 +24,7 @@ namespace {
 
 constexpr int64_t kRows = 4;     // weight rows per tile
 constexpr int64_t kBlock = 32;   // codes per block (16 packed bytes)
-constexpr int kDirectRows = 4;   // x rows up to which blocks are decoded into registers
+constexpr int kDirectRows = 8;   // x rows up to which blocks are decoded into registers
 constexpr int kMR = 4;           // x rows per buffered micro-kernel call
 constexpr int64_t kChunk = 512;  // codes per chunk of the buffered path (multiple of kBlock)
 
@@ -156,7 +156,7 @@ inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t 
   }
 }
 
-// ---------------------------------------------------------------- direct path (M <= 4)
+// ---------------------------------------------------------------- direct path (M <= kDirectRows)
 // Units: the stretches of codes sharing one scale vector. kAligned (group_size % 32 == 0 or a
 // single group): a unit is a group; otherwise a block, with a per-lane scale.
 template <bool kAligned>
@@ -167,55 +167,60 @@ inline __m512 unit_scale(const float* scale, int64_t G, int64_t u) {
   return _mm512_permutexvar_ps(off, _mm512_loadu_ps(scale + g0));
 }
 
-// Totals in registers for MR <= 2, else in acc (memory), leaving the registers to the product
-// sums (the compiler would otherwise keep both and spill).
-template <int MR, bool kAligned>
-void direct_tile(const GemmArgs& a, const Tile& tile, const float* x, int64_t x_stride, __m512* acc) {
+// MR x rows against weight rows [r0, r0 + RS) of the tile.
+// Totals in registers when MR * RS <= 8, else in acc (memory), leaving the registers to the
+// product sums (the compiler would otherwise keep both and spill).
+template <int MR, int RS, bool kAligned>
+void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const float* x, int64_t x_stride, __m512* acc) {
   const int64_t P = (a.K + 1) / 2, G = a.group_size, Kx = padded_k(a);
   const int64_t unit = kAligned ? (a.n_groups == 1 ? Kx : G) : kBlock, blocks_per_unit = unit / kBlock;
-  constexpr bool kRegTotals = MR <= 2;
-  __m512 tot[MR][kRows];
+  constexpr bool kRegTotals = MR * RS <= 8;
+  __m512 tot[MR][RS];
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < kRows; ++r) tot[m][r] = _mm512_setzero_ps();
+    for (int r = 0; r < RS; ++r) tot[m][r] = _mm512_setzero_ps();
   for (int64_t u = 0; u * unit < Kx; ++u) {
-    prefetch_next_tile(a, tile, u * unit, (u + 1) * unit);
-    __m512 c[MR][kRows];
+    if (r0 == 0) prefetch_next_tile(a, tile, u * unit, (u + 1) * unit);
+    __m512 c[MR][RS];
     for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < kRows; ++r) c[m][r] = _mm512_setzero_ps();
+      for (int r = 0; r < RS; ++r) c[m][r] = _mm512_setzero_ps();
     for (int64_t j = 0; j < blocks_per_unit; ++j) {
       const int64_t b = u * blocks_per_unit + j, k = b * kBlock;
-      for (int r = 0; r < kRows; ++r) {
+      for (int r = 0; r < RS; ++r) {
         __m512 lo, hi;
-        decode_block(load_block_codes(tile.rows[r], P, b), tile.table[r], lo, hi);
+        decode_block(load_block_codes(tile.rows[r0 + r], P, b), tile.table[r0 + r], lo, hi);
         for (int m = 0; m < MR; ++m) {
           c[m][r] = _mm512_fmadd_ps(_mm512_load_ps(x + m * x_stride + k), lo, c[m][r]);
           c[m][r] = _mm512_fmadd_ps(_mm512_load_ps(x + m * x_stride + k + 16), hi, c[m][r]);
         }
       }
     }
-    for (int r = 0; r < kRows; ++r) {
-      const __m512 s = unit_scale<kAligned>(tile.scale[r], G, u);
+    for (int r = 0; r < RS; ++r) {
+      const __m512 s = unit_scale<kAligned>(tile.scale[r0 + r], G, u);
       for (int m = 0; m < MR; ++m) {
-        if (kRegTotals)
-          tot[m][r] = _mm512_fmadd_ps(c[m][r], s, tot[m][r]);
-        else
-          acc[m * kRows + r] = _mm512_fmadd_ps(c[m][r], s, u == 0 ? _mm512_setzero_ps() : acc[m * kRows + r]);
+        __m512& t = kRegTotals ? tot[m][r] : acc[m * kRows + r0 + r];
+        t = _mm512_fmadd_ps(c[m][r], s, (kRegTotals || u > 0) ? t : _mm512_setzero_ps());
       }
     }
     if (!kRegTotals) asm volatile("" ::: "memory");  // keep the totals in memory (see above)
   }
   if (kRegTotals)
     for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < kRows; ++r) acc[m * kRows + r] = tot[m][r];
+      for (int r = 0; r < RS; ++r) acc[m * kRows + r0 + r] = tot[m][r];
 }
 
+// All kRows weight rows of the tile for `rows` (1..kDirectRows) x rows: in one sweep over the
+// codes up to 4 x rows, in two sweeps of two weight rows each above.
 template <int MR, bool kAligned>
 void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, const float* x, int64_t x_stride,
                  __m512* acc) {
   if constexpr (MR > 1) {
     if (rows < MR) return direct_rows<MR - 1, kAligned>(rows, a, tile, x, x_stride, acc);
   }
-  direct_tile<MR, kAligned>(a, tile, x, x_stride, acc);
+  if constexpr (MR <= 4) {
+    direct_tile<MR, kRows, kAligned>(a, tile, 0, x, x_stride, acc);
+  } else {
+    for (int r0 = 0; r0 < kRows; r0 += 2) direct_tile<MR, 2, kAligned>(a, tile, r0, x, x_stride, acc);
+  }
 }
 
 // ---------------------------------------------------------------- buffered path (M > 4)

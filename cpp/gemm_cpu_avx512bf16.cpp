@@ -13,7 +13,7 @@
 // index bits, so the high nibble left in bit 4 does not matter) and, after a 4-bit shift, the
 // high nibbles. So a block is [32 even elements, 32 odd elements]; x is reordered to match.
 //
-// Small batches (M <= 4) decode straight into registers and multiply at once. Larger batches
+// Small batches (M <= 6) decode straight into registers and multiply at once. Larger batches
 // decode a chunk of the tile's rows into an L1 buffer and reuse it for every x row.
 #include <immintrin.h>
 
@@ -26,7 +26,7 @@ namespace {
 
 constexpr int64_t kRows = 4;         // weight rows per tile
 constexpr int64_t kCodes = 64;       // codes per block (32 packed bytes)
-constexpr int kDirectRows = 4;       // x rows up to which blocks are decoded into registers
+constexpr int kDirectRows = 6;       // x rows up to which blocks are decoded into registers
 constexpr int kMR = 2;               // x rows per buffered micro-kernel call
 constexpr int64_t kChunkCodes = 512;  // codes per chunk of the buffered path (whole units)
 
@@ -177,55 +177,60 @@ inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t 
   }
 }
 
-// Direct path: MR (<= kDirectRows) x rows, blocks decoded into registers. Running totals in
-// registers for MR <= 2, else in acc (memory) to leave the registers to the product sums.
-template <int MR>
-void direct_tile(const GemmArgs& a, const Tile& tile, const uint16_t* x, int64_t x_stride, __m512* acc) {
+// Direct path: MR x rows against weight rows [r0, r0 + RS) of the tile, blocks decoded into
+// registers. Totals in registers when MR * RS <= 8, else in acc (memory), leaving the registers
+// to the product sums (the compiler would otherwise keep both and spill).
+template <int MR, int RS>
+void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const uint16_t* x, int64_t x_stride, __m512* acc) {
   const int64_t P = (a.K + 1) / 2, G = a.group_size, unit = unit_codes(a), Kx = padded_k(a);
   const int64_t blocks_per_unit = unit / kCodes;
-  constexpr bool kRegTotals = MR <= 2;
-  __m512 tot[MR][kRows];
+  constexpr bool kRegTotals = MR * RS <= 8;
+  __m512 tot[MR][RS];
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < kRows; ++r) tot[m][r] = _mm512_setzero_ps();
+    for (int r = 0; r < RS; ++r) tot[m][r] = _mm512_setzero_ps();
   for (int64_t u = 0; u * unit < Kx; ++u) {
-    prefetch_next_tile(a, tile, u * unit, (u + 1) * unit);
-    __m512 c[MR][kRows];
+    if (r0 == 0) prefetch_next_tile(a, tile, u * unit, (u + 1) * unit);
+    __m512 c[MR][RS];
     for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < kRows; ++r) c[m][r] = _mm512_setzero_ps();
+      for (int r = 0; r < RS; ++r) c[m][r] = _mm512_setzero_ps();
     for (int64_t j = 0; j < blocks_per_unit; ++j) {
       const int64_t b = u * blocks_per_unit + j, k = b * kCodes;
-      for (int r = 0; r < kRows; ++r) {
+      for (int r = 0; r < RS; ++r) {
         __m512i lo, hi;
-        decode_block(load_block_codes32(tile.rows[r], P, b), tile.table[r], lo, hi);
+        decode_block(load_block_codes32(tile.rows[r0 + r], P, b), tile.table[r0 + r], lo, hi);
         for (int m = 0; m < MR; ++m) {
           c[m][r] = dot_bf16(c[m][r], _mm512_load_si512(x + m * x_stride + k), lo);
           c[m][r] = dot_bf16(c[m][r], _mm512_load_si512(x + m * x_stride + k + 32), hi);
         }
       }
     }
-    for (int r = 0; r < kRows; ++r) {
-      const __m512 s = unit_scale(tile.scale[r], G, u);
+    for (int r = 0; r < RS; ++r) {
+      const __m512 s = unit_scale(tile.scale[r0 + r], G, u);
       for (int m = 0; m < MR; ++m) {
-        if (kRegTotals)
-          tot[m][r] = _mm512_fmadd_ps(c[m][r], s, tot[m][r]);
-        else
-          acc[m * kRows + r] = _mm512_fmadd_ps(c[m][r], s, u == 0 ? _mm512_setzero_ps() : acc[m * kRows + r]);
+        __m512& t = kRegTotals ? tot[m][r] : acc[m * kRows + r0 + r];
+        t = _mm512_fmadd_ps(c[m][r], s, (kRegTotals || u > 0) ? t : _mm512_setzero_ps());
       }
     }
     if (!kRegTotals) asm volatile("" ::: "memory");  // keep the totals in memory (see above)
   }
   if (kRegTotals)
     for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < kRows; ++r) acc[m * kRows + r] = tot[m][r];
+      for (int r = 0; r < RS; ++r) acc[m * kRows + r0 + r] = tot[m][r];
 }
 
+// All kRows weight rows of the tile for `rows` (1..kDirectRows) x rows: in one sweep over the
+// codes up to 4 x rows, in two sweeps of two weight rows each above.
 template <int MR>
 void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, const uint16_t* x, int64_t x_stride,
                  __m512* acc) {
   if constexpr (MR > 1) {
     if (rows < MR) return direct_rows<MR - 1>(rows, a, tile, x, x_stride, acc);
   }
-  direct_tile<MR>(a, tile, x, x_stride, acc);
+  if constexpr (MR <= 4) {
+    direct_tile<MR, kRows>(a, tile, 0, x, x_stride, acc);
+  } else {
+    for (int r0 = 0; r0 < kRows; r0 += 2) direct_tile<MR, 2>(a, tile, r0, x, x_stride, acc);
+  }
 }
 
 // Buffered path: decode a chunk of the tile's rows into w (row r at w + r * w_stride, each

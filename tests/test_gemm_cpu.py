@@ -79,7 +79,7 @@ def test_group_sizes_short_groups_odd_k(impl, group_size, K):
 
 
 @impl_params
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 13, 16, 17, 33, 70])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 33, 70])
 def test_batch_sizes(impl, M):
     N, K, G = 45, 264, 128  # short last group of 8
     for table_dtype, x_dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)):
