@@ -1,9 +1,12 @@
 // AVX2 + FMA (+ F16C) CPU gemm kernel, float32 arithmetic for every dtype.
 //
-// Same structure as the AVX-512 kernel with 8 lanes: a block is 16 codes (8 packed bytes); the
-// 16-entry float32 table is two 8-entry registers, vpermps looks up both halves and a blend on
-// bit 3 of the code (moved to the sign bit) picks one. w = lut[code] * scale + zero with one fma
-// into a small per-tile buffer, then a register-blocked micro-kernel reuses it for all x rows.
+// Same structure as the AVX-512 kernel with 8 lanes: a block is 16 codes (8 packed bytes),
+// decoded as [8 even elements, 8 odd elements]; the 16-entry float32 table is two 8-entry
+// registers, vpermps looks up both halves and a blend on bit 3 of the code (moved to the sign
+// bit) picks one. Small batches (M <= 4) decode into registers and split each group's sum as
+// s * sum(x * lut[code]) + z * sum(x) (group sums of x computed once per call); larger batches
+// decode w = lut[code] * scale + zero with one fma into a small per-tile buffer, then a
+// register-blocked micro-kernel reuses it for all x rows.
 // Only this file's own functions and plain loops: see gemm_cpu_kernel.h for why.
 #include <immintrin.h>
 
@@ -17,7 +20,8 @@ namespace {
 
 constexpr int64_t kBlock = 16;   // codes per block (8 packed bytes)
 constexpr int64_t kRows = 4;     // weight rows per tile
-constexpr int kMR = 2;           // x rows per micro-kernel call
+constexpr int kMR = 2;           // x rows per buffered micro-kernel call
+constexpr int kDirectRows = 4;   // x rows up to which blocks are decoded into registers
 constexpr int64_t kChunk = 512;  // codes per k-chunk (multiple of kBlock)
 
 inline int64_t imin(int64_t a, int64_t b) {
@@ -81,6 +85,13 @@ inline __m256 lookup16(__m256i idx, __m256 table_lo, __m256 table_hi) {
   return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 // float32 -> bfloat16 bits (round to nearest even, NaN stays NaN) for 8 values.
 inline __m128i f32_to_bf16_bits(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
@@ -116,18 +127,26 @@ inline int64_t group_slots(int64_t n_groups) {
   return round_up(n_groups + 8, 8);
 }
 
+// x rows and code rows are processed in whole units (see direct_tile), zero past K.
 int64_t padded_k(const GemmArgs& a) {
+  if (a.n_groups > 1 && a.group_size % kBlock == 0) return round_up(a.K, a.group_size);
   return round_up(a.K, kBlock);
 }
 
-size_t x_bytes(const GemmArgs& a, int64_t mb) {
+// Per pass of mb rows: float32 rows of Kx elements, each 16-block ordered [even 8, odd 8], zero
+// past K; then float32 group sums [mb][group_slots] (used by the direct path).
+size_t x_sums_offset(const GemmArgs& a, int64_t mb) {
   return static_cast<size_t>(mb * padded_k(a)) * sizeof(float);
 }
 
-// x rows as float32 rows of Kx elements, each 16-block ordered [even 8, odd 8]; zero past K.
+size_t x_bytes(const GemmArgs& a, int64_t mb) {
+  return x_sums_offset(a, mb) + static_cast<size_t>(mb * group_slots(a.n_groups)) * sizeof(float);
+}
+
 void prepare_x(const GemmArgs& a, int64_t m0, int64_t mb, int64_t r0, int64_t r1, void* xbuf) {
-  const int64_t K = a.K, Kx = padded_k(a);
+  const int64_t K = a.K, Kx = padded_k(a), G = a.group_size, slots = group_slots(a.n_groups);
   float* xb = static_cast<float*>(xbuf);
+  float* sums = reinterpret_cast<float*>(static_cast<char*>(xbuf) + x_sums_offset(a, mb));
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t src = (m0 + r) * K;
     float* dst = xb + r * Kx;
@@ -139,6 +158,14 @@ void prepare_x(const GemmArgs& a, int64_t m0, int64_t mb, int64_t r0, int64_t r1
       const __m256 od = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
       _mm256_store_ps(dst + k0, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xd8)));
       _mm256_store_ps(dst + k0 + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xd8)));
+    }
+    float* sum_row = sums + r * slots;
+    for (int64_t g = 0; g < slots; ++g) sum_row[g] = 0.f;
+    for (int64_t g = 0; g < a.n_groups; ++g) {
+      const int64_t end = imin(K, (g + 1) * G);
+      __m256 s = _mm256_setzero_ps();
+      for (int64_t k = g * G; k < end; k += 8) s = _mm256_add_ps(s, load8_f32(a.x, a.x_dtype, src + k, imin(8, end - k)));
+      sum_row[g] = hsum(s);
     }
   }
 }
@@ -209,68 +236,186 @@ inline void dot_tile(const float* x, int64_t x_stride, const float* w, int64_t l
     for (int r = 0; r < kRows; ++r) acc[m * kRows + r] = c[m][r];
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+struct Tile {
+  int64_t n0 = 0, nr = 0;  // first weight row, valid rows (<= kRows)
+  const uint8_t* rows[kRows];
+  __m256 t_lo[kRows], t_hi[kRows];  // table entries 0-7 and 8-15
+  const float* scale[kRows];        // per row: scale[slots], then zero[slots]
+};
+
+// pairs: scratch for 2 * n_groups + 8 floats.
+inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, float* pairs, Tile& tile) {
+  const int64_t P = (a.K + 1) / 2, ng = a.n_groups, slots = group_slots(ng);
+  tile.n0 = t * kRows;
+  tile.nr = imin(kRows, a.N - tile.n0);
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int64_t n = tile.n0 + imin(r, tile.nr - 1);  // a short last tile repeats its last row
+    const int64_t lut_off = (a.lut_rows == 1 ? 0 : n) * a.lut_len;
+    tile.t_lo[r] = load8_f32(a.lut, a.table_dtype, lut_off, imin(8, a.lut_len));
+    tile.t_hi[r] = load8_f32(a.lut, a.table_dtype, lut_off + 8, imax(0, a.lut_len - 8));
+    tile.rows[r] = a.packed + n * P;
+    float* s = scale_zero + 2 * r * slots;
+    float* z = s + slots;
+    convert_f32(a.scales, a.table_dtype, n * ng * 2, ng * 2, pairs);
+    for (int64_t g = 0; g < slots; ++g) {
+      s[g] = g < ng ? pairs[2 * g] : 0.f;
+      z[g] = g < ng ? pairs[2 * g + 1] : 0.f;
+    }
+    tile.scale[r] = s;
+  }
 }
 
-void run_tiles(const GemmArgs& a, int64_t m0, int64_t mb, const void* xbuf, int64_t t0, int64_t t1,
-               void* scratch) {
-  const int64_t K = a.K, N = a.N, P = (K + 1) / 2, Kx = padded_k(a), ng = a.n_groups, slots = group_slots(ng);
+// Prefetches codes [k0, k1) of the next tile's rows (rows are contiguous: next = row + kRows*P).
+inline void prefetch_next_tile(const GemmArgs& a, const Tile& tile, int64_t k0, int64_t k1) {
+  if (tile.n0 + kRows >= a.N) return;
+  const int64_t P = (a.K + 1) / 2, end = imin(P, (k1 + 1) / 2);
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int64_t off = k0 / 2; off < end; off += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(tile.rows[r] + kRows * P + off), _MM_HINT_T1);
+}
+
+// y[m0 + m, tile rows] = lane sums of acc[m][r] (+ sum_g zero[r][g] * xsum[m][g] if sums).
+inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t mb, const __m256* acc,
+                       const float* sums) {
+  const int64_t slots = group_slots(a.n_groups);
+  for (int64_t m = 0; m < mb; ++m) {
+    alignas(32) float y[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int64_t r = 0; r < kRows; ++r) {
+      __m256 c = acc[m * kRows + r];
+      if (sums) {
+        const float* zero = tile.scale[r] + slots;
+        for (int64_t g = 0; g < slots; g += 8)
+          c = _mm256_fmadd_ps(_mm256_loadu_ps(zero + g), _mm256_loadu_ps(sums + m * slots + g), c);
+      }
+      y[r] = hsum(c);
+    }
+    store8(a.y, a.x_dtype, (m0 + m) * a.N + tile.n0, tile.nr, _mm256_load_ps(y));
+  }
+}
+
+// Scale of unit u as 8 lanes. kAligned (group_size % 16 == 0 or a single group): a unit is a
+// group. Otherwise a unit is a block, which spans at most two groups (group_size a multiple of
+// 8; boundaries are even, so the even and odd halves of a block share their lane groups).
+template <bool kAligned>
+inline __m256 unit_scale(const float* scale, int64_t G, int64_t u) {
+  if (kAligned) return _mm256_set1_ps(scale[u]);
+  const int64_t k0 = u * kBlock, g0 = k0 / G;
+  const __m256i k = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k0)), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
+  const __m256 next = _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, _mm256_set1_epi32(static_cast<int>((g0 + 1) * G - 1))));
+  return _mm256_blendv_ps(_mm256_set1_ps(scale[g0]), _mm256_set1_ps(scale[g0 + 1]), next);
+}
+
+// Direct path: MR x rows against weight rows [r0, r0 + RS) of the tile, blocks decoded into
+// registers; totals in registers when MR * RS <= 4, else in acc (memory).
+template <int MR, int RS, bool kAligned>
+void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const float* x, int64_t x_stride, __m256* acc) {
+  const int64_t P = (a.K + 1) / 2, G = a.group_size, Kx = padded_k(a);
+  const int64_t unit = kAligned ? (a.n_groups == 1 ? Kx : G) : kBlock, blocks_per_unit = unit / kBlock;
+  constexpr bool kRegTotals = MR * RS <= 4;
+  __m256 t_lo[RS], t_hi[RS];  // local copies: the compiler reloads tile members in the loop
+  const uint8_t* rows[RS];
+  for (int r = 0; r < RS; ++r) {
+    t_lo[r] = tile.t_lo[r0 + r];
+    t_hi[r] = tile.t_hi[r0 + r];
+    rows[r] = tile.rows[r0 + r];
+  }
+  __m256 tot[MR][RS];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < RS; ++r) tot[m][r] = _mm256_setzero_ps();
+  for (int64_t u = 0; u * unit < Kx; ++u) {
+    if (r0 == 0) prefetch_next_tile(a, tile, u * unit, (u + 1) * unit);
+    // Few accumulators: separate ones for the even and odd halves, so that enough independent
+    // fma chains are in flight (two dependent fmas per block would be latency-bound).
+    constexpr int kHalves = MR * RS <= 4 ? 2 : 1;
+    __m256 c[MR][RS][kHalves];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < RS; ++r)
+        for (int h = 0; h < kHalves; ++h) c[m][r][h] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < blocks_per_unit; ++j) {
+      const int64_t b = u * blocks_per_unit + j, k = b * kBlock;
+      for (int r = 0; r < RS; ++r) {
+        const __m256i v = load_block_codes(rows[r], P, b);
+        const __m256 lo = lookup16(v, t_lo[r], t_hi[r]);
+        const __m256 hi = lookup16(_mm256_srli_epi32(v, 4), t_lo[r], t_hi[r]);
+        for (int m = 0; m < MR; ++m) {
+          c[m][r][0] = _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k), lo, c[m][r][0]);
+          c[m][r][kHalves - 1] = _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k + 8), hi, c[m][r][kHalves - 1]);
+        }
+      }
+    }
+    for (int r = 0; r < RS; ++r) {
+      const __m256 s = unit_scale<kAligned>(tile.scale[r0 + r], G, u);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 sum = kHalves == 2 ? _mm256_add_ps(c[m][r][0], c[m][r][kHalves - 1]) : c[m][r][0];
+        if (kRegTotals)
+          tot[m][r] = _mm256_fmadd_ps(sum, s, tot[m][r]);
+        else
+          acc[m * kRows + r0 + r] = _mm256_fmadd_ps(sum, s, u > 0 ? acc[m * kRows + r0 + r] : _mm256_setzero_ps());
+      }
+    }
+    if (!kRegTotals) asm volatile("" ::: "memory");  // keep the totals in memory
+  }
+  if (kRegTotals)
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < RS; ++r) acc[m * kRows + r0 + r] = tot[m][r];
+}
+
+// All weight rows of the tile for `rows` (1..kDirectRows) x rows, one weight row per sweep (16
+// registers: more rows at once spill the accumulators).
+template <int MR, bool kAligned>
+void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, const float* x, int64_t x_stride,
+                 __m256* acc) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return direct_rows<MR - 1, kAligned>(rows, a, tile, x, x_stride, acc);
+  }
+  for (int r0 = 0; r0 < kRows; ++r0) direct_tile<MR, 1, kAligned>(a, tile, r0, x, x_stride, acc);
+}
+
+template <bool kAligned>
+void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, int64_t t0, int64_t t1,
+                    float* scratch) {
+  const int64_t P = (a.K + 1) / 2, Kx = padded_k(a), ng = a.n_groups, slots = group_slots(ng);
   const int64_t G = a.group_size;
-  int64_t blocks_per_group = 0;  // > 0: every block lies in one group
-  if (ng == 1)
-    blocks_per_group = Kx / kBlock + 2;
-  else if (G % kBlock == 0)
-    blocks_per_group = G / kBlock;
-  const float* xb = static_cast<const float*>(xbuf);
-  float* wbuf = static_cast<float*>(scratch);
-  float* scale_zero = wbuf + kRows * kChunk;  // per row: scale[slots], zero[slots]
+  const int64_t blocks_per_group = !kAligned ? 0 : ng == 1 ? Kx / kBlock + 2 : G / kBlock;
+  const float* sums = reinterpret_cast<const float*>(reinterpret_cast<const char*>(xb) + x_sums_offset(a, mb));
+  float* wbuf = scratch;
+  float* scale_zero = wbuf + kRows * kChunk;
   float* pairs = scale_zero + 2 * kRows * slots;
   __m256* acc = reinterpret_cast<__m256*>(pairs + round_up(2 * ng + 8, 8));
+  Tile tile;
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n0 = t * kRows, nr = imin(kRows, N - n0);
-    __m256 t_lo[kRows], t_hi[kRows];
-    const uint8_t* rows[kRows];
-    for (int64_t r = 0; r < kRows; ++r) {
-      const int64_t n = n0 + imin(r, nr - 1);  // a short last tile repeats its last row
-      const int64_t lut_off = (a.lut_rows == 1 ? 0 : n) * a.lut_len;
-      t_lo[r] = load8_f32(a.lut, a.table_dtype, lut_off, imin(8, a.lut_len));
-      t_hi[r] = load8_f32(a.lut, a.table_dtype, lut_off + 8, imax(0, a.lut_len - 8));
-      rows[r] = a.packed + n * P;
-      float* s = scale_zero + 2 * r * slots;
-      float* z = s + slots;
-      convert_f32(a.scales, a.table_dtype, n * ng * 2, ng * 2, pairs);
-      for (int64_t g = 0; g < slots; ++g) {
-        s[g] = g < ng ? pairs[2 * g] : 0.f;
-        z[g] = g < ng ? pairs[2 * g + 1] : 0.f;
-      }
+    load_tile(a, t, scale_zero, pairs, tile);
+    if (mb <= kDirectRows) {
+      direct_rows<kDirectRows, kAligned>(mb, a, tile, xb, Kx, acc);
+      store_tile(a, tile, m0, mb, acc, sums);
+      continue;
     }
     for (int64_t i = 0; i < mb * kRows; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t kc = 0; kc < Kx; kc += kChunk) {
       const int64_t len = imin(kChunk, Kx - kc);
+      prefetch_next_tile(a, tile, kc, kc + len);
       for (int64_t r = 0; r < kRows; ++r) {
-        const float* s = scale_zero + 2 * r * slots;
-        if (blocks_per_group > 0)
-          decode_row<true>(rows[r], P, t_lo[r], t_hi[r], s, s + slots, G, blocks_per_group, kc / kBlock,
-                           len / kBlock, wbuf + r * kChunk);
-        else
-          decode_row<false>(rows[r], P, t_lo[r], t_hi[r], s, s + slots, G, 0, kc / kBlock, len / kBlock,
-                            wbuf + r * kChunk);
+        const float* s = tile.scale[r];
+        decode_row<kAligned>(tile.rows[r], P, tile.t_lo[r], tile.t_hi[r], s, s + slots, G, blocks_per_group,
+                             kc / kBlock, len / kBlock, wbuf + r * kChunk);
       }
       const float* x = xb + kc;
       int64_t m = 0;
       for (; m + kMR <= mb; m += kMR) dot_tile<kMR>(x + m * Kx, Kx, wbuf, len, acc + m * kRows);
       if (m < mb) dot_tile<1>(x + m * Kx, Kx, wbuf, len, acc + m * kRows);
     }
-    for (int64_t m = 0; m < mb; ++m) {
-      alignas(32) float y[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int64_t r = 0; r < kRows; ++r) y[r] = hsum(acc[m * kRows + r]);
-      store8(a.y, a.x_dtype, (m0 + m) * N + n0, nr, _mm256_load_ps(y));
-    }
+    store_tile(a, tile, m0, mb, acc, nullptr);
   }
+}
+
+void run_tiles(const GemmArgs& a, int64_t m0, int64_t mb, const void* xbuf, int64_t t0, int64_t t1,
+               void* scratch) {
+  const float* x = static_cast<const float*>(xbuf);
+  float* s = static_cast<float*>(scratch);
+  if (a.n_groups == 1 || a.group_size % kBlock == 0)
+    run_tiles_impl<true>(a, m0, mb, x, t0, t1, s);
+  else
+    run_tiles_impl<false>(a, m0, mb, x, t0, t1, s);
 }
 
 }  // namespace

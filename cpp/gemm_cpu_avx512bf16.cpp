@@ -185,30 +185,43 @@ void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const uint16_t* x,
   const int64_t P = (a.K + 1) / 2, G = a.group_size, unit = unit_codes(a), Kx = padded_k(a);
   const int64_t blocks_per_unit = unit / kCodes;
   constexpr bool kRegTotals = MR * RS <= 8;
+  __m512i table[RS];  // local copies: the compiler reloads tile members in the loop
+  const uint8_t* rows[RS];
+  for (int r = 0; r < RS; ++r) {
+    table[r] = tile.table[r0 + r];
+    rows[r] = tile.rows[r0 + r];
+  }
   __m512 tot[MR][RS];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < RS; ++r) tot[m][r] = _mm512_setzero_ps();
   for (int64_t u = 0; u * unit < Kx; ++u) {
     if (r0 == 0) prefetch_next_tile(a, tile, u * unit, (u + 1) * unit);
-    __m512 c[MR][RS];
+    // Few accumulators: separate ones for the even and odd halves, so that enough independent
+    // fma chains are in flight (two dependent fmas per block would be latency-bound).
+    constexpr int kHalves = MR * RS <= 4 ? 2 : 1;
+    __m512 c[MR][RS][kHalves];
     for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < RS; ++r) c[m][r] = _mm512_setzero_ps();
+      for (int r = 0; r < RS; ++r)
+        for (int h = 0; h < kHalves; ++h) c[m][r][h] = _mm512_setzero_ps();
     for (int64_t j = 0; j < blocks_per_unit; ++j) {
       const int64_t b = u * blocks_per_unit + j, k = b * kCodes;
       for (int r = 0; r < RS; ++r) {
         __m512i lo, hi;
-        decode_block(load_block_codes32(tile.rows[r0 + r], P, b), tile.table[r0 + r], lo, hi);
+        decode_block(load_block_codes32(rows[r], P, b), table[r], lo, hi);
         for (int m = 0; m < MR; ++m) {
-          c[m][r] = dot_bf16(c[m][r], _mm512_load_si512(x + m * x_stride + k), lo);
-          c[m][r] = dot_bf16(c[m][r], _mm512_load_si512(x + m * x_stride + k + 32), hi);
+          c[m][r][0] = dot_bf16(c[m][r][0], _mm512_load_si512(x + m * x_stride + k), lo);
+          c[m][r][kHalves - 1] = dot_bf16(c[m][r][kHalves - 1], _mm512_load_si512(x + m * x_stride + k + 32), hi);
         }
       }
     }
     for (int r = 0; r < RS; ++r) {
       const __m512 s = unit_scale(tile.scale[r0 + r], G, u);
       for (int m = 0; m < MR; ++m) {
-        __m512& t = kRegTotals ? tot[m][r] : acc[m * kRows + r0 + r];
-        t = _mm512_fmadd_ps(c[m][r], s, (kRegTotals || u > 0) ? t : _mm512_setzero_ps());
+        const __m512 sum = kHalves == 2 ? _mm512_add_ps(c[m][r][0], c[m][r][kHalves - 1]) : c[m][r][0];
+        if (kRegTotals)
+          tot[m][r] = _mm512_fmadd_ps(sum, s, tot[m][r]);
+        else
+          acc[m * kRows + r0 + r] = _mm512_fmadd_ps(sum, s, u > 0 ? acc[m * kRows + r0 + r] : _mm512_setzero_ps());
       }
     }
     if (!kRegTotals) asm volatile("" ::: "memory");  // keep the totals in memory (see above)
