@@ -12,8 +12,8 @@
 // Threads: ANY4_NUM_THREADS (default: all cores).
 #include <benchmark/benchmark.h>
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -118,8 +118,8 @@ void BM_gemm(benchmark::State& state, CpuImpl impl, DType x_dtype, bool per_row_
   }
   const double bytes = static_cast<double>(p.weight_bytes(table) + x.size() + y.size());
   state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["GMAC/s"] =
-      benchmark::Counter(static_cast<double>(M * N * K) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GMAC/s"] = benchmark::Counter(static_cast<double>(M * N * K) * 1e-9,
+                                                benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // Memory copy bandwidth: 256 MiB buffer, counted as bytes read + written per second.

@@ -78,7 +78,10 @@ def memory_bandwidth(seconds: float = 1.0) -> dict:
             times.append(time.perf_counter() - t)
         return bytes_moved / statistics.median(times) / 1e9
 
-    return {"copy_gbps": rate(lambda: dst.copy_(src), 2 * n), "read_gbps": rate(lambda: words.sum(), n)}
+    return {
+        "copy_gbps": rate(lambda: dst.copy_(src), 2 * n),
+        "read_gbps": rate(lambda: words.sum(), n),
+    }
 
 
 def any4_operands(fmt: str, N: int, K: int, dtype: torch.dtype, gen: torch.Generator):
@@ -88,7 +91,11 @@ def any4_operands(fmt: str, N: int, K: int, dtype: torch.dtype, gen: torch.Gener
     lut = (lut + 0.1 * torch.randn(rows, 16, generator=gen)).to(dtype)
     n_groups = -(-K // GROUP)
     scales = torch.stack(
-        [0.01 + 0.001 * torch.rand(N, n_groups, generator=gen), 0.01 * torch.randn(N, n_groups, generator=gen)], -1
+        [
+            0.01 + 0.001 * torch.rand(N, n_groups, generator=gen),
+            0.01 * torch.randn(N, n_groups, generator=gen),
+        ],
+        -1,
     ).to(dtype)
     return packed, lut, scales
 
@@ -106,7 +113,10 @@ def candidates(N: int, K: int, dtype: torch.dtype, gen: torch.Generator) -> dict
         q = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=gen)
         w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         sz = torch.stack(
-            [0.01 + 0.001 * torch.rand(K // GROUP, N, generator=gen), 0.01 * torch.randn(K // GROUP, N, generator=gen)],
+            [
+                0.01 + 0.001 * torch.rand(K // GROUP, N, generator=gen),
+                0.01 * torch.randn(K // GROUP, N, generator=gen),
+            ],
             -1,
         ).to(dtype)
         return w, sz
@@ -114,15 +124,25 @@ def candidates(N: int, K: int, dtype: torch.dtype, gen: torch.Generator) -> dict
     one = torch_int4_operands()
     nbytes = sum(t.numel() * t.element_size() for t in one)
     ops = [one] + [torch_int4_operands() for _ in range(copies_for(nbytes) - 1)]
-    out["torch int4"] = (ops, lambda x, o: torch.ops.aten._weight_int4pack_mm_for_cpu(x, o[0], GROUP, o[1]), nbytes)
+    out["torch int4"] = (
+        ops,
+        lambda x, o: torch.ops.aten._weight_int4pack_mm_for_cpu(x, o[0], GROUP, o[1]),
+        nbytes,
+    )
 
     nbytes = N * K * torch.tensor([], dtype=dtype).element_size()
     ops = [(torch.randn(N, K, generator=gen).to(dtype),) for _ in range(copies_for(nbytes))]
-    out[f"torch x @ W.T ({str(dtype).replace('torch.', '')})"] = (ops, lambda x, o: x @ o[0].T, nbytes)
+    out[f"torch x @ W.T ({str(dtype).replace('torch.', '')})"] = (
+        ops,
+        lambda x, o: x @ o[0].T,
+        nbytes,
+    )
     return out
 
 
-def time_round_robin(cands: dict, x: torch.Tensor, min_rounds: int, min_seconds: float, max_seconds: float) -> dict:
+def time_round_robin(
+    cands: dict, x: torch.Tensor, min_rounds: int, min_seconds: float, max_seconds: float
+) -> dict:
     """Median seconds per candidate; every round times each candidate once (weights rotating)."""
     names = list(cands)
     for name in names:  # warm-up: every weight copy once
@@ -169,8 +189,10 @@ def main() -> None:
     }
     bw = memory_bandwidth()
     info.update(bw)
-    print(f"{info['cpu']}, {args.threads} threads, torch {torch.__version__}; "
-          f"copy {bw['copy_gbps']:.1f} GB/s, read {bw['read_gbps']:.1f} GB/s; load {info['load_average_before']}")
+    print(
+        f"{info['cpu']}, {args.threads} threads, torch {torch.__version__}; "
+        f"copy {bw['copy_gbps']:.1f} GB/s, read {bw['read_gbps']:.1f} GB/s; load {info['load_average_before']}"
+    )
     rows = []
     for N, K in shapes:
         for dtype in (torch.bfloat16, torch.float32):
@@ -185,7 +207,9 @@ def main() -> None:
                 ti = med["torch int4"]
                 dense = next(n for n in med if n.startswith("torch x @ W.T"))
                 row["speedup_vs_torch_int4"] = {f: ti / med[f"any4.gemm {f}"] for f in FORMATS}
-                row["speedup_vs_torch_dense"] = {f: med[dense] / med[f"any4.gemm {f}"] for f in FORMATS}
+                row["speedup_vs_torch_dense"] = {
+                    f: med[dense] / med[f"any4.gemm {f}"] for f in FORMATS
+                }
                 rows.append(row)
                 print(f"{N:>5}x{K:<5} M={M:<2} x={row['x_dtype']:<8} "
                       + "  ".join(f"{n} {t * 1e3:.3f}ms" for n, t in med.items())

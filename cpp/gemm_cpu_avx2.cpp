@@ -55,8 +55,8 @@ inline __m256 load8_f32(const void* p, DType d, int64_t offset, int64_t count) {
       return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     case DType::BF16:
     default:
-      return _mm256_castsi256_ps(
-          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))), 16));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))), 16));
   }
 }
 
@@ -113,7 +113,8 @@ inline void store8(void* p, DType d, int64_t offset, int64_t count, __m256 v) {
       _mm256_store_ps(reinterpret_cast<float*>(tmp), v);
       break;
     case DType::F16:
-      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp),
+                      _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
       break;
     case DType::BF16:
     default:
@@ -164,7 +165,8 @@ void prepare_x(const GemmArgs& a, int64_t m0, int64_t mb, int64_t r0, int64_t r1
     for (int64_t g = 0; g < a.n_groups; ++g) {
       const int64_t end = imin(K, (g + 1) * G);
       __m256 s = _mm256_setzero_ps();
-      for (int64_t k = g * G; k < end; k += 8) s = _mm256_add_ps(s, load8_f32(a.x, a.x_dtype, src + k, imin(8, end - k)));
+      for (int64_t k = g * G; k < end; k += 8)
+        s = _mm256_add_ps(s, load8_f32(a.x, a.x_dtype, src + k, imin(8, end - k)));
       sum_row[g] = hsum(s);
     }
   }
@@ -181,7 +183,8 @@ size_t scratch_bytes(const GemmArgs& a, int64_t mb) {
 // most two groups (group_size a multiple of 8).
 template <bool kAligned>
 inline void decode_row(const uint8_t* row, int64_t P, __m256 t_lo, __m256 t_hi, const float* scale,
-                       const float* zero, int64_t G, int64_t blocks_per_group, int64_t b0, int64_t nb, float* out) {
+                       const float* zero, int64_t G, int64_t blocks_per_group, int64_t b0, int64_t nb,
+                       float* out) {
   if (kAligned) {
     int64_t g = b0 / blocks_per_group, j = b0 - g * blocks_per_group;
     __m256 s = _mm256_set1_ps(scale[g]), z = _mm256_set1_ps(zero[g]);
@@ -210,11 +213,12 @@ inline void decode_row(const uint8_t* row, int64_t P, __m256 t_lo, __m256 t_hi, 
       const __m256 s0 = _mm256_set1_ps(scale[g0]), s1 = _mm256_set1_ps(scale[g0 + 1]);
       const __m256 z0 = _mm256_set1_ps(zero[g0]), z1 = _mm256_set1_ps(zero[g0 + 1]);
       const __m256i v = load_block_codes(row, P, b0 + i);
-      _mm256_store_ps(out + i * kBlock, _mm256_fmadd_ps(lookup16(v, t_lo, t_hi), _mm256_blendv_ps(s0, s1, next_even),
-                                                        _mm256_blendv_ps(z0, z1, next_even)));
-      _mm256_store_ps(out + i * kBlock + 8,
-                      _mm256_fmadd_ps(lookup16(_mm256_srli_epi32(v, 4), t_lo, t_hi),
-                                      _mm256_blendv_ps(s0, s1, next_odd), _mm256_blendv_ps(z0, z1, next_odd)));
+      _mm256_store_ps(out + i * kBlock,
+                      _mm256_fmadd_ps(lookup16(v, t_lo, t_hi), _mm256_blendv_ps(s0, s1, next_even),
+                                      _mm256_blendv_ps(z0, z1, next_even)));
+      _mm256_store_ps(out + i * kBlock + 8, _mm256_fmadd_ps(lookup16(_mm256_srli_epi32(v, 4), t_lo, t_hi),
+                                                            _mm256_blendv_ps(s0, s1, next_odd),
+                                                            _mm256_blendv_ps(z0, z1, next_odd)));
     }
   }
 }
@@ -300,8 +304,10 @@ template <bool kAligned>
 inline __m256 unit_scale(const float* scale, int64_t G, int64_t u) {
   if (kAligned) return _mm256_set1_ps(scale[u]);
   const int64_t k0 = u * kBlock, g0 = k0 / G;
-  const __m256i k = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k0)), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
-  const __m256 next = _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, _mm256_set1_epi32(static_cast<int>((g0 + 1) * G - 1))));
+  const __m256i k =
+      _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k0)), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
+  const __m256 next =
+      _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, _mm256_set1_epi32(static_cast<int>((g0 + 1) * G - 1))));
   return _mm256_blendv_ps(_mm256_set1_ps(scale[g0]), _mm256_set1_ps(scale[g0 + 1]), next);
 }
 
@@ -339,7 +345,8 @@ void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const float* x, in
         const __m256 hi = lookup16(_mm256_srli_epi32(v, 4), t_lo[r], t_hi[r]);
         for (int m = 0; m < MR; ++m) {
           c[m][r][0] = _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k), lo, c[m][r][0]);
-          c[m][r][kHalves - 1] = _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k + 8), hi, c[m][r][kHalves - 1]);
+          c[m][r][kHalves - 1] =
+              _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k + 8), hi, c[m][r][kHalves - 1]);
         }
       }
     }
@@ -350,7 +357,8 @@ void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const float* x, in
         if (kRegTotals)
           tot[m][r] = _mm256_fmadd_ps(sum, s, tot[m][r]);
         else
-          acc[m * kRows + r0 + r] = _mm256_fmadd_ps(sum, s, u > 0 ? acc[m * kRows + r0 + r] : _mm256_setzero_ps());
+          acc[m * kRows + r0 + r] =
+              _mm256_fmadd_ps(sum, s, u > 0 ? acc[m * kRows + r0 + r] : _mm256_setzero_ps());
       }
     }
     if (!kRegTotals) asm volatile("" ::: "memory");  // keep the totals in memory
@@ -377,7 +385,8 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
   const int64_t P = (a.K + 1) / 2, Kx = padded_k(a), ng = a.n_groups, slots = group_slots(ng);
   const int64_t G = a.group_size;
   const int64_t blocks_per_group = !kAligned ? 0 : ng == 1 ? Kx / kBlock + 2 : G / kBlock;
-  const float* sums = reinterpret_cast<const float*>(reinterpret_cast<const char*>(xb) + x_sums_offset(a, mb));
+  const float* sums =
+      reinterpret_cast<const float*>(reinterpret_cast<const char*>(xb) + x_sums_offset(a, mb));
   float* wbuf = scratch;
   float* scale_zero = wbuf + kRows * kChunk;
   float* pairs = scale_zero + 2 * kRows * slots;

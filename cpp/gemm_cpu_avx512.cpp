@@ -55,8 +55,9 @@ inline void decode_block(__m128i codes, __m512 table, __m512& lo, __m512& hi) {
 inline __m512i block_group_offsets(int64_t b, int64_t G, int64_t& g0) {
   const int64_t k0 = b * kBlock;
   g0 = k0 / G;
-  const __m512i k = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(k0)),
-                                     _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0));
+  const __m512i k =
+      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(k0)),
+                       _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0));
   const __m512i one = _mm512_set1_epi32(1);
   __m512i off = _mm512_setzero_si512();
   for (int64_t j = 1; j <= 3; ++j) {
@@ -98,7 +99,8 @@ void prepare_x(const GemmArgs& a, int64_t m0, int64_t mb, int64_t r0, int64_t r1
     for (int64_t g = 0; g < a.n_groups; ++g) {
       const int64_t end = imin(K, (g + 1) * G);
       __m512 s = _mm512_setzero_ps();
-      for (int64_t k = g * G; k < end; k += 16) s = _mm512_add_ps(s, load_f32x16(a.x, a.x_dtype, src + k, end - k));
+      for (int64_t k = g * G; k < end; k += 16)
+        s = _mm512_add_ps(s, load_f32x16(a.x, a.x_dtype, src + k, end - k));
       sum_row[g] = _mm512_reduce_add_ps(s);
     }
   }
@@ -200,7 +202,8 @@ void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const float* x, in
         decode_block(load_block_codes(rows[r], P, b), table[r], lo, hi);
         for (int m = 0; m < MR; ++m) {
           c[m][r][0] = _mm512_fmadd_ps(_mm512_load_ps(x + m * x_stride + k), lo, c[m][r][0]);
-          c[m][r][kHalves - 1] = _mm512_fmadd_ps(_mm512_load_ps(x + m * x_stride + k + 16), hi, c[m][r][kHalves - 1]);
+          c[m][r][kHalves - 1] =
+              _mm512_fmadd_ps(_mm512_load_ps(x + m * x_stride + k + 16), hi, c[m][r][kHalves - 1]);
         }
       }
     }
@@ -211,7 +214,8 @@ void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const float* x, in
         if (kRegTotals)
           tot[m][r] = _mm512_fmadd_ps(sum, s, tot[m][r]);
         else
-          acc[m * kRows + r0 + r] = _mm512_fmadd_ps(sum, s, u > 0 ? acc[m * kRows + r0 + r] : _mm512_setzero_ps());
+          acc[m * kRows + r0 + r] =
+              _mm512_fmadd_ps(sum, s, u > 0 ? acc[m * kRows + r0 + r] : _mm512_setzero_ps());
       }
     }
     if (!kRegTotals) asm volatile("" ::: "memory");  // keep the totals in memory (see above)
@@ -239,7 +243,8 @@ void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, const float*
 // ---------------------------------------------------------------- buffered path (M > 4)
 // Decodes blocks [b0, b0 + nb) of row r to float32 w = lut[code] * scale + zero.
 template <bool kAligned>
-inline void decode_affine(const GemmArgs& a, const Tile& tile, int64_t r, int64_t b0, int64_t nb, float* out) {
+inline void decode_affine(const GemmArgs& a, const Tile& tile, int64_t r, int64_t b0, int64_t nb,
+                          float* out) {
   const int64_t P = (a.K + 1) / 2, G = a.group_size, slots = group_slots(a.n_groups);
   const float* scale = tile.scale[r];
   const float* zero = scale + slots;
@@ -298,7 +303,8 @@ template <bool kAligned>
 void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, int64_t t0, int64_t t1,
                     float* scratch) {
   const int64_t Kx = padded_k(a);
-  const float* sums = reinterpret_cast<const float*>(reinterpret_cast<const char*>(xb) + x_sums_offset(a, mb));
+  const float* sums =
+      reinterpret_cast<const float*>(reinterpret_cast<const char*>(xb) + x_sums_offset(a, mb));
   float* wbuf = scratch;
   float* scale_zero = wbuf + kRows * kChunk;
   __m512* acc = reinterpret_cast<__m512*>(scale_zero + 2 * kRows * group_slots(a.n_groups));
@@ -314,7 +320,8 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
     for (int64_t k0 = 0; k0 < Kx; k0 += kChunk) {
       const int64_t len = imin(kChunk, Kx - k0);
       prefetch_next_tile(a, tile, k0, k0 + len);
-      for (int64_t r = 0; r < kRows; ++r) decode_affine<kAligned>(a, tile, r, k0 / kBlock, len / kBlock, wbuf + r * kChunk);
+      for (int64_t r = 0; r < kRows; ++r)
+        decode_affine<kAligned>(a, tile, r, k0 / kBlock, len / kBlock, wbuf + r * kChunk);
       for (int64_t m = 0; m < mb; m += kMR)
         buffered_rows<kMR>(imin(kMR, mb - m), xb + m * Kx + k0, Kx, wbuf, len, acc + m * kRows);
     }

@@ -115,7 +115,8 @@ inline void prefetch_row_params(const GemmArgs& a, int64_t n) {
   const char* s = static_cast<const char*>(a.scales) + static_cast<size_t>(n * a.n_groups * 2) * es;
   const size_t bytes = static_cast<size_t>(a.n_groups * 2) * es;
   for (size_t off = 0; off < bytes; off += 64) prefetch_line(s + off);
-  if (a.lut_rows != 1) prefetch_line(static_cast<const char*>(a.lut) + static_cast<size_t>(n * a.lut_len) * es);
+  if (a.lut_rows != 1)
+    prefetch_line(static_cast<const char*>(a.lut) + static_cast<size_t>(n * a.lut_len) * es);
 }
 
 // Horizontal sums of four vectors as the four lanes of the result.

@@ -24,10 +24,10 @@ namespace any4 {
 namespace gemm_detail {
 namespace {
 
-constexpr int64_t kRows = 4;         // weight rows per tile
-constexpr int64_t kCodes = 64;       // codes per block (32 packed bytes)
-constexpr int kDirectRows = 6;       // x rows up to which blocks are decoded into registers
-constexpr int kMR = 2;               // x rows per buffered micro-kernel call
+constexpr int64_t kRows = 4;          // weight rows per tile
+constexpr int64_t kCodes = 64;        // codes per block (32 packed bytes)
+constexpr int kDirectRows = 6;        // x rows up to which blocks are decoded into registers
+constexpr int kMR = 2;                // x rows per buffered micro-kernel call
 constexpr int64_t kChunkCodes = 512;  // codes per chunk of the buffered path (whole units)
 
 // Codes per scaling unit: a group, or for group_size 32 a block of two groups (lanes 0-7 of a
@@ -59,8 +59,8 @@ inline __m256i load_block_codes32(const uint8_t* row, int64_t P, int64_t b) {
 // Table row n as 32 bf16 words: the 16 entries (zero past lut_len), twice.
 inline __m512i load_table_bf16x2(const GemmArgs& a, int64_t n) {
   const int64_t row = a.lut_rows == 1 ? 0 : n;
-  const __m256i t = _mm256_maskz_loadu_epi16(low_mask16(a.lut_len),
-                                             static_cast<const uint16_t*>(a.lut) + row * a.lut_len);
+  const __m256i t =
+      _mm256_maskz_loadu_epi16(low_mask16(a.lut_len), static_cast<const uint16_t*>(a.lut) + row * a.lut_len);
   return _mm512_broadcast_i64x4(t);
 }
 
@@ -117,9 +117,10 @@ void prepare_x(const GemmArgs& a, int64_t m0, int64_t mb, int64_t r0, int64_t r1
       __m512 s = _mm512_setzero_ps();
       for (int64_t k0 = g * G; k0 < imin(K, (g + 1) * G); k0 += 32) {
         const __m512i v = _mm512_maskz_loadu_epi16(low_mask32(imin(K, (g + 1) * G) - k0), src + k0);
-        const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
-        const __m512 hi =
-            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+        const __m512 lo =
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+        const __m512 hi = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
         s = _mm512_add_ps(s, _mm512_add_ps(lo, hi));
       }
       sum_row[g] = _mm512_reduce_add_ps(s);
@@ -181,7 +182,8 @@ inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t 
 // registers. Totals in registers when MR * RS <= 8, else in acc (memory), leaving the registers
 // to the product sums (the compiler would otherwise keep both and spill).
 template <int MR, int RS>
-void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const uint16_t* x, int64_t x_stride, __m512* acc) {
+void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const uint16_t* x, int64_t x_stride,
+                 __m512* acc) {
   const int64_t P = (a.K + 1) / 2, G = a.group_size, unit = unit_codes(a), Kx = padded_k(a);
   const int64_t blocks_per_unit = unit / kCodes;
   constexpr bool kRegTotals = MR * RS <= 8;
@@ -210,7 +212,8 @@ void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const uint16_t* x,
         decode_block(load_block_codes32(rows[r], P, b), table[r], lo, hi);
         for (int m = 0; m < MR; ++m) {
           c[m][r][0] = dot_bf16(c[m][r][0], _mm512_load_si512(x + m * x_stride + k), lo);
-          c[m][r][kHalves - 1] = dot_bf16(c[m][r][kHalves - 1], _mm512_load_si512(x + m * x_stride + k + 32), hi);
+          c[m][r][kHalves - 1] =
+              dot_bf16(c[m][r][kHalves - 1], _mm512_load_si512(x + m * x_stride + k + 32), hi);
         }
       }
     }
@@ -221,7 +224,8 @@ void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const uint16_t* x,
         if (kRegTotals)
           tot[m][r] = _mm512_fmadd_ps(sum, s, tot[m][r]);
         else
-          acc[m * kRows + r0 + r] = _mm512_fmadd_ps(sum, s, u > 0 ? acc[m * kRows + r0 + r] : _mm512_setzero_ps());
+          acc[m * kRows + r0 + r] =
+              _mm512_fmadd_ps(sum, s, u > 0 ? acc[m * kRows + r0 + r] : _mm512_setzero_ps());
       }
     }
     if (!kRegTotals) asm volatile("" ::: "memory");  // keep the totals in memory (see above)
@@ -293,7 +297,8 @@ template <int MR>
 void buffered_rows(int64_t rows, const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t w_stride,
                    int64_t units, int64_t unit, int64_t u0, int64_t G, const Tile& tile, __m512* acc) {
   if constexpr (MR > 1) {
-    if (rows < MR) return buffered_rows<MR - 1>(rows, x, x_stride, w, w_stride, units, unit, u0, G, tile, acc);
+    if (rows < MR)
+      return buffered_rows<MR - 1>(rows, x, x_stride, w, w_stride, units, unit, u0, G, tile, acc);
   }
   buffered_tile<MR>(x, x_stride, w, w_stride, units, unit, u0, G, tile, acc);
 }
@@ -328,8 +333,8 @@ void run_tiles(const GemmArgs& a, int64_t m0, int64_t mb, const void* xbuf, int6
         prefetch_next_tile(a, tile, k0, k0 + len);
         decode_chunk(a, tile, k0, len, wbuf, chunk);
         for (int64_t m = 0; m < mb; m += kMR)
-          buffered_rows<kMR>(imin(kMR, mb - m), xb + m * Kx + k0, Kx, wbuf, chunk, len / unit, unit, k0 / unit,
-                             a.group_size, tile, acc + m * kRows);
+          buffered_rows<kMR>(imin(kMR, mb - m), xb + m * Kx + k0, Kx, wbuf, chunk, len / unit, unit,
+                             k0 / unit, a.group_size, tile, acc + m * kRows);
       }
     }
     store_tile(a, tile, m0, mb, acc, sums);

@@ -20,14 +20,16 @@ SUPPORTED = any4.build_info()["cpu_impls"]
 impl_params = pytest.mark.parametrize(
     "impl",
     [
-        pytest.param(i, marks=pytest.mark.skipif(not SUPPORTED[i], reason=f"{i} not supported here"))
+        pytest.param(
+            i, marks=pytest.mark.skipif(not SUPPORTED[i], reason=f"{i} not supported here")
+        )
         for i in IMPLS
     ],
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def quantized(fmt: str, N: int, K: int, group_size: int, dtype: str, seed: int = 0):
     """Quantized random weight (cached: quantizing is not what is tested here)."""
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +70,17 @@ def test_formats_and_dtypes(impl, fmt, table_dtype):
 @impl_params
 @pytest.mark.parametrize(
     "group_size,K",
-    [(32, 97), (64, 256), (128, 300), (256, 1000), (8, 77), (16, 100), (24, 100), (40, 81), (96, 300)],
+    [
+        (32, 97),
+        (64, 256),
+        (128, 300),
+        (256, 1000),
+        (8, 77),
+        (16, 100),
+        (24, 100),
+        (40, 81),
+        (96, 300),
+    ],
 )
 def test_group_sizes_short_groups_odd_k(impl, group_size, K):
     N = 29
@@ -82,7 +94,11 @@ def test_group_sizes_short_groups_odd_k(impl, group_size, K):
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 33, 70])
 def test_batch_sizes(impl, M):
     N, K, G = 45, 264, 128  # short last group of 8
-    for table_dtype, x_dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)):
+    for table_dtype, x_dtype in (
+        ("bfloat16", torch.bfloat16),
+        ("float16", torch.float16),
+        ("float32", torch.float32),
+    ):
         qt, w_ref = quantized("any4", N, K, G, table_dtype)
         check(torch.randn(M, K).to(x_dtype), qt, w_ref, G, impl)
 
@@ -111,7 +127,9 @@ def test_exact_identity_like(impl, x_dtype):
     x = torch.from_numpy(rng.integers(-64, 64, size=(7, K)).astype(np.float32)).to(DTYPES[x_dtype])
     packed = any4.pack(torch.from_numpy(codes))
     for table_dtype in DTYPES.values():
-        qt = any4.QuantizedTensor(packed, lut.to(table_dtype), scales.to(table_dtype), (N, K), "int4", G)
+        qt = any4.QuantizedTensor(
+            packed, lut.to(table_dtype), scales.to(table_dtype), (N, K), "int4", G
+        )
         y = run_poisoned(x, qt, G, impl)
         expected = x[:, :N].double() - 2 * x[:, N + np.arange(N) % (K - N)].double()
         assert torch.equal(y.double(), expected)
@@ -123,9 +141,13 @@ def test_exact_identity_like(impl, x_dtype):
     scales = torch.stack([torch.full((N, K // G), 2.0), zeros], -1)
     x = torch.zeros(7, K)
     for m in range(7):
-        x[m, rng.choice(K, 3, replace=False)] = torch.tensor(rng.integers(-4, 5, size=3).astype(np.float32))
+        x[m, rng.choice(K, 3, replace=False)] = torch.tensor(
+            rng.integers(-4, 5, size=3).astype(np.float32)
+        )
     x = x.to(DTYPES[x_dtype])
-    qt = any4.QuantizedTensor(any4.pack(codes), lut_rows.to(torch.bfloat16), scales.to(torch.bfloat16), (N, K), "any4", G)
+    qt = any4.QuantizedTensor(
+        any4.pack(codes), lut_rows.to(torch.bfloat16), scales.to(torch.bfloat16), (N, K), "any4", G
+    )
     y = run_poisoned(x, qt, G, impl)
     ref = x.double().numpy() @ dequant_ref(qt.packed, lut_rows, scales, K, G).T
     assert np.array_equal(y.double().numpy(), ref)
@@ -170,7 +192,13 @@ def test_out_argument_is_checked():
     with pytest.raises(ValueError, match="contiguous"):
         any4.gemm(x, qt.packed, qt.lut, qt.scales, out=torch.empty(8, 3, dtype=torch.bfloat16).T)
     with pytest.raises(TypeError, match="framework"):
-        any4.gemm(x.float(), qt.packed, qt.lut.float(), qt.scales.float(), out=np.empty((3, 8), np.float32))
+        any4.gemm(
+            x.float(),
+            qt.packed,
+            qt.lut.float(),
+            qt.scales.float(),
+            out=np.empty((3, 8), np.float32),
+        )
 
 
 def test_auto_is_the_best_supported():
