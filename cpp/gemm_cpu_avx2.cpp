@@ -7,6 +7,12 @@
 // s * sum(x * lut[code]) + z * sum(x) (group sums of x computed once per call); larger batches
 // decode w = lut[code] * scale + zero with one fma into a small per-tile buffer, then a
 // register-blocked micro-kernel reuses it for all x rows.
+//
+// bf16 tables (group size a multiple of 32) take a cheaper lookup: vpshufb looks 32 codes up at
+// once in the two byte planes of the 16 bf16 entries (low bytes, high bytes), two byte unpacks
+// give 32 bf16 values and a shift / mask widens them to float32 (exact). That decodes a block
+// of 32 codes in about half the instructions of the two-halves lookup, in another element order
+// (see shuf_k), which x follows.
 // Only this file's own functions and plain loops: see gemm_cpu_kernel.h for why.
 #include <immintrin.h>
 
@@ -128,10 +134,22 @@ inline int64_t group_slots(int64_t n_groups) {
   return round_up(n_groups + 8, 8);
 }
 
+// The vpshufb lookup: bf16 tables, every 32-code block in one group.
+constexpr int64_t kShufBlock = 32;
+inline bool shuf_mode(const GemmArgs& a) {
+  return a.table_dtype == DType::BF16 && (a.n_groups == 1 || a.group_size % kShufBlock == 0);
+}
+
+// Element of a 32-block held by lane i (0-7) of decoded vector q (0-3) in the vpshufb order.
+inline int64_t shuf_k(int64_t q, int64_t i) {
+  return 16 * (q / 2) + 2 * (q % 2) + 4 * (i % 4) + i / 4;
+}
+
 // x rows and code rows are processed in whole units (see direct_tile), zero past K.
 int64_t padded_k(const GemmArgs& a) {
-  if (a.n_groups > 1 && a.group_size % kBlock == 0) return round_up(a.K, a.group_size);
-  return round_up(a.K, kBlock);
+  const int64_t block = shuf_mode(a) ? kShufBlock : kBlock;
+  if (a.n_groups > 1 && a.group_size % block == 0) return round_up(a.K, a.group_size);
+  return round_up(a.K, block);
 }
 
 // Per pass of mb rows: float32 rows of Kx elements, each 16-block ordered [even 8, odd 8], zero
@@ -148,10 +166,21 @@ void prepare_x(const GemmArgs& a, int64_t m0, int64_t mb, int64_t r0, int64_t r1
   const int64_t K = a.K, Kx = padded_k(a), G = a.group_size, slots = group_slots(a.n_groups);
   float* xb = static_cast<float*>(xbuf);
   float* sums = reinterpret_cast<float*>(static_cast<char*>(xbuf) + x_sums_offset(a, mb));
+  const bool shuf = shuf_mode(a);
+  int order[kShufBlock];
+  for (int q = 0; q < 4; ++q)
+    for (int i = 0; i < 8; ++i) order[q * 8 + i] = static_cast<int>(shuf_k(q, i));
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t src = (m0 + r) * K;
     float* dst = xb + r * Kx;
-    for (int64_t k0 = 0; k0 < Kx; k0 += kBlock) {
+    for (int64_t k0 = 0; shuf && k0 < Kx; k0 += kShufBlock) {
+      alignas(32) float tmp[kShufBlock];
+      for (int64_t q = 0; q < 4; ++q)
+        _mm256_store_ps(tmp + 8 * q,
+                        load8_f32(a.x, a.x_dtype, src + k0 + 8 * q, imax(0, imin(8, K - k0 - 8 * q))));
+      for (int j = 0; j < kShufBlock; ++j) dst[k0 + j] = tmp[order[j]];
+    }
+    for (int64_t k0 = 0; !shuf && k0 < Kx; k0 += kBlock) {
       const __m256 lo = load8_f32(a.x, a.x_dtype, src + k0, imax(0, imin(8, K - k0)));
       const __m256 hi = load8_f32(a.x, a.x_dtype, src + k0 + 8, imax(0, imin(8, K - k0 - 8)));
       // shuffle_ps works per 128-bit lane: [l0 l2 h0 h2 | l4 l6 h4 h6]; permute4x64 fixes the order.
@@ -243,9 +272,46 @@ inline void dot_tile(const float* x, int64_t x_stride, const float* w, int64_t l
 struct Tile {
   int64_t n0 = 0, nr = 0;  // first weight row, valid rows (<= kRows)
   const uint8_t* rows[kRows];
-  __m256 t_lo[kRows], t_hi[kRows];  // table entries 0-7 and 8-15
-  const float* scale[kRows];        // per row: scale[slots], then zero[slots]
+  __m256 t_lo[kRows], t_hi[kRows];   // table entries 0-7 and 8-15
+  __m256i t_b0[kRows], t_b1[kRows];  // vpshufb mode: low / high bytes of the 16 bf16 entries
+  const float* scale[kRows];         // per row: scale[slots], then zero[slots]
 };
+
+// Byte planes of a bf16 table row (entries past lut_len zero), each twice (one per 128-bit lane).
+inline void load_table_planes(const GemmArgs& a, int64_t n, __m256i& b0, __m256i& b1) {
+  alignas(16) uint16_t t[16] = {0};
+  const int64_t row = a.lut_rows == 1 ? 0 : n;
+  std::memcpy(t, static_cast<const uint16_t*>(a.lut) + row * a.lut_len, static_cast<size_t>(a.lut_len) * 2);
+  const __m128i w0 = _mm_load_si128(reinterpret_cast<const __m128i*>(t));
+  const __m128i w1 = _mm_load_si128(reinterpret_cast<const __m128i*>(t + 8));
+  const __m128i low = _mm_set1_epi16(0xff);
+  b0 = _mm256_broadcastsi128_si256(_mm_packus_epi16(_mm_and_si128(w0, low), _mm_and_si128(w1, low)));
+  b1 = _mm256_broadcastsi128_si256(_mm_packus_epi16(_mm_srli_epi16(w0, 8), _mm_srli_epi16(w1, 8)));
+}
+
+// The 16 packed bytes of 32-block b of a row of P bytes (past the row end: 0), in both lanes.
+inline __m256i load_block_codes32(const uint8_t* row, int64_t P, int64_t b) {
+  const int64_t off = b * 16, rem = P - off;
+  if (rem >= 16)
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + off)));
+  alignas(16) unsigned char tmp[16] = {0};
+  if (rem > 0) std::memcpy(tmp, row + off, static_cast<size_t>(rem));
+  return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+}
+
+// vpshufb decode of a 32-block: v[q] lane i = table value of element shuf_k(q, i), as float32.
+inline void decode_shuf(__m256i codes, __m256i b0, __m256i b1, __m256 v[4]) {
+  // Lane 0: low nibbles (elements 2j), lane 1: high nibbles (elements 2j + 1).
+  const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(codes, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                       _mm256_set1_epi8(0x0f));
+  const __m256i lo = _mm256_shuffle_epi8(b0, idx), hi = _mm256_shuffle_epi8(b1, idx);
+  const __m256i wa = _mm256_unpacklo_epi8(lo, hi), wb = _mm256_unpackhi_epi8(lo, hi);  // bf16 words
+  const __m256i high_word = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(wa, 16));
+  v[1] = _mm256_castsi256_ps(_mm256_and_si256(wa, high_word));
+  v[2] = _mm256_castsi256_ps(_mm256_slli_epi32(wb, 16));
+  v[3] = _mm256_castsi256_ps(_mm256_and_si256(wb, high_word));
+}
 
 // pairs: scratch for 2 * n_groups + 8 floats.
 inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, float* pairs, Tile& tile) {
@@ -257,6 +323,7 @@ inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, float* pa
     const int64_t lut_off = (a.lut_rows == 1 ? 0 : n) * a.lut_len;
     tile.t_lo[r] = load8_f32(a.lut, a.table_dtype, lut_off, imin(8, a.lut_len));
     tile.t_hi[r] = load8_f32(a.lut, a.table_dtype, lut_off + 8, imax(0, a.lut_len - 8));
+    if (a.table_dtype == DType::BF16) load_table_planes(a, n, tile.t_b0[r], tile.t_b1[r]);
     tile.rows[r] = a.packed + n * P;
     float* s = scale_zero + 2 * r * slots;
     float* z = s + slots;
@@ -379,6 +446,85 @@ void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, const float*
   for (int r0 = 0; r0 < kRows; ++r0) direct_tile<MR, 1, kAligned>(a, tile, r0, x, x_stride, acc);
 }
 
+// vpshufb mode, direct path: MR x rows against weight rows [r0, r0 + RS); units are groups.
+template <int MR, int RS>
+void direct_tile_shuf(const GemmArgs& a, const Tile& tile, int r0, const float* x, int64_t x_stride,
+                      __m256* acc) {
+  const int64_t P = (a.K + 1) / 2, Kx = padded_k(a);
+  const int64_t unit = a.n_groups == 1 ? Kx : a.group_size, blocks_per_unit = unit / kShufBlock;
+  constexpr bool kRegTotals = MR * RS <= 4;
+  __m256i b0[RS], b1[RS];  // local copies: the compiler reloads tile members in the loop
+  const uint8_t* rows[RS];
+  for (int r = 0; r < RS; ++r) {
+    b0[r] = tile.t_b0[r0 + r];
+    b1[r] = tile.t_b1[r0 + r];
+    rows[r] = tile.rows[r0 + r];
+  }
+  __m256 tot[MR][RS];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < RS; ++r) tot[m][r] = _mm256_setzero_ps();
+  for (int64_t u = 0; u * unit < Kx; ++u) {
+    if (r0 == 0) prefetch_next_tile(a, tile, u * unit, (u + 1) * unit);
+    constexpr int kHalves = MR * RS <= 2 ? 2 : 1;  // enough independent fma chains
+    __m256 c[MR][RS][kHalves];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < RS; ++r)
+        for (int h = 0; h < kHalves; ++h) c[m][r][h] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < blocks_per_unit; ++j) {
+      const int64_t b = u * blocks_per_unit + j, k = b * kShufBlock;
+      for (int r = 0; r < RS; ++r) {
+        __m256 v[4];
+        decode_shuf(load_block_codes32(rows[r], P, b), b0[r], b1[r], v);
+        for (int m = 0; m < MR; ++m)
+          for (int q = 0; q < 4; ++q)
+            c[m][r][q % kHalves] =
+                _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k + 8 * q), v[q], c[m][r][q % kHalves]);
+      }
+    }
+    for (int r = 0; r < RS; ++r) {
+      const __m256 s = _mm256_set1_ps(tile.scale[r0 + r][u]);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 sum = kHalves == 2 ? _mm256_add_ps(c[m][r][0], c[m][r][kHalves - 1]) : c[m][r][0];
+        if (kRegTotals)
+          tot[m][r] = _mm256_fmadd_ps(sum, s, tot[m][r]);
+        else
+          acc[m * kRows + r0 + r] =
+              _mm256_fmadd_ps(sum, s, u > 0 ? acc[m * kRows + r0 + r] : _mm256_setzero_ps());
+      }
+    }
+    if (!kRegTotals) asm volatile("" ::: "memory");  // keep the totals in memory
+  }
+  if (kRegTotals)
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < RS; ++r) acc[m * kRows + r0 + r] = tot[m][r];
+}
+
+template <int MR>
+void direct_rows_shuf(int64_t rows, const GemmArgs& a, const Tile& tile, const float* x, int64_t x_stride,
+                      __m256* acc) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return direct_rows_shuf<MR - 1>(rows, a, tile, x, x_stride, acc);
+  }
+  constexpr int kRS = MR == 1 ? 2 : 1;
+  for (int r0 = 0; r0 < kRows; r0 += kRS) direct_tile_shuf<MR, kRS>(a, tile, r0, x, x_stride, acc);
+}
+
+// vpshufb mode, buffered path: 32-blocks [b0, b0 + nb) of row r as w = lut[code] * scale + zero.
+inline void decode_row_shuf(const GemmArgs& a, const Tile& tile, int64_t r, int64_t b0, int64_t nb,
+                            float* out) {
+  const int64_t P = (a.K + 1) / 2, slots = group_slots(a.n_groups);
+  const int64_t blocks_per_group = a.n_groups == 1 ? padded_k(a) / kShufBlock + 2 : a.group_size / kShufBlock;
+  const float* scale = tile.scale[r];
+  const float* zero = scale + slots;
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t g = (b0 + i) / blocks_per_group;
+    const __m256 s = _mm256_set1_ps(scale[g]), z = _mm256_set1_ps(zero[g]);
+    __m256 v[4];
+    decode_shuf(load_block_codes32(tile.rows[r], P, b0 + i), tile.t_b0[r], tile.t_b1[r], v);
+    for (int q = 0; q < 4; ++q) _mm256_store_ps(out + i * kShufBlock + 8 * q, _mm256_fmadd_ps(v[q], s, z));
+  }
+}
+
 template <bool kAligned>
 void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, int64_t t0, int64_t t1,
                     float* scratch) {
@@ -387,6 +533,7 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
   const int64_t blocks_per_group = !kAligned ? 0 : ng == 1 ? Kx / kBlock + 2 : G / kBlock;
   const float* sums =
       reinterpret_cast<const float*>(reinterpret_cast<const char*>(xb) + x_sums_offset(a, mb));
+  const bool shuf = shuf_mode(a);
   float* wbuf = scratch;
   float* scale_zero = wbuf + kRows * kChunk;
   float* pairs = scale_zero + 2 * kRows * slots;
@@ -395,7 +542,10 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
   for (int64_t t = t0; t < t1; ++t) {
     load_tile(a, t, scale_zero, pairs, tile);
     if (mb <= kDirectRows) {
-      direct_rows<kDirectRows, kAligned>(mb, a, tile, xb, Kx, acc);
+      if (shuf)
+        direct_rows_shuf<kDirectRows>(mb, a, tile, xb, Kx, acc);
+      else
+        direct_rows<kDirectRows, kAligned>(mb, a, tile, xb, Kx, acc);
       store_tile(a, tile, m0, mb, acc, sums);
       continue;
     }
@@ -405,8 +555,11 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
       prefetch_next_tile(a, tile, kc, kc + len);
       for (int64_t r = 0; r < kRows; ++r) {
         const float* s = tile.scale[r];
-        decode_row<kAligned>(tile.rows[r], P, tile.t_lo[r], tile.t_hi[r], s, s + slots, G, blocks_per_group,
-                             kc / kBlock, len / kBlock, wbuf + r * kChunk);
+        if (shuf)
+          decode_row_shuf(a, tile, r, kc / kShufBlock, len / kShufBlock, wbuf + r * kChunk);
+        else
+          decode_row<kAligned>(tile.rows[r], P, tile.t_lo[r], tile.t_hi[r], s, s + slots, G, blocks_per_group,
+                               kc / kBlock, len / kBlock, wbuf + r * kChunk);
       }
       const float* x = xb + kc;
       int64_t m = 0;

@@ -80,6 +80,8 @@ def test_formats_and_dtypes(impl, fmt, table_dtype):
         (24, 100),
         (40, 81),
         (96, 300),
+        (96, 96),  # a single group
+        (40, 40),
     ],
 )
 def test_group_sizes_short_groups_odd_k(impl, group_size, K):
