@@ -170,6 +170,25 @@ def test_short_tables_use_only_their_entries(impl):
 
 
 @impl_params
+@pytest.mark.parametrize(
+    "N,K,group_size", [(1, 1, 8), (1, 8, 8), (2, 33, 32), (5, 7, 8), (3, 130, 128)]
+)
+def test_tiny_shapes(impl, N, K, group_size):
+    rng = np.random.default_rng(N * 1000 + K)
+    codes = torch.from_numpy(rng.integers(0, 16, size=(N, K)).astype(np.uint8))
+    n_groups = -(-K // group_size)
+    lut = torch.randn(N, 16).to(torch.bfloat16)
+    scales = torch.stack([torch.rand(N, n_groups) + 0.5, torch.randn(N, n_groups)], -1).to(
+        torch.bfloat16
+    )
+    qt = any4.QuantizedTensor(any4.pack(codes), lut, scales, (N, K), "any4", group_size)
+    w_ref = dequant_ref(qt.packed, lut, scales, K, group_size)
+    for x_dtype in DTYPES.values():
+        for M in (1, 6, 9):
+            check(torch.randn(M, K).to(x_dtype), qt, w_ref, group_size, impl)
+
+
+@impl_params
 def test_thread_count_does_not_change_results(impl):
     qt, _ = quantized("any4", 77, 512, 128, "bfloat16")
     x = torch.randn(9, 512, dtype=torch.bfloat16)
