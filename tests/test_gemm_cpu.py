@@ -222,11 +222,18 @@ def test_out_argument_is_checked():
         )
 
 
-def test_auto_is_the_best_supported():
-    x = torch.randn(2, 64, dtype=torch.bfloat16)
-    qt, _ = quantized("any4", 8, 64, 32, "bfloat16")
+@pytest.mark.parametrize("shape", [(2, 64), (3, 5, 200), (0, 64), (17, 256)])
+def test_auto_is_the_best_supported(shape):
+    """impl="auto" (the lean torch path in any4.gemm) equals the best implementation called
+    explicitly (the general path)."""
+    K = shape[-1]
+    qt, _ = quantized("any4", 13, K, 64 if K % 64 == 0 else 8 * (K // 8 // 4 or 1), "bfloat16")
     best = [i for i in IMPLS if SUPPORTED[i]][-1]
-    assert torch.equal(
-        any4.gemm(x, qt.packed, qt.lut, qt.scales, impl="auto"),
-        any4.gemm(x, qt.packed, qt.lut, qt.scales, impl=best),
-    )
+    for x_dtype in DTYPES.values():
+        x = torch.randn(shape).to(x_dtype)
+        y_auto = any4.gemm(x, qt.packed, qt.lut, qt.scales, qt.group_size)
+        y_best = any4.gemm(x, qt.packed, qt.lut, qt.scales, qt.group_size, impl=best)
+        assert y_auto.shape == shape[:-1] + (13,) and y_auto.dtype == x_dtype
+        assert torch.equal(y_auto, y_best)
+        if K % qt.group_size == 0:  # group size inferred from the scales
+            assert torch.equal(any4.gemm(x, qt.packed, qt.lut, qt.scales), y_best)

@@ -76,10 +76,83 @@ def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Opt
         raise ValueError(
             f"group_size={group_size} gives {-(-K // max(group_size, 1))} groups for K={K}, scales have {n_groups}"
         )
-    devs = {T.device_of(t) for t in (x, packed_w, lut, scales)}
+    operands = (x, packed_w, lut, scales)
+    if all(T.is_torch(t) and t.is_cpu for t in operands):
+        devs = {"cpu"}  # (the common case, without building device objects)
+    else:
+        devs = {T.device_of(t) for t in operands}
     if len(devs) != 1:
         raise ValueError(f"x, packed_w, lut and scales must be on one device, got {sorted(devs)}")
     return K, N, lut_rows, lut_len, n_groups, int(group_size)
+
+
+_TORCH_FLOAT_CODES: dict = {}  # torch dtype -> DType code, filled on first use
+
+
+def _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out):
+    """The common case in few Python operations: contiguous CPU torch tensors of the usual ranks,
+    valid shapes, impl "auto" and no out=. Returns y, or None for anything else (the general path
+    then checks everything and raises the errors)."""
+    torch = T._torch()
+    if torch is None or out is not None or impl != "auto":
+        return None
+    Tensor = torch.Tensor
+    if not (
+        isinstance(x, Tensor)
+        and isinstance(packed_w, Tensor)
+        and isinstance(lut, Tensor)
+        and isinstance(scales, Tensor)
+    ):
+        return None
+    if not _TORCH_FLOAT_CODES:
+        _TORCH_FLOAT_CODES.update({torch.float32: 0, torch.float16: 1, torch.bfloat16: 2})
+    x_code = _TORCH_FLOAT_CODES.get(x.dtype)
+    table_code = _TORCH_FLOAT_CODES.get(lut.dtype)
+    if (
+        x_code is None
+        or table_code is None
+        or scales.dtype != lut.dtype
+        or packed_w.dtype != torch.uint8
+    ):
+        return None
+    if not (x.is_cpu and packed_w.is_cpu and lut.is_cpu and scales.is_cpu) or x.dim() < 1:
+        return None
+    if packed_w.dim() != 2 or lut.dim() != 2 or scales.dim() != 3:
+        return None
+    if not (
+        x.is_contiguous()
+        and packed_w.is_contiguous()
+        and lut.is_contiguous()
+        and scales.is_contiguous()
+    ):
+        return None
+    K = x.shape[-1]
+    if K == 0:
+        return None
+    N, P = packed_w.shape
+    lut_rows, lut_len = lut.shape
+    n_groups = scales.shape[1]
+    if (
+        P != (K + 1) // 2
+        or lut_rows not in (1, N)
+        or not 1 <= lut_len <= 16
+        or scales.shape[0] != N
+    ):
+        return None
+    if scales.shape[2] != 2 or n_groups < 1:
+        return None
+    if group_size is None:
+        if K % n_groups or (K // n_groups) % 8:
+            return None
+        group_size = K // n_groups
+    elif group_size <= 0 or -(-K // group_size) != n_groups:
+        return None
+    M = x.numel() // K
+    y = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype)
+    if M:
+        C.gemm_cpu(x.data_ptr(), x_code, M, K, packed_w.data_ptr(), N, lut.data_ptr(), lut_rows, lut_len,
+                   scales.data_ptr(), n_groups, int(group_size), table_code, y.data_ptr(), -1)  # fmt: skip
+    return y
 
 
 def check_out(out: Any, x: Any, shape: tuple) -> None:
@@ -123,6 +196,9 @@ def gemm(
     Returns:
         y [..., N] in x's dtype, framework and device.
     """
+    y = _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out)
+    if y is not None:
+        return y
     K, N, lut_rows, lut_len, n_groups, group_size = check_operands(
         x, packed_w, lut, scales, group_size
     )
@@ -142,14 +218,21 @@ def gemm(
     if not C.cpu_impl_supported(CPU_IMPLS[impl]):
         raise RuntimeError(f"CPU implementation {impl!r} is not supported on this processor/build")
     x2 = x.reshape(-1, K)
-    x2 = (
-        x2.contiguous()
-        if T.is_torch(x2)
-        else x2.copy(order="C")
-        if not x2.flags["C_CONTIGUOUS"]
-        else x2
-    )
     M = int(x2.shape[0])
+    if all(T.is_torch(t) for t in (x2, packed_w, lut, scales)):
+        # Direct path for torch tensors: the checks of T.buffer without its per-call overhead.
+        x2 = x2.contiguous()
+        for name, t in (("packed_w", packed_w), ("lut", lut), ("scales", scales)):
+            if not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+        y = x2.new_empty((M, N)) if out is None else out.view(M, N)
+        if M:
+            C.gemm_cpu(x2.data_ptr(), T.DTYPE_CODE[T.dtype_name(x2)], M, K, packed_w.data_ptr(), N,
+                       lut.data_ptr(), lut_rows, lut_len, scales.data_ptr(), n_groups, group_size,
+                       T.DTYPE_CODE[T.dtype_name(lut)], y.data_ptr(), CPU_IMPLS[impl])  # fmt: skip
+        return y.view(lead + (N,)) if out is None else out
+    if not x2.flags["C_CONTIGUOUS"]:
+        x2 = x2.copy(order="C")
     xb = T.buffer(x2, "x")
     pb = T.buffer(packed_w, "packed_w")
     lb = T.buffer(lut, "lut")
