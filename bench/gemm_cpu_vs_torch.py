@@ -155,9 +155,10 @@ def time_round_robin(
 
     Each round gives every candidate a turn (weights rotating across calls): first an untimed
     20 ms pause, so that the other library's worker threads, which spin for a while after their
-    own parallel regions, have gone to sleep and do not compete; then, for a fast candidate, one
-    untimed call that wakes this library's threads; then timed consecutive calls, as the layers
-    of a model run back to back.
+    own parallel regions, have gone to sleep and do not compete; then, for a fast candidate, two
+    untimed calls that wake this library's threads (and the core: after an idle gap the first
+    calls of either library run slower on this machine); then timed consecutive calls, as the
+    layers of a model run back to back.
     """
     names = list(cands)
     est = {}
@@ -176,10 +177,10 @@ def time_round_robin(
             ops, fn, _ = cands[name]
             fast = est[name] < 0.02
             time.sleep(0.02)
-            if fast:
+            for _ in range(2 if fast else 0):
                 fn(x, ops[calls[name] % len(ops)])
                 calls[name] += 1
-            for _ in range(3 if fast else 1):
+            for _ in range(4 if fast else 1):
                 o = ops[calls[name] % len(ops)]
                 calls[name] += 1
                 t = time.perf_counter()
