@@ -152,12 +152,15 @@ inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, Tile& til
     for (int64_t r = 0; r < kRows; ++r) prefetch_row_params(a, tile.n0 + kRows + r);
 }
 
-// Prefetches codes [k0, k1) of the next tile's rows (rows are contiguous: next = row + kRows*P).
-inline void prefetch_next_tile(const GemmArgs& a, const Tile& tile, int64_t k0, int64_t k1) {
-  if (tile.n0 + kRows >= a.N) return;
-  const int64_t P = (a.K + 1) / 2, end = imin(P, (k1 + 1) / 2);
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t off = k0 / 2; off < end; off += 64) prefetch_line(tile.rows[r] + kRows * P + off);
+// Prefetches all codes of tile t (rows are contiguous: kRows * P bytes from its first row), in
+// one burst: at batch 1-4 the kernel is bound by how fast codes arrive from memory, and a burst
+// keeps more misses in flight than the hardware prefetcher does with several row streams.
+inline void prefetch_tile_codes(const GemmArgs& a, int64_t t) {
+  if (t * kRows >= a.N) return;
+  const int64_t P = (a.K + 1) / 2;
+  const uint8_t* first = a.packed + t * kRows * P;
+  const int64_t bytes = imin(kRows, a.N - t * kRows) * P;
+  for (int64_t off = 0; off < bytes; off += 64) prefetch_line(first + off);
 }
 
 // y[m0 + m, tile rows] = acc[m][r] + sum_g zero[r][g] * xsum[m][g]  (lanes summed).
@@ -197,7 +200,6 @@ void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const uint16_t* x,
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < RS; ++r) tot[m][r] = _mm512_setzero_ps();
   for (int64_t u = 0; u * unit < Kx; ++u) {
-    if (r0 == 0) prefetch_next_tile(a, tile, u * unit, (u + 1) * unit);
     // Few accumulators: separate ones for the even and odd halves, so that enough independent
     // fma chains are in flight (two dependent fmas per block would be latency-bound).
     constexpr int kHalves = MR * RS <= 4 ? 2 : 1;
@@ -322,15 +324,16 @@ void run_tiles(const GemmArgs& a, int64_t m0, int64_t mb, const void* xbuf, int6
   float* scale_zero = reinterpret_cast<float*>(wbuf + kRows * chunk);
   __m512* acc = reinterpret_cast<__m512*>(scale_zero + 2 * kRows * group_slots(a.n_groups));
   Tile tile;
+  prefetch_tile_codes(a, t0 + 1);
   for (int64_t t = t0; t < t1; ++t) {
     load_tile(a, t, scale_zero, tile);
+    prefetch_tile_codes(a, t + 2);  // tile t + 1 was prefetched a tile ago
     if (mb <= kDirectRows) {
       direct_rows<kDirectRows>(mb, a, tile, xb, Kx, acc);
     } else {
       for (int64_t i = 0; i < mb * kRows; ++i) acc[i] = _mm512_setzero_ps();
       for (int64_t k0 = 0; k0 < Kx; k0 += chunk) {
         const int64_t len = imin(chunk, Kx - k0);
-        prefetch_next_tile(a, tile, k0, k0 + len);
         decode_chunk(a, tile, k0, len, wbuf, chunk);
         for (int64_t m = 0; m < mb; m += kMR)
           buffered_rows<kMR>(imin(kMR, mb - m), xb + m * Kx + k0, Kx, wbuf, chunk, len / unit, unit,
