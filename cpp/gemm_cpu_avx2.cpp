@@ -270,7 +270,7 @@ inline void dot_tile(const float* x, int64_t x_stride, const float* w, int64_t l
 }
 
 struct Tile {
-  int64_t n0 = 0, nr = 0;  // first weight row, valid rows (<= kRows)
+  int64_t t = 0, n0 = 0, nr = 0;  // tile index, first weight row, valid rows (<= kRows)
   const uint8_t* rows[kRows];
   __m256 t_lo[kRows], t_hi[kRows];   // table entries 0-7 and 8-15
   __m256i t_b0[kRows], t_b1[kRows];  // vpshufb mode: low / high bytes of the 16 bf16 entries
@@ -316,6 +316,7 @@ inline void decode_shuf(__m256i codes, __m256i b0, __m256i b1, __m256 v[4]) {
 // pairs: scratch for 2 * n_groups + 8 floats.
 inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, float* pairs, Tile& tile) {
   const int64_t P = (a.K + 1) / 2, ng = a.n_groups, slots = group_slots(ng);
+  tile.t = t;
   tile.n0 = t * kRows;
   tile.nr = imin(kRows, a.N - tile.n0);
   for (int64_t r = 0; r < kRows; ++r) {
@@ -336,16 +337,22 @@ inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, float* pa
   }
 }
 
-// Prefetches all codes of tile t (rows are contiguous: kRows * P bytes from its first row), in
-// one burst: at batch 1-4 the kernel is bound by how fast codes arrive from memory, and a burst
-// keeps more misses in flight than the hardware prefetcher does with several row streams.
-inline void prefetch_tile_codes(const GemmArgs& a, int64_t t) {
+// Software prefetch of the codes of tile t = this tile + 2, spread over the work: each unit
+// (or chunk) of this tile prefetches the cache lines that start in the same byte range [b0, b1)
+// of tile t's rows (rows are contiguous). At batch 1-4 the kernel is bound by how fast codes
+// arrive from memory; the hardware prefetcher alone keeps too few misses in flight with
+// several row streams. (Inline asm: GCC deletes loops made only of _mm_prefetch.)
+inline void prefetch_tile_bytes(const GemmArgs& a, int64_t t, int64_t b0, int64_t b1) {
   if (t * kRows >= a.N) return;
-  const int64_t P = (a.K + 1) / 2;
+  const int64_t P = (a.K + 1) / 2, rows = imin(kRows, a.N - t * kRows);
+  b1 = imin(b1, P);
   const uint8_t* first = a.packed + t * kRows * P;
-  const int64_t bytes = imin(kRows, a.N - t * kRows) * P;
-  // (Inline asm: GCC deletes loops made only of _mm_prefetch at -O1 and up.)
-  for (int64_t off = 0; off < bytes; off += 64) asm volatile("prefetcht0 %0" : : "m"(first[off]));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(first + r * P + b0);
+    const uintptr_t hi = reinterpret_cast<uintptr_t>(first + r * P + b1);
+    for (uintptr_t q = (lo + 63) & ~uintptr_t{63}; q < hi; q += 64)
+      asm volatile("prefetcht0 %0" : : "m"(*reinterpret_cast<const char*>(q)));
+  }
 }
 
 // y[m0 + m, tile rows] = lane sums of acc[m][r] (+ sum_g zero[r][g] * xsum[m][g] if sums).
@@ -399,6 +406,7 @@ void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const float* x, in
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < RS; ++r) tot[m][r] = _mm256_setzero_ps();
   for (int64_t u = 0; u * unit < Kx; ++u) {
+    if (r0 == 0) prefetch_tile_bytes(a, tile.t + 2, u * unit / 2, (u + 1) * unit / 2);
     // Few accumulators: separate ones for the even and odd halves, so that enough independent
     // fma chains are in flight (two dependent fmas per block would be latency-bound).
     constexpr int kHalves = MR * RS <= 4 ? 2 : 1;
@@ -466,6 +474,7 @@ void direct_tile_shuf(const GemmArgs& a, const Tile& tile, int r0, const float* 
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < RS; ++r) tot[m][r] = _mm256_setzero_ps();
   for (int64_t u = 0; u * unit < Kx; ++u) {
+    if (r0 == 0) prefetch_tile_bytes(a, tile.t + 2, u * unit / 2, (u + 1) * unit / 2);
     constexpr int kHalves = MR * RS <= 2 ? 2 : 1;  // enough independent fma chains
     __m256 c[MR][RS][kHalves];
     for (int m = 0; m < MR; ++m)
@@ -540,10 +549,8 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
   float* pairs = scale_zero + 2 * kRows * slots;
   __m256* acc = reinterpret_cast<__m256*>(pairs + round_up(2 * ng + 8, 8));
   Tile tile;
-  prefetch_tile_codes(a, t0 + 1);
   for (int64_t t = t0; t < t1; ++t) {
     load_tile(a, t, scale_zero, pairs, tile);
-    prefetch_tile_codes(a, t + 2);  // tile t + 1 was prefetched a tile ago
     if (mb <= kDirectRows) {
       if (shuf)
         direct_rows_shuf<kDirectRows>(mb, a, tile, xb, Kx, acc);
@@ -555,6 +562,7 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
     for (int64_t i = 0; i < mb * kRows; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t kc = 0; kc < Kx; kc += kChunk) {
       const int64_t len = imin(kChunk, Kx - kc);
+      prefetch_tile_bytes(a, tile.t + 2, kc / 2, (kc + len) / 2);
       for (int64_t r = 0; r < kRows; ++r) {
         const float* s = tile.scale[r];
         if (shuf)

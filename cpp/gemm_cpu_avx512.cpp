@@ -108,7 +108,7 @@ void prepare_x(const GemmArgs& a, int64_t m0, int64_t mb, int64_t r0, int64_t r1
 
 // ---------------------------------------------------------------- tiles
 struct Tile {
-  int64_t n0 = 0, nr = 0;  // first weight row, valid rows (<= kRows)
+  int64_t t = 0, n0 = 0, nr = 0;  // tile index, first weight row, valid rows (<= kRows)
   const uint8_t* rows[kRows];
   __m512 table[kRows];
   const float* scale[kRows];  // per row: scale[slots], then zero[slots]
@@ -116,6 +116,7 @@ struct Tile {
 
 inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, Tile& tile) {
   const int64_t P = (a.K + 1) / 2, slots = group_slots(a.n_groups);
+  tile.t = t;
   tile.n0 = t * kRows;
   tile.nr = imin(kRows, a.N - tile.n0);
   for (int64_t r = 0; r < kRows; ++r) {
@@ -130,15 +131,22 @@ inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, Tile& til
     for (int64_t r = 0; r < kRows; ++r) prefetch_row_params(a, tile.n0 + kRows + r);
 }
 
-// Prefetches all codes of tile t (rows are contiguous: kRows * P bytes from its first row), in
-// one burst: at batch 1-4 the kernel is bound by how fast codes arrive from memory, and a burst
-// keeps more misses in flight than the hardware prefetcher does with several row streams.
-inline void prefetch_tile_codes(const GemmArgs& a, int64_t t) {
+// Software prefetch of the codes of tile t = this tile + 2, spread over the work: each unit
+// (or chunk) of this tile prefetches the cache lines that start in the same byte range [b0, b1)
+// of tile t's rows (rows are contiguous). At batch 1-4 the kernel is bound by how fast codes
+// arrive from memory; the hardware prefetcher alone keeps too few misses in flight with
+// several row streams. (Inline asm: GCC deletes loops made only of _mm_prefetch.)
+inline void prefetch_tile_bytes(const GemmArgs& a, int64_t t, int64_t b0, int64_t b1) {
   if (t * kRows >= a.N) return;
-  const int64_t P = (a.K + 1) / 2;
+  const int64_t P = (a.K + 1) / 2, rows = imin(kRows, a.N - t * kRows);
+  b1 = imin(b1, P);
   const uint8_t* first = a.packed + t * kRows * P;
-  const int64_t bytes = imin(kRows, a.N - t * kRows) * P;
-  for (int64_t off = 0; off < bytes; off += 64) prefetch_line(first + off);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(first + r * P + b0);
+    const uintptr_t hi = reinterpret_cast<uintptr_t>(first + r * P + b1);
+    for (uintptr_t q = (lo + 63) & ~uintptr_t{63}; q < hi; q += 64)
+      prefetch_line(reinterpret_cast<const void*>(q));
+  }
 }
 
 // y[m0 + m, tile rows] = lane sums of acc[m][r] (+ sum_g zero[r][g] * xsum[m][g] if sums).
@@ -190,6 +198,7 @@ void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const float* x, in
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < RS; ++r) tot[m][r] = _mm512_setzero_ps();
   for (int64_t u = 0; u * unit < Kx; ++u) {
+    if (r0 == 0) prefetch_tile_bytes(a, tile.t + 2, u * unit / 2, (u + 1) * unit / 2);
     // Few accumulators: separate ones for the even and odd halves, so that enough independent
     // fma chains are in flight (two dependent fmas per block would be latency-bound).
     constexpr int kHalves = MR * RS <= 4 ? 2 : 1;
@@ -311,10 +320,8 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
   float* scale_zero = wbuf + kRows * kChunk;
   __m512* acc = reinterpret_cast<__m512*>(scale_zero + 2 * kRows * group_slots(a.n_groups));
   Tile tile;
-  prefetch_tile_codes(a, t0 + 1);
   for (int64_t t = t0; t < t1; ++t) {
     load_tile(a, t, scale_zero, tile);
-    prefetch_tile_codes(a, t + 2);  // tile t + 1 was prefetched a tile ago
     if (mb <= kDirectRows) {
       direct_rows<kDirectRows, kAligned>(mb, a, tile, xb, Kx, acc);
       store_tile(a, tile, m0, mb, acc, sums);
@@ -323,6 +330,7 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
     for (int64_t i = 0; i < mb * kRows; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t k0 = 0; k0 < Kx; k0 += kChunk) {
       const int64_t len = imin(kChunk, Kx - k0);
+      prefetch_tile_bytes(a, tile.t + 2, k0 / 2, (k0 + len) / 2);
       for (int64_t r = 0; r < kRows; ++r)
         decode_affine<kAligned>(a, tile, r, k0 / kBlock, len / kBlock, wbuf + r * kChunk);
       for (int64_t m = 0; m < mb; m += kMR)
