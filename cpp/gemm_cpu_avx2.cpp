@@ -337,23 +337,27 @@ inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, float* pa
   }
 }
 
-// Software prefetch of the codes of tile t = this tile + 2, spread over the work: each unit
-// (or chunk) of this tile prefetches the cache lines that start in the same byte range [b0, b1)
-// of tile t's rows (rows are contiguous). At batch 1-4 the kernel is bound by how fast codes
-// arrive from memory; the hardware prefetcher alone keeps too few misses in flight with
+// Software prefetch of the codes of the tile two ahead, spread over the work: as this tile's
+// units (or chunks) advance through the row bytes, the same bytes of that tile's rows are
+// prefetched, one cache line per row at a time. At batch 1-4 the kernel is bound by how fast
+// codes arrive from memory; the hardware prefetcher alone keeps too few misses in flight with
 // several row streams. (Inline asm: GCC deletes loops made only of _mm_prefetch.)
-inline void prefetch_tile_bytes(const GemmArgs& a, int64_t t, int64_t b0, int64_t b1) {
-  if (t * kRows >= a.N) return;
-  const int64_t P = (a.K + 1) / 2, rows = imin(kRows, a.N - t * kRows);
-  b1 = imin(b1, P);
-  const uint8_t* first = a.packed + t * kRows * P;
-  for (int64_t r = 0; r < rows; ++r) {
-    const uintptr_t lo = reinterpret_cast<uintptr_t>(first + r * P + b0);
-    const uintptr_t hi = reinterpret_cast<uintptr_t>(first + r * P + b1);
-    for (uintptr_t q = (lo + 63) & ~uintptr_t{63}; q < hi; q += 64)
-      asm volatile("prefetcht0 %0" : : "m"(*reinterpret_cast<const char*>(q)));
+struct Prefetcher {
+  const uint8_t* rows[kRows];
+  int64_t next = 0, end = 0;  // next byte offset to prefetch, row length (0: nothing to do)
+
+  void start(const GemmArgs& a, int64_t t) {
+    next = end = 0;
+    if (t * kRows >= a.N) return;
+    end = (a.K + 1) / 2;
+    for (int64_t r = 0; r < kRows; ++r) rows[r] = a.packed + imin(t * kRows + r, a.N - 1) * end;
   }
-}
+  // Prefetches up to byte offset b (exclusive) of every row.
+  void advance(int64_t b) {
+    for (b = imin(b, end); next < b; next += 64)
+      for (int r = 0; r < kRows; ++r) asm volatile("prefetcht0 %0" : : "m"(rows[r][next]));
+  }
+};
 
 // y[m0 + m, tile rows] = lane sums of acc[m][r] (+ sum_g zero[r][g] * xsum[m][g] if sums).
 inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t mb, const __m256* acc,
@@ -391,7 +395,8 @@ inline __m256 unit_scale(const float* scale, int64_t G, int64_t u) {
 // Direct path: MR x rows against weight rows [r0, r0 + RS) of the tile, blocks decoded into
 // registers; totals in registers when MR * RS <= 4, else in acc (memory).
 template <int MR, int RS, bool kAligned>
-void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const float* x, int64_t x_stride, __m256* acc) {
+void direct_tile(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, const float* x,
+                 int64_t x_stride, __m256* acc) {
   const int64_t P = (a.K + 1) / 2, G = a.group_size, Kx = padded_k(a);
   const int64_t unit = kAligned ? (a.n_groups == 1 ? Kx : G) : kBlock, blocks_per_unit = unit / kBlock;
   constexpr bool kRegTotals = MR * RS <= 4;
@@ -406,7 +411,7 @@ void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const float* x, in
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < RS; ++r) tot[m][r] = _mm256_setzero_ps();
   for (int64_t u = 0; u * unit < Kx; ++u) {
-    if (r0 == 0) prefetch_tile_bytes(a, tile.t + 2, u * unit / 2, (u + 1) * unit / 2);
+    if (r0 == 0) pf.advance((u + 1) * unit / 2);
     // Few accumulators: separate ones for the even and odd halves, so that enough independent
     // fma chains are in flight (two dependent fmas per block would be latency-bound).
     constexpr int kHalves = MR * RS <= 4 ? 2 : 1;
@@ -448,18 +453,18 @@ void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const float* x, in
 // All weight rows of the tile for `rows` (1..kDirectRows) x rows, one weight row per sweep (16
 // registers: more rows at once spill the accumulators).
 template <int MR, bool kAligned>
-void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, const float* x, int64_t x_stride,
-                 __m256* acc) {
+void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, Prefetcher& pf, const float* x,
+                 int64_t x_stride, __m256* acc) {
   if constexpr (MR > 1) {
-    if (rows < MR) return direct_rows<MR - 1, kAligned>(rows, a, tile, x, x_stride, acc);
+    if (rows < MR) return direct_rows<MR - 1, kAligned>(rows, a, tile, pf, x, x_stride, acc);
   }
-  for (int r0 = 0; r0 < kRows; ++r0) direct_tile<MR, 1, kAligned>(a, tile, r0, x, x_stride, acc);
+  for (int r0 = 0; r0 < kRows; ++r0) direct_tile<MR, 1, kAligned>(a, tile, pf, r0, x, x_stride, acc);
 }
 
 // vpshufb mode, direct path: MR x rows against weight rows [r0, r0 + RS); units are groups.
 template <int MR, int RS>
-void direct_tile_shuf(const GemmArgs& a, const Tile& tile, int r0, const float* x, int64_t x_stride,
-                      __m256* acc) {
+void direct_tile_shuf(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, const float* x,
+                      int64_t x_stride, __m256* acc) {
   const int64_t P = (a.K + 1) / 2, Kx = padded_k(a);
   const int64_t unit = a.n_groups == 1 ? Kx : a.group_size, blocks_per_unit = unit / kShufBlock;
   constexpr bool kRegTotals = MR * RS <= 4;
@@ -474,7 +479,7 @@ void direct_tile_shuf(const GemmArgs& a, const Tile& tile, int r0, const float* 
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < RS; ++r) tot[m][r] = _mm256_setzero_ps();
   for (int64_t u = 0; u * unit < Kx; ++u) {
-    if (r0 == 0) prefetch_tile_bytes(a, tile.t + 2, u * unit / 2, (u + 1) * unit / 2);
+    if (r0 == 0) pf.advance((u + 1) * unit / 2);
     constexpr int kHalves = MR * RS <= 2 ? 2 : 1;  // enough independent fma chains
     __m256 c[MR][RS][kHalves];
     for (int m = 0; m < MR; ++m)
@@ -510,13 +515,13 @@ void direct_tile_shuf(const GemmArgs& a, const Tile& tile, int r0, const float* 
 }
 
 template <int MR>
-void direct_rows_shuf(int64_t rows, const GemmArgs& a, const Tile& tile, const float* x, int64_t x_stride,
-                      __m256* acc) {
+void direct_rows_shuf(int64_t rows, const GemmArgs& a, const Tile& tile, Prefetcher& pf, const float* x,
+                      int64_t x_stride, __m256* acc) {
   if constexpr (MR > 1) {
-    if (rows < MR) return direct_rows_shuf<MR - 1>(rows, a, tile, x, x_stride, acc);
+    if (rows < MR) return direct_rows_shuf<MR - 1>(rows, a, tile, pf, x, x_stride, acc);
   }
   constexpr int kRS = MR == 1 ? 2 : 1;
-  for (int r0 = 0; r0 < kRows; r0 += kRS) direct_tile_shuf<MR, kRS>(a, tile, r0, x, x_stride, acc);
+  for (int r0 = 0; r0 < kRows; r0 += kRS) direct_tile_shuf<MR, kRS>(a, tile, pf, r0, x, x_stride, acc);
 }
 
 // vpshufb mode, buffered path: 32-blocks [b0, b0 + nb) of row r as w = lut[code] * scale + zero.
@@ -551,18 +556,20 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
   Tile tile;
   for (int64_t t = t0; t < t1; ++t) {
     load_tile(a, t, scale_zero, pairs, tile);
+    Prefetcher pf;
+    pf.start(a, t + 2);
     if (mb <= kDirectRows) {
       if (shuf)
-        direct_rows_shuf<kDirectRows>(mb, a, tile, xb, Kx, acc);
+        direct_rows_shuf<kDirectRows>(mb, a, tile, pf, xb, Kx, acc);
       else
-        direct_rows<kDirectRows, kAligned>(mb, a, tile, xb, Kx, acc);
+        direct_rows<kDirectRows, kAligned>(mb, a, tile, pf, xb, Kx, acc);
       store_tile(a, tile, m0, mb, acc, sums);
       continue;
     }
     for (int64_t i = 0; i < mb * kRows; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t kc = 0; kc < Kx; kc += kChunk) {
       const int64_t len = imin(kChunk, Kx - kc);
-      prefetch_tile_bytes(a, tile.t + 2, kc / 2, (kc + len) / 2);
+      pf.advance((kc + len) / 2);
       for (int64_t r = 0; r < kRows; ++r) {
         const float* s = tile.scale[r];
         if (shuf)

@@ -153,23 +153,27 @@ inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, Tile& til
     for (int64_t r = 0; r < kRows; ++r) prefetch_row_params(a, tile.n0 + kRows + r);
 }
 
-// Software prefetch of the codes of tile t = this tile + 2, spread over the work: each unit
-// (or chunk) of this tile prefetches the cache lines that start in the same byte range [b0, b1)
-// of tile t's rows (rows are contiguous). At batch 1-4 the kernel is bound by how fast codes
-// arrive from memory; the hardware prefetcher alone keeps too few misses in flight with
+// Software prefetch of the codes of the tile two ahead, spread over the work: as this tile's
+// units (or chunks) advance through the row bytes, the same bytes of that tile's rows are
+// prefetched, one cache line per row at a time. At batch 1-4 the kernel is bound by how fast
+// codes arrive from memory; the hardware prefetcher alone keeps too few misses in flight with
 // several row streams. (Inline asm: GCC deletes loops made only of _mm_prefetch.)
-inline void prefetch_tile_bytes(const GemmArgs& a, int64_t t, int64_t b0, int64_t b1) {
-  if (t * kRows >= a.N) return;
-  const int64_t P = (a.K + 1) / 2, rows = imin(kRows, a.N - t * kRows);
-  b1 = imin(b1, P);
-  const uint8_t* first = a.packed + t * kRows * P;
-  for (int64_t r = 0; r < rows; ++r) {
-    const uintptr_t lo = reinterpret_cast<uintptr_t>(first + r * P + b0);
-    const uintptr_t hi = reinterpret_cast<uintptr_t>(first + r * P + b1);
-    for (uintptr_t q = (lo + 63) & ~uintptr_t{63}; q < hi; q += 64)
-      prefetch_line(reinterpret_cast<const void*>(q));
+struct Prefetcher {
+  const uint8_t* rows[kRows];
+  int64_t next = 0, end = 0;  // next byte offset to prefetch, row length (0: nothing to do)
+
+  void start(const GemmArgs& a, int64_t t) {
+    next = end = 0;
+    if (t * kRows >= a.N) return;
+    end = (a.K + 1) / 2;
+    for (int64_t r = 0; r < kRows; ++r) rows[r] = a.packed + imin(t * kRows + r, a.N - 1) * end;
   }
-}
+  // Prefetches up to byte offset b (exclusive) of every row.
+  void advance(int64_t b) {
+    for (b = imin(b, end); next < b; next += 64)
+      for (int r = 0; r < kRows; ++r) prefetch_line(rows[r] + next);
+  }
+};
 
 // y[m0 + m, tile rows] = acc[m][r] + sum_g zero[r][g] * xsum[m][g]  (lanes summed).
 inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t mb, const __m512* acc,
@@ -193,8 +197,8 @@ inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t 
 // registers. Totals in registers when MR * RS <= 8, else in acc (memory), leaving the registers
 // to the product sums (the compiler would otherwise keep both and spill).
 template <int MR, int RS>
-void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const uint16_t* x, int64_t x_stride,
-                 __m512* acc) {
+void direct_tile(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, const uint16_t* x,
+                 int64_t x_stride, __m512* acc) {
   const int64_t P = (a.K + 1) / 2, G = a.group_size, unit = unit_codes(a), Kx = padded_k(a);
   const int64_t blocks_per_unit = unit / kCodes;
   constexpr bool kRegTotals = MR * RS <= 8;
@@ -208,7 +212,7 @@ void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const uint16_t* x,
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < RS; ++r) tot[m][r] = _mm512_setzero_ps();
   for (int64_t u = 0; u * unit < Kx; ++u) {
-    if (r0 == 0) prefetch_tile_bytes(a, tile.t + 2, u * unit / 2, (u + 1) * unit / 2);
+    if (r0 == 0) pf.advance((u + 1) * unit / 2);
     // Few accumulators: separate ones for the even and odd halves, so that enough independent
     // fma chains are in flight (two dependent fmas per block would be latency-bound).
     constexpr int kHalves = MR * RS <= 4 ? 2 : 1;
@@ -249,15 +253,15 @@ void direct_tile(const GemmArgs& a, const Tile& tile, int r0, const uint16_t* x,
 // All kRows weight rows of the tile for `rows` (1..kDirectRows) x rows: in one sweep over the
 // codes up to 4 x rows, in two sweeps of two weight rows each above.
 template <int MR>
-void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, const uint16_t* x, int64_t x_stride,
-                 __m512* acc) {
+void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, Prefetcher& pf, const uint16_t* x,
+                 int64_t x_stride, __m512* acc) {
   if constexpr (MR > 1) {
-    if (rows < MR) return direct_rows<MR - 1>(rows, a, tile, x, x_stride, acc);
+    if (rows < MR) return direct_rows<MR - 1>(rows, a, tile, pf, x, x_stride, acc);
   }
   if constexpr (MR <= 4) {
-    direct_tile<MR, kRows>(a, tile, 0, x, x_stride, acc);
+    direct_tile<MR, kRows>(a, tile, pf, 0, x, x_stride, acc);
   } else {
-    for (int r0 = 0; r0 < kRows; r0 += 2) direct_tile<MR, 2>(a, tile, r0, x, x_stride, acc);
+    for (int r0 = 0; r0 < kRows; r0 += 2) direct_tile<MR, 2>(a, tile, pf, r0, x, x_stride, acc);
   }
 }
 
@@ -335,13 +339,15 @@ void run_tiles(const GemmArgs& a, int64_t m0, int64_t mb, const void* xbuf, int6
   Tile tile;
   for (int64_t t = t0; t < t1; ++t) {
     load_tile(a, t, scale_zero, tile);
+    Prefetcher pf;
+    pf.start(a, t + 2);
     if (mb <= kDirectRows) {
-      direct_rows<kDirectRows>(mb, a, tile, xb, Kx, acc);
+      direct_rows<kDirectRows>(mb, a, tile, pf, xb, Kx, acc);
     } else {
       for (int64_t i = 0; i < mb * kRows; ++i) acc[i] = _mm512_setzero_ps();
       for (int64_t k0 = 0; k0 < Kx; k0 += chunk) {
         const int64_t len = imin(chunk, Kx - k0);
-        prefetch_tile_bytes(a, tile.t + 2, k0 / 2, (k0 + len) / 2);
+        pf.advance((k0 + len) / 2);
         decode_chunk(a, tile, k0, len, wbuf, chunk);
         for (int64_t m = 0; m < mb; m += kMR)
           buffered_rows<kMR>(imin(kMR, mb - m), xb + m * Kx + k0, Kx, wbuf, chunk, len / unit, unit,
