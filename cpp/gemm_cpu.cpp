@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <new>
 #include <string>
@@ -67,24 +68,25 @@ namespace {
 #ifdef ANY4_X86_KERNELS
 
 // 64-byte aligned growable buffer; one per (thread, slot), kept for the thread's lifetime.
+// (malloc + manual alignment: std::aligned_alloc is missing from some C runtimes.)
 class AlignedBuffer {
  public:
-  ~AlignedBuffer() { std::free(ptr_); }
+  ~AlignedBuffer() { std::free(raw_); }
   void* get(size_t bytes) {
     if (bytes > cap_) {
-      std::free(ptr_);
-      cap_ = (bytes + 4095) / 4096 * 4096;
-      ptr_ = std::aligned_alloc(64, cap_);
-      if (!ptr_) {
-        cap_ = 0;
-        throw std::bad_alloc();
-      }
+      std::free(raw_);
+      cap_ = 0;
+      raw_ = std::malloc(bytes + 64);
+      if (!raw_) throw std::bad_alloc();
+      cap_ = bytes;
+      aligned_ = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw_) + 63) & ~uintptr_t{63});
     }
-    return ptr_;
+    return aligned_;
   }
 
  private:
-  void* ptr_ = nullptr;
+  void* raw_ = nullptr;
+  void* aligned_ = nullptr;
   size_t cap_ = 0;
 };
 
