@@ -76,6 +76,7 @@ class AlignedBuffer {
     if (bytes > cap_) {
       std::free(raw_);
       cap_ = 0;
+      bytes = (bytes + 4095) / 4096 * 4096;  // grow in pages, not per request
       raw_ = std::malloc(bytes + 64);
       if (!raw_) throw std::bad_alloc();
       cap_ = bytes;
