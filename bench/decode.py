@@ -174,11 +174,13 @@ def bench_builtin(args, device, fmt, mode, batch, cache={}) -> float:  # noqa: B
     from transformers import StaticCache
 
     max_len = 16 + args.warmup + args.steps + 1
-    prompt = torch.randint(100, 1000, (batch, 16), device=device, generator=None)
-    pkv = StaticCache(config=model.config, max_cache_len=max_len)
+    prompt = torch.randint(100, 1000, (batch, 16), device=device)
+    # eager: the default dynamic KV cache; compiled modes: a static cache (static shapes)
+    pkv = None if mode == "eager" else StaticCache(config=model.config, max_cache_len=max_len)
     fwd = wrap(model.forward, mode)
     with torch.no_grad():
         out = model(prompt, past_key_values=pkv, use_cache=True)
+    pkv = out.past_key_values
     tokens = out.logits[:, -1:].argmax(-1)
 
     def step(i):

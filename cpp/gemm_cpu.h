@@ -1,6 +1,19 @@
 // CPU matrix product with quantized weights (SPEC §5):
 //   y[m, n] = sum_k x[m, k] * (lut[n', code[n, k]] * scale[n, g] + zero[n, g]),  g = k / group_size
 // with fp32 accumulation; y has x's dtype. n' = n for per-row tables, 0 for a shared table.
+//
+// Implementations (gemm_cpu.cpp dispatches, checking the processor at run time):
+//   Portable    plain C++ (decode a row to fp32, dot with every x row); the reference path.
+//   Avx2        gemm_cpu_avx2.cpp: 8-lane table lookups (vpermps halves + blend; vpshufb on the
+//               table's byte planes for bf16 tables), fp32 FMAs.
+//   Avx512      gemm_cpu_avx512.cpp: vpermps looks up 16 codes in a 16-entry fp32 table held in one
+//               register, fp32 FMAs.
+//   Avx512Bf16  gemm_cpu_avx512bf16.cpp: for bf16 x with bf16 tables, vpermw lookups and
+//               vdpbf16ps dot products (32 products per instruction, fp32 accumulation).
+// All fuse unpacking, lookup and the group affine into the dot products; batches up to 6-8 rows
+// decode straight into registers, larger ones through a small L1 buffer reused for all rows of
+// x; threads split the output columns (parallel_for). y is fully overwritten. x and y must not
+// overlap.
 #pragma once
 
 #include <cstdint>
@@ -24,7 +37,9 @@ struct GemmArgs {
 };
 
 // Which CPU implementation runs: Auto picks the best the processor supports.
-enum class CpuImpl : int { Auto = -1, Portable = 0, Avx2 = 1, Avx512 = 2 };
+// Avx512Bf16 is Avx512 plus AVX512-BF16 dot products for bf16 x with bf16 tables (group size a
+// multiple of 32); other operands run the Avx512 kernel.
+enum class CpuImpl : int { Auto = -1, Portable = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 
 // Validates the arguments (std::invalid_argument) and runs the product on the CPU thread pool.
 void gemm_cpu(const GemmArgs& args, CpuImpl impl = CpuImpl::Auto);

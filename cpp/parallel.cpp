@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -21,8 +22,35 @@ int default_threads() {
   return hw == 0 ? 1 : static_cast<int>(hw);
 }
 
-// Workers sleep on a condition variable; a job is a function over chunk indices that every
-// participant (caller included) pulls from an atomic counter.
+// Pause hint for spin loops.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Polls `ready` for up to `micros` microseconds; true if it became true.
+template <class Ready>
+bool spin_until(Ready ready, int micros) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(micros);
+  for (int i = 1;; ++i) {
+    if (ready()) return true;
+    cpu_relax();
+    if (i % 64 == 0 && std::chrono::steady_clock::now() > end) return false;
+  }
+}
+
+// Between parallel regions a worker spins this long for the next job before sleeping, and the
+// caller spins this long for the workers before sleeping: back-to-back regions (one matmul per
+// layer in inference, each tens of microseconds at batch 1) then start and end without a
+// futex wake-up, which costs tens of microseconds on a virtual machine.
+constexpr int kWorkerSpinMicros = 200;
+constexpr int kCallerSpinMicros = 50;
+
+// Workers sleep on a condition variable (after spinning briefly); a job is a function over
+// chunk indices that every participant (caller included) pulls from an atomic counter.
 class Pool {
  public:
   explicit Pool(int n_workers) { resize(n_workers); }
@@ -49,8 +77,9 @@ class Pool {
     }
     cv_.notify_all();
     work();
+    spin_until([&] { return done_.load() == n_chunks && active_.load() == 0; }, kCallerSpinMicros);
     std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [&] { return done_.load() == n_chunks_ && active_ == 0; });
+    done_cv_.wait(lk, [&] { return done_.load() == n_chunks_ && active_.load() == 0; });
     job_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
@@ -81,11 +110,13 @@ class Pool {
   void loop() {
     uint64_t seen = 0;
     for (;;) {
+      spin_until([&] { return stop_.load() || generation_.load() != seen; }, kWorkerSpinMicros);
       {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return stop_ || (generation_ != seen && job_ != nullptr); });
+        cv_.wait(lk, [&] { return stop_.load() || generation_.load() != seen; });
         if (stop_) return;
-        seen = generation_;
+        seen = generation_.load();
+        if (job_ == nullptr) continue;  // that region finished without this worker
         ++active_;
       }
       work();
@@ -113,9 +144,9 @@ class Pool {
   const std::function<void(int64_t)>* job_ = nullptr;
   int64_t n_chunks_ = 0;
   std::atomic<int64_t> next_{0}, done_{0};
-  int active_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
+  std::atomic<int> active_{0};           // written under mu_, polled while spinning
+  std::atomic<uint64_t> generation_{0};  // written under mu_, polled while spinning
+  std::atomic<bool> stop_{false};
   std::exception_ptr error_;
 };
 

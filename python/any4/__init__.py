@@ -60,7 +60,7 @@ def build_info() -> dict:
     """How this wheel was built: version, CUDA kernels and architectures, CPU kernel paths."""
     impls = {
         name: bool(_C.cpu_impl_supported(code))
-        for name, code in (("portable", 0), ("avx2", 1), ("avx512", 2))
+        for name, code in (("portable", 0), ("avx2", 1), ("avx512", 2), ("avx512bf16", 3))
     }
     return {
         "version": __version__,

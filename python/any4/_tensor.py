@@ -18,19 +18,29 @@ import numpy as np
 DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
+_TORCH = None  # the torch module once the caller has imported it (torch is optional)
+_TORCH_DTYPE_NAMES: dict = {}
+
+
 def _torch():
-    return sys.modules.get("torch")
+    global _TORCH
+    if _TORCH is None:
+        _TORCH = sys.modules.get("torch")
+    return _TORCH
 
 
 def is_torch(t: Any) -> bool:
-    torch = _torch()
+    torch = _TORCH if _TORCH is not None else _torch()
     return torch is not None and isinstance(t, torch.Tensor)
 
 
 def dtype_name(t: Any) -> str:
     """'float32', 'bfloat16', 'uint8', ... for a torch tensor or numpy array."""
     if is_torch(t):
-        return str(t.dtype).replace("torch.", "")
+        name = _TORCH_DTYPE_NAMES.get(t.dtype)
+        if name is None:
+            name = _TORCH_DTYPE_NAMES[t.dtype] = str(t.dtype).replace("torch.", "")
+        return name
     return np.dtype(t.dtype).name
 
 

@@ -8,7 +8,7 @@ from . import _tensor as T
 from ._core import C
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-CPU_IMPLS = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2}
+CPU_IMPLS = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
 
 
 def infer_group_size(K: int, n_groups: int) -> int:
@@ -76,10 +76,99 @@ def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Opt
         raise ValueError(
             f"group_size={group_size} gives {-(-K // max(group_size, 1))} groups for K={K}, scales have {n_groups}"
         )
-    devs = {T.device_of(t) for t in (x, packed_w, lut, scales)}
+    operands = (x, packed_w, lut, scales)
+    if all(T.is_torch(t) and t.is_cpu for t in operands):
+        devs = {"cpu"}  # (the common case, without building device objects)
+    else:
+        devs = {T.device_of(t) for t in operands}
     if len(devs) != 1:
         raise ValueError(f"x, packed_w, lut and scales must be on one device, got {sorted(devs)}")
     return K, N, lut_rows, lut_len, n_groups, int(group_size)
+
+
+_TORCH_FLOAT_CODES: dict = {}  # torch dtype -> DType code, filled on first use
+
+
+def _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out):
+    """The common case in few Python operations: contiguous CPU torch tensors of the usual ranks,
+    valid shapes, impl "auto" and no out=. Returns y, or None for anything else (the general path
+    then checks everything and raises the errors)."""
+    torch = T._torch()
+    if torch is None or out is not None or impl != "auto":
+        return None
+    Tensor = torch.Tensor
+    if not (
+        isinstance(x, Tensor)
+        and isinstance(packed_w, Tensor)
+        and isinstance(lut, Tensor)
+        and isinstance(scales, Tensor)
+    ):
+        return None
+    if not _TORCH_FLOAT_CODES:
+        _TORCH_FLOAT_CODES.update({torch.float32: 0, torch.float16: 1, torch.bfloat16: 2})
+    x_code = _TORCH_FLOAT_CODES.get(x.dtype)
+    table_code = _TORCH_FLOAT_CODES.get(lut.dtype)
+    if (
+        x_code is None
+        or table_code is None
+        or scales.dtype != lut.dtype
+        or packed_w.dtype != torch.uint8
+    ):
+        return None
+    if not (x.is_cpu and packed_w.is_cpu and lut.is_cpu and scales.is_cpu) or x.dim() < 1:
+        return None
+    if packed_w.dim() != 2 or lut.dim() != 2 or scales.dim() != 3:
+        return None
+    if not (
+        x.is_contiguous()
+        and packed_w.is_contiguous()
+        and lut.is_contiguous()
+        and scales.is_contiguous()
+    ):
+        return None
+    K = x.shape[-1]
+    if K == 0:
+        return None
+    N, P = packed_w.shape
+    lut_rows, lut_len = lut.shape
+    n_groups = scales.shape[1]
+    if (
+        P != (K + 1) // 2
+        or lut_rows not in (1, N)
+        or not 1 <= lut_len <= 16
+        or scales.shape[0] != N
+    ):
+        return None
+    if scales.shape[2] != 2 or n_groups < 1:
+        return None
+    if group_size is None:
+        if K % n_groups or (K // n_groups) % 8:
+            return None
+        group_size = K // n_groups
+    elif group_size <= 0 or -(-K // group_size) != n_groups:
+        return None
+    M = x.numel() // K
+    y = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype)
+    if M:
+        C.gemm_cpu(x.data_ptr(), x_code, M, K, packed_w.data_ptr(), N, lut.data_ptr(), lut_rows, lut_len,
+                   scales.data_ptr(), n_groups, int(group_size), table_code, y.data_ptr(), -1)  # fmt: skip
+    return y
+
+
+def check_out(out: Any, x: Any, shape: tuple) -> None:
+    """``out=`` of gemm: y's shape, x's dtype, framework and device, contiguous."""
+    T.check_array(out, "out")
+    if T.is_torch(out) != T.is_torch(x):
+        raise TypeError("out must be of x's framework (torch tensor or numpy array)")
+    if tuple(int(s) for s in out.shape) != shape:
+        raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
+    if T.dtype_name(out) != T.dtype_name(x):
+        raise TypeError(f"out must have x's dtype {T.dtype_name(x)}, got {T.dtype_name(out)}")
+    if T.device_of(out) != T.device_of(x):
+        raise ValueError(f"out must be on x's device {T.device_of(x)}, got {T.device_of(out)}")
+    contiguous = out.is_contiguous() if T.is_torch(out) else out.flags["C_CONTIGUOUS"]
+    if not contiguous:
+        raise ValueError("out must be contiguous")
 
 
 def gemm(
@@ -90,6 +179,7 @@ def gemm(
     group_size: Optional[int] = None,
     *,
     impl: str = "auto",
+    out: Optional[Any] = None,
 ) -> Any:
     """y = x @ dequant(W)^T with fp32 accumulation.
 
@@ -101,7 +191,10 @@ def gemm(
         lut: [N, L] per-row or [1, L] / [L] shared table, L <= 16 (float32/16, bfloat16).
         scales: [N, ceil(K/G), 2] (scale, zero), lut's dtype.
         group_size: G; inferred from K and scales.shape[1] when omitted (see infer_group_size).
-        impl: CPU implementation: "auto", "portable", "avx2" or "avx512".
+        impl: CPU implementation: "auto" (the best this processor supports), "portable", "avx2",
+            "avx512" or "avx512bf16" (AVX-512 with bf16 dot products for bf16 x and tables).
+        out: optional preallocated y [..., N] (x's dtype, framework and device, contiguous);
+            every element is overwritten and it is returned.
     Returns:
         y [..., N] in x's dtype, framework and device.
     """
@@ -125,32 +218,48 @@ def gemm(
         packed_w, lut, scales = unpack_from_gpu(packed_w)  # CPU x: the storage layout
     if lut is None or scales is None:
         raise TypeError("gemm(x, packed_w, lut, scales): lut and scales are required")
+    y = _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out)
+    if y is not None:
+        return y
     K, N, lut_rows, lut_len, n_groups, group_size = check_operands(
         x, packed_w, lut, scales, group_size
     )
     lead = tuple(x.shape[:-1])
+    if out is not None:
+        check_out(out, x, lead + (N,))
     if T.device_of(x) != "cpu":
         from .cuda import gemm_cuda
 
-        return gemm_cuda(x, packed_w, lut, scales, group_size)
+        y = gemm_cuda(x, packed_w, lut, scales, group_size)
+        if out is None:
+            return y
+        out.copy_(y)
+        return out
     if impl not in CPU_IMPLS:
         raise ValueError(f"impl must be one of {tuple(CPU_IMPLS)}, got {impl!r}")
     if not C.cpu_impl_supported(CPU_IMPLS[impl]):
         raise RuntimeError(f"CPU implementation {impl!r} is not supported on this processor/build")
     x2 = x.reshape(-1, K)
-    x2 = (
-        x2.contiguous()
-        if T.is_torch(x2)
-        else x2.copy(order="C")
-        if not x2.flags["C_CONTIGUOUS"]
-        else x2
-    )
     M = int(x2.shape[0])
+    if all(T.is_torch(t) for t in (x2, packed_w, lut, scales)):
+        # Direct path for torch tensors: the checks of T.buffer without its per-call overhead.
+        x2 = x2.contiguous()
+        for name, t in (("packed_w", packed_w), ("lut", lut), ("scales", scales)):
+            if not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+        y = x2.new_empty((M, N)) if out is None else out.view(M, N)
+        if M:
+            C.gemm_cpu(x2.data_ptr(), T.DTYPE_CODE[T.dtype_name(x2)], M, K, packed_w.data_ptr(), N,
+                       lut.data_ptr(), lut_rows, lut_len, scales.data_ptr(), n_groups, group_size,
+                       T.DTYPE_CODE[T.dtype_name(lut)], y.data_ptr(), CPU_IMPLS[impl])  # fmt: skip
+        return y.view(lead + (N,)) if out is None else out
+    if not x2.flags["C_CONTIGUOUS"]:
+        x2 = x2.copy(order="C")
     xb = T.buffer(x2, "x")
     pb = T.buffer(packed_w, "packed_w")
     lb = T.buffer(lut, "lut")
     sb = T.buffer(scales, "scales")
-    y = T.empty_like_framework(x, (M, N), xb.dtype)
+    y = T.empty_like_framework(x, (M, N), xb.dtype) if out is None else out.reshape(M, N)
     if M:
         C.gemm_cpu(
             xb.ptr,
@@ -169,4 +278,4 @@ def gemm(
             T.buffer(y, "y").ptr,
             CPU_IMPLS[impl],
         )
-    return y.reshape(lead + (N,))
+    return y.reshape(lead + (N,)) if out is None else out

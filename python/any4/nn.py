@@ -8,7 +8,9 @@ The module holds the three tensors of the one representation (SPEC §1) as buffe
 
 and ``forward`` is ``any4.gemm(x, packed, lut, scales, group_size) (+ bias)``, called through its
 torch custom-op registration ``torch.ops.any4.gemm`` (same function; lets torch.compile and
-torch.export trace the module without graph breaks): any batch shape
+torch.export trace the module without graph breaks). On CUDA the weight is also repacked once
+into the tensor-core fragment order (see ``prepare_for_device``) and bf16/fp16 inputs go through
+``torch.ops.any4.gemm_gpu``: any batch shape
 [..., in_features], x in float32 / float16 / bfloat16 (float64 is computed in float32 and cast
 back), output in x's dtype. The device follows ``.to()`` / ``.cuda()`` like any module, but the
 table *dtype* is fixed at quantization time (the codes were assigned to the rounded table):
@@ -27,7 +29,12 @@ from .formats import get_format
 from .quantize import QuantizedTensor, dequantize, quantize
 
 QUANT_BUFFERS = ("packed", "lut", "scales")
+GPU_BUFFERS = ("gpu_codes", "gpu_scales", "gpu_lut")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    module.prepare_for_device()  # loaded storage buffers: rebuild the device form of the weight
 
 
 class QuantLinear(nn.Module):
@@ -93,6 +100,7 @@ class QuantLinear(nn.Module):
         # Device-specific form of the weight (e.g. the GPU fragment-order repack, SPEC §4), built by
         # prepare_for_device() when the module moves; None on CPU.
         self.kernel_state: Any = None
+        self.register_load_state_dict_post_hook(_after_load)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -166,7 +174,15 @@ class QuantLinear(nn.Module):
             if not x.is_floating_point():
                 raise TypeError(f"QuantLinear expects a floating-point input, got {in_dtype}")
             x = x.to(torch.float32)
-        y = ops.gemm(x, self.packed, self.lut, self.scales, self.group_size)
+        ks = self.kernel_state
+        if ks is not None and x.is_cuda and x.dtype == self.gpu_scales.dtype:
+            # fast path: tensor-core kernel on the fragment-order repack (SPEC §4)
+            y = ops.gemm_gpu(
+                x, self.gpu_codes, self.gpu_scales, self.gpu_lut, self.out_features,
+                self.in_features, self.group_size, ks.lut_len, ks.arith_neg2,
+            )  # fmt: skip
+        else:
+            y = ops.gemm(x, self.packed, self.lut, self.scales, self.group_size)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y if y.dtype == in_dtype else y.to(in_dtype)
@@ -207,17 +223,42 @@ class QuantLinear(nn.Module):
     # ---- devices ------------------------------------------------------------------------------
 
     def prepare_for_device(self) -> None:
-        """Hook run after construction and after every device move (``.to()``, ``.cuda()``).
+        """Hook run after construction, after every device move (``.to()``, ``.cuda()``) and after
+        ``load_state_dict``.
 
-        CPU needs nothing. This is where the CUDA path builds its device-specific form of the
-        weight (the fragment-order repack of SPEC §4) into ``self.kernel_state``; ``forward``
-        keeps calling ``any4.gemm`` with the storage-layout buffers.
+        On CUDA (bf16/fp16 tables, a power-of-two group size >= 16, kernels built) it repacks the
+        weight once into the tensor-core fragment order (``any4.pack_for_gpu``, SPEC §4): the
+        non-persistent buffers ``gpu_codes``, ``gpu_scales``, ``gpu_lut`` (not saved; rebuilt from
+        the storage buffers), with the GpuWeight in ``self.kernel_state``. ``forward`` uses them
+        for CUDA inputs of the table dtype, and the storage-layout kernel otherwise. CPU needs
+        nothing.
         """
         self.kernel_state = None
+        for name in GPU_BUFFERS:
+            self._buffers.pop(name, None)
+        if self.packed.device.type != "cuda" or self.lut.dtype not in (
+            torch.bfloat16,
+            torch.float16,
+        ):
+            return
+        if self.group_size < 16 or self.group_size & (self.group_size - 1):
+            return
+        from .cuda import cuda_compiled
+        from .pack_gpu import pack_for_gpu
+
+        if not cuda_compiled():
+            return
+        w = pack_for_gpu(self.packed, self.lut, self.scales, self.in_features, self.group_size)
+        self.register_buffer("gpu_codes", w.codes, persistent=False)
+        self.register_buffer("gpu_scales", w.scales, persistent=False)
+        self.register_buffer("gpu_lut", w.lut, persistent=False)
+        self.kernel_state = w
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # Buffers move with the module but keep their dtype: the codes were assigned to the table
         # rounded to that dtype, so converting lut/scales would silently change the weight.
+        for name in GPU_BUFFERS:  # derived from the storage buffers; rebuilt below
+            self._buffers.pop(name, None)
         quant = {name: self._buffers.pop(name) for name in QUANT_BUFFERS}
         try:
             super()._apply(fn, recurse)

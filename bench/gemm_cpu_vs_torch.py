@@ -1,0 +1,307 @@
+"""CPU matmul on quantized weights: any4.gemm against PyTorch, measured in the same run.
+
+Compared, per shape N x K (SPEC §7), batch M and activation dtype (bf16, fp32):
+  any4.gemm with the any4 (per-row table), nf4 and int4 (shared table) formats, group size 128;
+  torch.ops.aten._weight_int4pack_mm_for_cpu (PyTorch's int4 CPU kernel; weights from
+  _convert_weight_to_int4pack_for_cpu, scale/zero [K/G, N, 2] in x's dtype, G = 128);
+  torch x @ W.T with a dense W in x's dtype.
+Both libraries use the same number of threads (torch.set_num_threads == any4.set_num_threads).
+
+Two regimes. "memory": weights rotate over copies totalling more than 3x the last-level cache,
+so every call reads its weights from DRAM, as a layer of a real model would (a batch-1 kernel is
+then bound by memory bandwidth). "cache": one copy reused, for shapes whose weights fit in the
+last-level cache; there the kernels' own speed shows.
+
+Candidates are timed round-robin so that load changes on a shared machine hit all of them alike
+(each round gives every candidate a turn of consecutive calls, see time_round_robin); the figure
+is the median after warm-up. Memory-copy and memory-read bandwidth are measured in the same run.
+The kernels' speed does not depend on the values, so the weights are random codes and tables of
+the right shapes and dtypes.
+
+    python bench/gemm_cpu_vs_torch.py [--threads 2] [--quick] [--memory-only]
+
+Writes bench/results/gemm_cpu.json and bench/results/gemm_cpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import any4
+
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+BATCHES = [1, 4, 16]
+GROUP = 128
+ROTATE_BYTES = 96 << 20  # > 3x a 32 MiB last-level cache
+CACHE_RESIDENT_BYTES = 16 << 20  # "cache" regime only for shapes whose int4 weights fit easily
+FORMATS = ("any4", "nf4", "int4")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list:
+    try:
+        return [float(v) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def copies_for(nbytes: int, rotate: bool) -> int:
+    return max(1, -(-ROTATE_BYTES // max(1, nbytes))) if rotate else 1
+
+
+def memory_bandwidth(seconds: float = 1.0) -> dict:
+    """Copy (read + write bytes) and read-only (sum) bandwidth of a 256 MiB buffer, GB/s."""
+    n = 256 << 20
+    src = torch.ones(n, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    words = src.view(torch.int64)
+
+    def rate(fn, bytes_moved):
+        fn()
+        times = []
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end or len(times) < 5:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return bytes_moved / statistics.median(times) / 1e9
+
+    return {
+        "copy_gbps": rate(lambda: dst.copy_(src), 2 * n),
+        "read_gbps": rate(lambda: words.sum(), n),
+    }
+
+
+def any4_operands(fmt: str, N: int, K: int, dtype: torch.dtype, gen: torch.Generator):
+    packed = torch.randint(0, 256, (N, (K + 1) // 2), dtype=torch.uint8, generator=gen)
+    rows = N if fmt == "any4" else 1
+    lut = (torch.arange(16, dtype=torch.float32) - 7.5).repeat(rows, 1)
+    lut = (lut + 0.1 * torch.randn(rows, 16, generator=gen)).to(dtype)
+    n_groups = -(-K // GROUP)
+    scales = torch.stack(
+        [
+            0.01 + 0.001 * torch.rand(N, n_groups, generator=gen),
+            0.01 * torch.randn(N, n_groups, generator=gen),
+        ],
+        -1,
+    ).to(dtype)
+    return packed, lut, scales
+
+
+def candidates(N: int, K: int, dtype: torch.dtype, gen: torch.Generator, rotate: bool) -> dict:
+    """name -> (list of weight operand tuples to rotate over, fn(x, operands), weight bytes)."""
+    out = {}
+    for fmt in FORMATS:
+        one = any4_operands(fmt, N, K, dtype, gen)
+        nbytes = sum(t.numel() * t.element_size() for t in one)
+        ops = [one] + [
+            any4_operands(fmt, N, K, dtype, gen) for _ in range(copies_for(nbytes, rotate) - 1)
+        ]
+        out[f"any4.gemm {fmt}"] = (ops, lambda x, o: any4.gemm(x, *o, GROUP), nbytes)
+
+    def torch_int4_operands():
+        q = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=gen)
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz = torch.stack(
+            [
+                0.01 + 0.001 * torch.rand(K // GROUP, N, generator=gen),
+                0.01 * torch.randn(K // GROUP, N, generator=gen),
+            ],
+            -1,
+        ).to(dtype)
+        return w, sz
+
+    one = torch_int4_operands()
+    nbytes = sum(t.numel() * t.element_size() for t in one)
+    ops = [one] + [torch_int4_operands() for _ in range(copies_for(nbytes, rotate) - 1)]
+    out["torch int4"] = (
+        ops,
+        lambda x, o: torch.ops.aten._weight_int4pack_mm_for_cpu(x, o[0], GROUP, o[1]),
+        nbytes,
+    )
+
+    nbytes = N * K * torch.tensor([], dtype=dtype).element_size()
+    ops = [(torch.randn(N, K, generator=gen).to(dtype),) for _ in range(copies_for(nbytes, rotate))]
+    out[f"torch x @ W.T ({str(dtype).replace('torch.', '')})"] = (
+        ops,
+        lambda x, o: x @ o[0].T,
+        nbytes,
+    )
+    return out
+
+
+def time_round_robin(
+    cands: dict, x: torch.Tensor, min_rounds: int, min_seconds: float, max_seconds: float
+) -> tuple:
+    """Median and minimum seconds per call for each candidate.
+
+    Each round gives every candidate a turn (weights rotating across calls): first an untimed
+    20 ms pause, so that the other library's worker threads, which spin for a while after their
+    own parallel regions, have gone to sleep and do not compete; then, for a fast candidate, two
+    untimed calls that wake this library's threads (and the core: after an idle gap the first
+    calls of either library run slower on this machine); then timed consecutive calls, as the
+    layers of a model run back to back.
+    """
+    names = list(cands)
+    est = {}
+    for name in names:  # warm-up: every weight copy once
+        ops, fn, _ = cands[name]
+        t = time.perf_counter()
+        for o in ops:
+            fn(x, o)
+        est[name] = (time.perf_counter() - t) / len(ops)
+    times = {n: [] for n in names}
+    start = time.perf_counter()
+    calls = dict.fromkeys(names, 0)
+    r = 0
+    while True:
+        for name in names:
+            ops, fn, _ = cands[name]
+            fast = est[name] < 0.02
+            time.sleep(0.02)
+            for _ in range(2 if fast else 0):
+                fn(x, ops[calls[name] % len(ops)])
+                calls[name] += 1
+            for _ in range(4 if fast else 1):
+                o = ops[calls[name] % len(ops)]
+                calls[name] += 1
+                t = time.perf_counter()
+                fn(x, o)
+                times[name].append(time.perf_counter() - t)
+        r += 1
+        elapsed = time.perf_counter() - start
+        if (r >= min_rounds and elapsed >= min_seconds) or (r >= 5 and elapsed >= max_seconds):
+            break
+    return {n: statistics.median(v) for n, v in times.items()}, {
+        n: min(v) for n, v in times.items()
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--quick", action="store_true", help="4096x4096 only, fewer rounds")
+    ap.add_argument("--memory-only", action="store_true", help="skip the cache-resident regime")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    any4.set_num_threads(args.threads)
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    min_rounds, min_s, max_s = (10, 0.5, 3.0) if args.quick else (30, 1.0, 8.0)
+    gen = torch.Generator().manual_seed(0)
+
+    info = {
+        "cpu": cpu_model(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "any4": any4.__version__,
+        "any4_cpu_impls": any4.build_info()["cpu_impls"],
+        "group_size": GROUP,
+        "load_average_before": load_average(),
+    }
+    bw = memory_bandwidth()
+    info.update(bw)
+    print(
+        f"{info['cpu']}, {args.threads} threads, torch {torch.__version__}; "
+        f"copy {bw['copy_gbps']:.1f} GB/s, read {bw['read_gbps']:.1f} GB/s; load {info['load_average_before']}"
+    )
+    rows = []
+    runs = [(N, K, "memory") for N, K in shapes]
+    runs += [
+        (N, K, "cache")
+        for N, K in shapes
+        if N * K // 2 <= CACHE_RESIDENT_BYTES and not args.memory_only
+    ]
+    for N, K, weights in runs:
+        for dtype in (torch.bfloat16, torch.float32):
+            cands = candidates(N, K, dtype, gen, rotate=weights == "memory")
+            for M in BATCHES:
+                x = torch.randn(M, K, generator=gen).to(dtype)
+                med, best = time_round_robin(cands, x, min_rounds, min_s, max_s)
+                io = 2 * M * (K + N) * x.element_size()
+                row = {"N": N, "K": K, "M": M, "x_dtype": str(dtype).replace("torch.", ""), "weights": weights,
+                       "ms": {n: t * 1e3 for n, t in med.items()},
+                    "ms_min": {n: t * 1e3 for n, t in best.items()},
+                       "gbps": {n: (cands[n][2] + io) / t / 1e9 for n, t in med.items()}}  # fmt: skip
+                ti = med["torch int4"]
+                dense = next(n for n in med if n.startswith("torch x @ W.T"))
+                row["speedup_vs_torch_int4"] = {f: ti / med[f"any4.gemm {f}"] for f in FORMATS}
+                row["speedup_vs_torch_dense"] = {
+                    f: med[dense] / med[f"any4.gemm {f}"] for f in FORMATS
+                }
+                rows.append(row)
+                print(f"{weights:<6} {N:>5}x{K:<5} M={M:<2} x={row['x_dtype']:<8} "
+                      + "  ".join(f"{n} {t * 1e3:.3f}ms" for n, t in med.items())
+                      + "  | any4/int4 vs torch int4: "
+                      + " ".join(f"{row['speedup_vs_torch_int4'][f]:.2f}x" for f in ("any4", "int4")), flush=True)  # fmt: skip
+            del cands
+    info["load_average_after"] = load_average()
+    info["results"] = rows
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gemm_cpu.json").write_text(json.dumps(info, indent=1) + "\n")
+    (args.out / "gemm_cpu.md").write_text(markdown(info) + "\n")
+    print(f"wrote {args.out / 'gemm_cpu.json'} and {args.out / 'gemm_cpu.md'}")
+
+
+def markdown(info: dict) -> str:
+    lines = [
+        "# CPU gemm: any4.gemm vs PyTorch",
+        "",
+        f"CPU: {info['cpu']}; threads: {info['threads']} (torch and any4); torch {info['torch']}; "
+        f"group size {info['group_size']}.",
+        "Weights from **memory**: rotated over copies > 96 MiB, every call reads them from DRAM "
+        "(what a layer of a real model does); weights in **cache**: one copy reused (shapes that "
+        "fit in the last-level cache), the kernels' own speed.",
+        f"Memory bandwidth in the same run: copy {info['copy_gbps']:.1f} GB/s (read + write), "
+        f"read {info['read_gbps']:.1f} GB/s. Load average before / after: "
+        f"{info['load_average_before']} / {info['load_average_after']}.",
+        "Times are medians (ms); ratios are torch time / any4 time (> 1: any4 faster); GB/s counts "
+        "weights + x + y bytes.",
+        "",
+    ]
+    for weights in ("memory", "cache"):
+        for dtype in ("bfloat16", "float32"):
+            if not any(r["weights"] == weights and r["x_dtype"] == dtype for r in info["results"]):
+                continue
+            lines += [
+                f"## weights in {weights}, x {dtype}",
+                "",
+                "| N x K | M | any4 | nf4 | int4 | torch int4 | torch dense | any4 GB/s | any4 / torch int4 | "
+                "int4 / torch int4 | any4 / torch dense |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for r in info["results"]:
+                if r["x_dtype"] != dtype or r["weights"] != weights:
+                    continue
+                ms = r["ms"]
+                dense = next(n for n in ms if n.startswith("torch x @ W.T"))
+                lines.append(
+                    f"| {r['N']}x{r['K']} | {r['M']} | {ms['any4.gemm any4']:.3f} | {ms['any4.gemm nf4']:.3f} | "
+                    f"{ms['any4.gemm int4']:.3f} | {ms['torch int4']:.3f} | {ms[dense]:.3f} | "
+                    f"{r['gbps']['any4.gemm any4']:.1f} | {r['speedup_vs_torch_int4']['any4']:.2f}x | "
+                    f"{r['speedup_vs_torch_int4']['int4']:.2f}x | {r['speedup_vs_torch_dense']['any4']:.2f}x |"
+                )
+            lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

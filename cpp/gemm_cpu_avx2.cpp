@@ -1,0 +1,614 @@
+// AVX2 + FMA (+ F16C) CPU gemm kernel, float32 arithmetic for every dtype.
+//
+// Same structure as the AVX-512 kernel with 8 lanes: a block is 16 codes (8 packed bytes),
+// decoded as [8 even elements, 8 odd elements]; the 16-entry float32 table is two 8-entry
+// registers, vpermps looks up both halves and a blend on bit 3 of the code (moved to the sign
+// bit) picks one. Small batches (M <= 4) decode into registers and split each group's sum as
+// s * sum(x * lut[code]) + z * sum(x) (group sums of x computed once per call); larger batches
+// decode w = lut[code] * scale + zero with one fma into a small per-tile buffer, then a
+// register-blocked micro-kernel reuses it for all x rows.
+//
+// bf16 tables (group size a multiple of 32) take a cheaper lookup: vpshufb looks 32 codes up at
+// once in the two byte planes of the 16 bf16 entries (low bytes, high bytes), two byte unpacks
+// give 32 bf16 values and a shift / mask widens them to float32 (exact). That decodes a block
+// of 32 codes in about half the instructions of the two-halves lookup, in another element order
+// (see shuf_k), which x follows.
+// Only this file's own functions and plain loops: see gemm_cpu_kernel.h for why.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "gemm_cpu_kernel.h"
+
+namespace any4 {
+namespace gemm_detail {
+namespace {
+
+constexpr int64_t kBlock = 16;   // codes per block (8 packed bytes)
+constexpr int64_t kRows = 4;     // weight rows per tile
+constexpr int kMR = 2;           // x rows per buffered micro-kernel call
+constexpr int kDirectRows = 4;   // x rows up to which blocks are decoded into registers
+constexpr int64_t kChunk = 512;  // codes per k-chunk (multiple of kBlock)
+
+inline int64_t imin(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+inline int64_t imax(int64_t a, int64_t b) {
+  return a > b ? a : b;
+}
+inline int64_t round_up(int64_t a, int64_t b) {
+  return (a + b - 1) / b * b;
+}
+
+inline int64_t elem_size(DType d) {
+  return d == DType::F32 ? 4 : 2;
+}
+
+// 8 elements of dtype d from p[offset, offset + count) as float32 (count in [0, 8], rest zero).
+inline __m256 load8_f32(const void* p, DType d, int64_t offset, int64_t count) {
+  alignas(32) unsigned char tmp[32];
+  const int64_t es = elem_size(d);
+  const unsigned char* src = static_cast<const unsigned char*>(p) + offset * es;
+  if (count < 8) {
+    std::memset(tmp, 0, sizeof(tmp));
+    if (count > 0) std::memcpy(tmp, src, static_cast<size_t>(count * es));
+    src = tmp;
+  }
+  switch (d) {
+    case DType::F32:
+      return _mm256_loadu_ps(reinterpret_cast<const float*>(src));
+    case DType::F16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    case DType::BF16:
+    default:
+      return _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))), 16));
+  }
+}
+
+// Converts count elements of dtype d at p[offset...] to float32 dst[0, count).
+inline void convert_f32(const void* p, DType d, int64_t offset, int64_t count, float* dst) {
+  for (int64_t i = 0; i < count; i += 8) {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, load8_f32(p, d, offset + i, imin(8, count - i)));
+    for (int64_t j = 0; j < imin(8, count - i); ++j) dst[i + j] = tmp[j];
+  }
+}
+
+// The 8 packed bytes of block b of a row of P bytes, widened to 8 dwords (past the row end: 0).
+inline __m256i load_block_codes(const uint8_t* row, int64_t P, int64_t b) {
+  const int64_t off = b * 8, rem = P - off;
+  if (rem >= 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + off)));
+  alignas(16) unsigned char tmp[16] = {0};
+  if (rem > 0) std::memcpy(tmp, row + off, static_cast<size_t>(rem));
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tmp)));
+}
+
+// table[idx & 15] for 8 indices (bits above 3 ignored).
+inline __m256 lookup16(__m256i idx, __m256 table_lo, __m256 table_hi) {
+  const __m256 lo = _mm256_permutevar8x32_ps(table_lo, idx);
+  const __m256 hi = _mm256_permutevar8x32_ps(table_hi, idx);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// float32 -> bfloat16 bits (round to nearest even, NaN stays NaN) for 8 values.
+inline __m128i f32_to_bf16_bits(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  r = _mm256_blendv_epi8(r, quiet, nan);
+  // Pack the low 16 bits of the 8 dwords (values < 2^16, so unsigned saturation is exact).
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+// Stores the first count (<= 8) lanes of v to p[offset...] as dtype d.
+inline void store8(void* p, DType d, int64_t offset, int64_t count, __m256 v) {
+  alignas(32) unsigned char tmp[32];
+  const int64_t es = elem_size(d);
+  switch (d) {
+    case DType::F32:
+      _mm256_store_ps(reinterpret_cast<float*>(tmp), v);
+      break;
+    case DType::F16:
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp),
+                      _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+    case DType::BF16:
+    default:
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), f32_to_bf16_bits(v));
+      break;
+  }
+  std::memcpy(static_cast<unsigned char*>(p) + offset * es, tmp, static_cast<size_t>(count * es));
+}
+
+inline int64_t group_slots(int64_t n_groups) {
+  return round_up(n_groups + 8, 8);
+}
+
+// The vpshufb lookup: bf16 tables, every 32-code block in one group.
+constexpr int64_t kShufBlock = 32;
+inline bool shuf_mode(const GemmArgs& a) {
+  return a.table_dtype == DType::BF16 && (a.n_groups == 1 || a.group_size % kShufBlock == 0);
+}
+
+// Element of a 32-block held by lane i (0-7) of decoded vector q (0-3) in the vpshufb order.
+inline int64_t shuf_k(int64_t q, int64_t i) {
+  return 16 * (q / 2) + 2 * (q % 2) + 4 * (i % 4) + i / 4;
+}
+
+// x rows and code rows are processed in whole units (see direct_tile), zero past K.
+int64_t padded_k(const GemmArgs& a) {
+  const int64_t block = shuf_mode(a) ? kShufBlock : kBlock;
+  if (a.n_groups > 1 && a.group_size % block == 0) return round_up(a.K, a.group_size);
+  return round_up(a.K, block);
+}
+
+// Per pass of mb rows: float32 rows of Kx elements, each 16-block ordered [even 8, odd 8], zero
+// past K; then float32 group sums [mb][group_slots] (used by the direct path).
+size_t x_sums_offset(const GemmArgs& a, int64_t mb) {
+  return static_cast<size_t>(mb * padded_k(a)) * sizeof(float);
+}
+
+size_t x_bytes(const GemmArgs& a, int64_t mb) {
+  return x_sums_offset(a, mb) + static_cast<size_t>(mb * group_slots(a.n_groups)) * sizeof(float);
+}
+
+void prepare_x(const GemmArgs& a, int64_t m0, int64_t mb, int64_t r0, int64_t r1, void* xbuf) {
+  const int64_t K = a.K, Kx = padded_k(a), G = a.group_size, slots = group_slots(a.n_groups);
+  float* xb = static_cast<float*>(xbuf);
+  float* sums = reinterpret_cast<float*>(static_cast<char*>(xbuf) + x_sums_offset(a, mb));
+  const bool shuf = shuf_mode(a);
+  int order[kShufBlock];
+  for (int q = 0; q < 4; ++q)
+    for (int i = 0; i < 8; ++i) order[q * 8 + i] = static_cast<int>(shuf_k(q, i));
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t src = (m0 + r) * K;
+    float* dst = xb + r * Kx;
+    for (int64_t k0 = 0; shuf && k0 < Kx; k0 += kShufBlock) {
+      alignas(32) float tmp[kShufBlock];
+      for (int64_t q = 0; q < 4; ++q)
+        _mm256_store_ps(tmp + 8 * q,
+                        load8_f32(a.x, a.x_dtype, src + k0 + 8 * q, imax(0, imin(8, K - k0 - 8 * q))));
+      for (int j = 0; j < kShufBlock; ++j) dst[k0 + j] = tmp[order[j]];
+    }
+    for (int64_t k0 = 0; !shuf && k0 < Kx; k0 += kBlock) {
+      const __m256 lo = load8_f32(a.x, a.x_dtype, src + k0, imax(0, imin(8, K - k0)));
+      const __m256 hi = load8_f32(a.x, a.x_dtype, src + k0 + 8, imax(0, imin(8, K - k0 - 8)));
+      // shuffle_ps works per 128-bit lane: [l0 l2 h0 h2 | l4 l6 h4 h6]; permute4x64 fixes the order.
+      const __m256 ev = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+      const __m256 od = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+      _mm256_store_ps(dst + k0, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xd8)));
+      _mm256_store_ps(dst + k0 + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xd8)));
+    }
+    float* sum_row = sums + r * slots;
+    for (int64_t g = 0; g < slots; ++g) sum_row[g] = 0.f;
+    for (int64_t g = 0; g < a.n_groups; ++g) {
+      const int64_t end = imin(K, (g + 1) * G);
+      __m256 s = _mm256_setzero_ps();
+      for (int64_t k = g * G; k < end; k += 8)
+        s = _mm256_add_ps(s, load8_f32(a.x, a.x_dtype, src + k, imin(8, end - k)));
+      sum_row[g] = hsum(s);
+    }
+  }
+}
+
+size_t scratch_bytes(const GemmArgs& a, int64_t mb) {
+  return static_cast<size_t>(kRows * kChunk + 2 * kRows * group_slots(a.n_groups) + 2 * a.n_groups + 8 +
+                             mb * kRows * 8) *
+         sizeof(float);
+}
+
+// Decodes blocks [b0, b0 + nb) of one weight row to float32 w = lut[code] * scale + zero.
+// kAligned: every block lies in one group (blocks_per_group of them); otherwise a block spans at
+// most two groups (group_size a multiple of 8).
+template <bool kAligned>
+inline void decode_row(const uint8_t* row, int64_t P, __m256 t_lo, __m256 t_hi, const float* scale,
+                       const float* zero, int64_t G, int64_t blocks_per_group, int64_t b0, int64_t nb,
+                       float* out) {
+  if (kAligned) {
+    int64_t g = b0 / blocks_per_group, j = b0 - g * blocks_per_group;
+    __m256 s = _mm256_set1_ps(scale[g]), z = _mm256_set1_ps(zero[g]);
+    for (int64_t i = 0; i < nb; ++i) {
+      const __m256i v = load_block_codes(row, P, b0 + i);
+      _mm256_store_ps(out + i * kBlock, _mm256_fmadd_ps(lookup16(v, t_lo, t_hi), s, z));
+      _mm256_store_ps(out + i * kBlock + 8,
+                      _mm256_fmadd_ps(lookup16(_mm256_srli_epi32(v, 4), t_lo, t_hi), s, z));
+      if (++j == blocks_per_group) {
+        j = 0;
+        ++g;
+        s = _mm256_set1_ps(scale[g]);
+        z = _mm256_set1_ps(zero[g]);
+      }
+    }
+  } else {
+    const __m256i lane_even = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    for (int64_t i = 0; i < nb; ++i) {
+      const int64_t k0 = (b0 + i) * kBlock, g0 = k0 / G;
+      // Lanes at or past the next group's start take group g0 + 1.
+      const __m256i first_next = _mm256_set1_epi32(static_cast<int>((g0 + 1) * G - 1));
+      const __m256i k_even = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k0)), lane_even);
+      const __m256i k_odd = _mm256_add_epi32(k_even, _mm256_set1_epi32(1));
+      const __m256 next_even = _mm256_castsi256_ps(_mm256_cmpgt_epi32(k_even, first_next));
+      const __m256 next_odd = _mm256_castsi256_ps(_mm256_cmpgt_epi32(k_odd, first_next));
+      const __m256 s0 = _mm256_set1_ps(scale[g0]), s1 = _mm256_set1_ps(scale[g0 + 1]);
+      const __m256 z0 = _mm256_set1_ps(zero[g0]), z1 = _mm256_set1_ps(zero[g0 + 1]);
+      const __m256i v = load_block_codes(row, P, b0 + i);
+      _mm256_store_ps(out + i * kBlock,
+                      _mm256_fmadd_ps(lookup16(v, t_lo, t_hi), _mm256_blendv_ps(s0, s1, next_even),
+                                      _mm256_blendv_ps(z0, z1, next_even)));
+      _mm256_store_ps(out + i * kBlock + 8, _mm256_fmadd_ps(lookup16(_mm256_srli_epi32(v, 4), t_lo, t_hi),
+                                                            _mm256_blendv_ps(s0, s1, next_odd),
+                                                            _mm256_blendv_ps(z0, z1, next_odd)));
+    }
+  }
+}
+
+template <int MR>
+inline void dot_tile(const float* x, int64_t x_stride, const float* w, int64_t len, __m256* acc) {
+  __m256 c[MR][kRows];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < kRows; ++r) c[m][r] = acc[m * kRows + r];
+  for (int64_t k = 0; k < len; k += 8) {
+    __m256 wv[kRows];
+    for (int r = 0; r < kRows; ++r) wv[r] = _mm256_load_ps(w + r * kChunk + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_load_ps(x + m * x_stride + k);
+      for (int r = 0; r < kRows; ++r) c[m][r] = _mm256_fmadd_ps(xv, wv[r], c[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < kRows; ++r) acc[m * kRows + r] = c[m][r];
+}
+
+struct Tile {
+  int64_t t = 0, n0 = 0, nr = 0;  // tile index, first weight row, valid rows (<= kRows)
+  const uint8_t* rows[kRows];
+  __m256 t_lo[kRows], t_hi[kRows];   // table entries 0-7 and 8-15
+  __m256i t_b0[kRows], t_b1[kRows];  // vpshufb mode: low / high bytes of the 16 bf16 entries
+  const float* scale[kRows];         // per row: scale[slots], then zero[slots]
+};
+
+// Byte planes of a bf16 table row (entries past lut_len zero), each twice (one per 128-bit lane).
+inline void load_table_planes(const GemmArgs& a, int64_t n, __m256i& b0, __m256i& b1) {
+  alignas(16) uint16_t t[16] = {0};
+  const int64_t row = a.lut_rows == 1 ? 0 : n;
+  std::memcpy(t, static_cast<const uint16_t*>(a.lut) + row * a.lut_len, static_cast<size_t>(a.lut_len) * 2);
+  const __m128i w0 = _mm_load_si128(reinterpret_cast<const __m128i*>(t));
+  const __m128i w1 = _mm_load_si128(reinterpret_cast<const __m128i*>(t + 8));
+  const __m128i low = _mm_set1_epi16(0xff);
+  b0 = _mm256_broadcastsi128_si256(_mm_packus_epi16(_mm_and_si128(w0, low), _mm_and_si128(w1, low)));
+  b1 = _mm256_broadcastsi128_si256(_mm_packus_epi16(_mm_srli_epi16(w0, 8), _mm_srli_epi16(w1, 8)));
+}
+
+// The 16 packed bytes of 32-block b of a row of P bytes (past the row end: 0), in both lanes.
+inline __m256i load_block_codes32(const uint8_t* row, int64_t P, int64_t b) {
+  const int64_t off = b * 16, rem = P - off;
+  if (rem >= 16)
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + off)));
+  alignas(16) unsigned char tmp[16] = {0};
+  if (rem > 0) std::memcpy(tmp, row + off, static_cast<size_t>(rem));
+  return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+}
+
+// vpshufb decode of a 32-block: v[q] lane i = table value of element shuf_k(q, i), as float32.
+inline void decode_shuf(__m256i codes, __m256i b0, __m256i b1, __m256 v[4]) {
+  // Lane 0: low nibbles (elements 2j), lane 1: high nibbles (elements 2j + 1).
+  const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(codes, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                       _mm256_set1_epi8(0x0f));
+  const __m256i lo = _mm256_shuffle_epi8(b0, idx), hi = _mm256_shuffle_epi8(b1, idx);
+  const __m256i wa = _mm256_unpacklo_epi8(lo, hi), wb = _mm256_unpackhi_epi8(lo, hi);  // bf16 words
+  const __m256i high_word = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(wa, 16));
+  v[1] = _mm256_castsi256_ps(_mm256_and_si256(wa, high_word));
+  v[2] = _mm256_castsi256_ps(_mm256_slli_epi32(wb, 16));
+  v[3] = _mm256_castsi256_ps(_mm256_and_si256(wb, high_word));
+}
+
+// pairs: scratch for 2 * n_groups + 8 floats.
+inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, float* pairs, Tile& tile) {
+  const int64_t P = (a.K + 1) / 2, ng = a.n_groups, slots = group_slots(ng);
+  tile.t = t;
+  tile.n0 = t * kRows;
+  tile.nr = imin(kRows, a.N - tile.n0);
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int64_t n = tile.n0 + imin(r, tile.nr - 1);  // a short last tile repeats its last row
+    const int64_t lut_off = (a.lut_rows == 1 ? 0 : n) * a.lut_len;
+    tile.t_lo[r] = load8_f32(a.lut, a.table_dtype, lut_off, imin(8, a.lut_len));
+    tile.t_hi[r] = load8_f32(a.lut, a.table_dtype, lut_off + 8, imax(0, a.lut_len - 8));
+    if (a.table_dtype == DType::BF16) load_table_planes(a, n, tile.t_b0[r], tile.t_b1[r]);
+    tile.rows[r] = a.packed + n * P;
+    float* s = scale_zero + 2 * r * slots;
+    float* z = s + slots;
+    convert_f32(a.scales, a.table_dtype, n * ng * 2, ng * 2, pairs);
+    for (int64_t g = 0; g < slots; ++g) {
+      s[g] = g < ng ? pairs[2 * g] : 0.f;
+      z[g] = g < ng ? pairs[2 * g + 1] : 0.f;
+    }
+    tile.scale[r] = s;
+  }
+}
+
+// Software prefetch of the codes of the tile two ahead, spread over the work: as this tile's
+// units (or chunks) advance through the row bytes, the same bytes of that tile's rows are
+// prefetched, one cache line per row at a time. At batch 1-4 the kernel is bound by how fast
+// codes arrive from memory; the hardware prefetcher alone keeps too few misses in flight with
+// several row streams. (Inline asm: GCC deletes loops made only of _mm_prefetch.)
+struct Prefetcher {
+  const uint8_t* rows[kRows];
+  int64_t next = 0, end = 0;  // next byte offset to prefetch, row length (0: nothing to do)
+
+  void start(const GemmArgs& a, int64_t t) {
+    next = end = 0;
+    if (t * kRows >= a.N) return;
+    end = (a.K + 1) / 2;
+    for (int64_t r = 0; r < kRows; ++r) rows[r] = a.packed + imin(t * kRows + r, a.N - 1) * end;
+  }
+  // Prefetches up to byte offset b (exclusive) of every row.
+  void advance(int64_t b) {
+    for (b = imin(b, end); next < b; next += 64)
+      for (int r = 0; r < kRows; ++r) asm volatile("prefetcht0 %0" : : "m"(rows[r][next]));
+  }
+};
+
+// y[m0 + m, tile rows] = lane sums of acc[m][r] (+ sum_g zero[r][g] * xsum[m][g] if sums).
+inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t mb, const __m256* acc,
+                       const float* sums) {
+  const int64_t slots = group_slots(a.n_groups);
+  for (int64_t m = 0; m < mb; ++m) {
+    alignas(32) float y[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int64_t r = 0; r < kRows; ++r) {
+      __m256 c = acc[m * kRows + r];
+      if (sums) {
+        const float* zero = tile.scale[r] + slots;
+        for (int64_t g = 0; g < slots; g += 8)
+          c = _mm256_fmadd_ps(_mm256_loadu_ps(zero + g), _mm256_loadu_ps(sums + m * slots + g), c);
+      }
+      y[r] = hsum(c);
+    }
+    store8(a.y, a.x_dtype, (m0 + m) * a.N + tile.n0, tile.nr, _mm256_load_ps(y));
+  }
+}
+
+// Scale of unit u as 8 lanes. kAligned (group_size % 16 == 0 or a single group): a unit is a
+// group. Otherwise a unit is a block, which spans at most two groups (group_size a multiple of
+// 8; boundaries are even, so the even and odd halves of a block share their lane groups).
+template <bool kAligned>
+inline __m256 unit_scale(const float* scale, int64_t G, int64_t u) {
+  if (kAligned) return _mm256_set1_ps(scale[u]);
+  const int64_t k0 = u * kBlock, g0 = k0 / G;
+  const __m256i k =
+      _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k0)), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
+  const __m256 next =
+      _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, _mm256_set1_epi32(static_cast<int>((g0 + 1) * G - 1))));
+  return _mm256_blendv_ps(_mm256_set1_ps(scale[g0]), _mm256_set1_ps(scale[g0 + 1]), next);
+}
+
+// Direct path: MR x rows against weight rows [r0, r0 + RS) of the tile, blocks decoded into
+// registers; totals in registers when MR * RS <= 4, else in acc (memory).
+template <int MR, int RS, bool kAligned>
+void direct_tile(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, const float* x,
+                 int64_t x_stride, __m256* acc) {
+  const int64_t P = (a.K + 1) / 2, G = a.group_size, Kx = padded_k(a);
+  const int64_t unit = kAligned ? (a.n_groups == 1 ? Kx : G) : kBlock, blocks_per_unit = unit / kBlock;
+  constexpr bool kRegTotals = MR * RS <= 4;
+  __m256 t_lo[RS], t_hi[RS];  // local copies: the compiler reloads tile members in the loop
+  const uint8_t* rows[RS];
+  for (int r = 0; r < RS; ++r) {
+    t_lo[r] = tile.t_lo[r0 + r];
+    t_hi[r] = tile.t_hi[r0 + r];
+    rows[r] = tile.rows[r0 + r];
+  }
+  __m256 tot[MR][RS];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < RS; ++r) tot[m][r] = _mm256_setzero_ps();
+  for (int64_t u = 0; u * unit < Kx; ++u) {
+    if (r0 == 0) pf.advance((u + 1) * unit / 2);
+    // Few accumulators: separate ones for the even and odd halves, so that enough independent
+    // fma chains are in flight (two dependent fmas per block would be latency-bound).
+    constexpr int kHalves = MR * RS <= 4 ? 2 : 1;
+    __m256 c[MR][RS][kHalves];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < RS; ++r)
+        for (int h = 0; h < kHalves; ++h) c[m][r][h] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < blocks_per_unit; ++j) {
+      const int64_t b = u * blocks_per_unit + j, k = b * kBlock;
+      for (int r = 0; r < RS; ++r) {
+        const __m256i v = load_block_codes(rows[r], P, b);
+        const __m256 lo = lookup16(v, t_lo[r], t_hi[r]);
+        const __m256 hi = lookup16(_mm256_srli_epi32(v, 4), t_lo[r], t_hi[r]);
+        for (int m = 0; m < MR; ++m) {
+          c[m][r][0] = _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k), lo, c[m][r][0]);
+          c[m][r][kHalves - 1] =
+              _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k + 8), hi, c[m][r][kHalves - 1]);
+        }
+      }
+    }
+    for (int r = 0; r < RS; ++r) {
+      const __m256 s = unit_scale<kAligned>(tile.scale[r0 + r], G, u);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 sum = kHalves == 2 ? _mm256_add_ps(c[m][r][0], c[m][r][kHalves - 1]) : c[m][r][0];
+        if (kRegTotals)
+          tot[m][r] = _mm256_fmadd_ps(sum, s, tot[m][r]);
+        else
+          acc[m * kRows + r0 + r] =
+              _mm256_fmadd_ps(sum, s, u > 0 ? acc[m * kRows + r0 + r] : _mm256_setzero_ps());
+      }
+    }
+    if (!kRegTotals) asm volatile("" ::: "memory");  // keep the totals in memory
+  }
+  if (kRegTotals)
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < RS; ++r) acc[m * kRows + r0 + r] = tot[m][r];
+}
+
+// All weight rows of the tile for `rows` (1..kDirectRows) x rows, one weight row per sweep (16
+// registers: more rows at once spill the accumulators).
+template <int MR, bool kAligned>
+void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, Prefetcher& pf, const float* x,
+                 int64_t x_stride, __m256* acc) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return direct_rows<MR - 1, kAligned>(rows, a, tile, pf, x, x_stride, acc);
+  }
+  for (int r0 = 0; r0 < kRows; ++r0) direct_tile<MR, 1, kAligned>(a, tile, pf, r0, x, x_stride, acc);
+}
+
+// vpshufb mode, direct path: MR x rows against weight rows [r0, r0 + RS); units are groups.
+template <int MR, int RS>
+void direct_tile_shuf(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, const float* x,
+                      int64_t x_stride, __m256* acc) {
+  const int64_t P = (a.K + 1) / 2, Kx = padded_k(a);
+  const int64_t unit = a.n_groups == 1 ? Kx : a.group_size, blocks_per_unit = unit / kShufBlock;
+  constexpr bool kRegTotals = MR * RS <= 4;
+  __m256i b0[RS], b1[RS];  // local copies: the compiler reloads tile members in the loop
+  const uint8_t* rows[RS];
+  for (int r = 0; r < RS; ++r) {
+    b0[r] = tile.t_b0[r0 + r];
+    b1[r] = tile.t_b1[r0 + r];
+    rows[r] = tile.rows[r0 + r];
+  }
+  __m256 tot[MR][RS];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < RS; ++r) tot[m][r] = _mm256_setzero_ps();
+  for (int64_t u = 0; u * unit < Kx; ++u) {
+    if (r0 == 0) pf.advance((u + 1) * unit / 2);
+    constexpr int kHalves = MR * RS <= 2 ? 2 : 1;  // enough independent fma chains
+    __m256 c[MR][RS][kHalves];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < RS; ++r)
+        for (int h = 0; h < kHalves; ++h) c[m][r][h] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < blocks_per_unit; ++j) {
+      const int64_t b = u * blocks_per_unit + j, k = b * kShufBlock;
+      for (int r = 0; r < RS; ++r) {
+        __m256 v[4];
+        decode_shuf(load_block_codes32(rows[r], P, b), b0[r], b1[r], v);
+        for (int m = 0; m < MR; ++m)
+          for (int q = 0; q < 4; ++q)
+            c[m][r][q % kHalves] =
+                _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k + 8 * q), v[q], c[m][r][q % kHalves]);
+      }
+    }
+    for (int r = 0; r < RS; ++r) {
+      const __m256 s = _mm256_set1_ps(tile.scale[r0 + r][u]);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 sum = kHalves == 2 ? _mm256_add_ps(c[m][r][0], c[m][r][kHalves - 1]) : c[m][r][0];
+        if (kRegTotals)
+          tot[m][r] = _mm256_fmadd_ps(sum, s, tot[m][r]);
+        else
+          acc[m * kRows + r0 + r] =
+              _mm256_fmadd_ps(sum, s, u > 0 ? acc[m * kRows + r0 + r] : _mm256_setzero_ps());
+      }
+    }
+    if (!kRegTotals) asm volatile("" ::: "memory");  // keep the totals in memory
+  }
+  if (kRegTotals)
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < RS; ++r) acc[m * kRows + r0 + r] = tot[m][r];
+}
+
+template <int MR>
+void direct_rows_shuf(int64_t rows, const GemmArgs& a, const Tile& tile, Prefetcher& pf, const float* x,
+                      int64_t x_stride, __m256* acc) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return direct_rows_shuf<MR - 1>(rows, a, tile, pf, x, x_stride, acc);
+  }
+  constexpr int kRS = MR == 1 ? 2 : 1;
+  for (int r0 = 0; r0 < kRows; r0 += kRS) direct_tile_shuf<MR, kRS>(a, tile, pf, r0, x, x_stride, acc);
+}
+
+// vpshufb mode, buffered path: 32-blocks [b0, b0 + nb) of row r as w = lut[code] * scale + zero.
+inline void decode_row_shuf(const GemmArgs& a, const Tile& tile, int64_t r, int64_t b0, int64_t nb,
+                            float* out) {
+  const int64_t P = (a.K + 1) / 2, slots = group_slots(a.n_groups);
+  const int64_t blocks_per_group = a.n_groups == 1 ? padded_k(a) / kShufBlock + 2 : a.group_size / kShufBlock;
+  const float* scale = tile.scale[r];
+  const float* zero = scale + slots;
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t g = (b0 + i) / blocks_per_group;
+    const __m256 s = _mm256_set1_ps(scale[g]), z = _mm256_set1_ps(zero[g]);
+    __m256 v[4];
+    decode_shuf(load_block_codes32(tile.rows[r], P, b0 + i), tile.t_b0[r], tile.t_b1[r], v);
+    for (int q = 0; q < 4; ++q) _mm256_store_ps(out + i * kShufBlock + 8 * q, _mm256_fmadd_ps(v[q], s, z));
+  }
+}
+
+template <bool kAligned>
+void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, int64_t t0, int64_t t1,
+                    float* scratch) {
+  const int64_t P = (a.K + 1) / 2, Kx = padded_k(a), ng = a.n_groups, slots = group_slots(ng);
+  const int64_t G = a.group_size;
+  const int64_t blocks_per_group = !kAligned ? 0 : ng == 1 ? Kx / kBlock + 2 : G / kBlock;
+  const float* sums =
+      reinterpret_cast<const float*>(reinterpret_cast<const char*>(xb) + x_sums_offset(a, mb));
+  const bool shuf = shuf_mode(a);
+  float* wbuf = scratch;
+  float* scale_zero = wbuf + kRows * kChunk;
+  float* pairs = scale_zero + 2 * kRows * slots;
+  __m256* acc = reinterpret_cast<__m256*>(pairs + round_up(2 * ng + 8, 8));
+  Tile tile;
+  for (int64_t t = t0; t < t1; ++t) {
+    load_tile(a, t, scale_zero, pairs, tile);
+    Prefetcher pf;
+    pf.start(a, t + 2);
+    if (mb <= kDirectRows) {
+      if (shuf)
+        direct_rows_shuf<kDirectRows>(mb, a, tile, pf, xb, Kx, acc);
+      else
+        direct_rows<kDirectRows, kAligned>(mb, a, tile, pf, xb, Kx, acc);
+      store_tile(a, tile, m0, mb, acc, sums);
+      continue;
+    }
+    for (int64_t i = 0; i < mb * kRows; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t kc = 0; kc < Kx; kc += kChunk) {
+      const int64_t len = imin(kChunk, Kx - kc);
+      pf.advance((kc + len) / 2);
+      for (int64_t r = 0; r < kRows; ++r) {
+        const float* s = tile.scale[r];
+        if (shuf)
+          decode_row_shuf(a, tile, r, kc / kShufBlock, len / kShufBlock, wbuf + r * kChunk);
+        else
+          decode_row<kAligned>(tile.rows[r], P, tile.t_lo[r], tile.t_hi[r], s, s + slots, G, blocks_per_group,
+                               kc / kBlock, len / kBlock, wbuf + r * kChunk);
+      }
+      const float* x = xb + kc;
+      int64_t m = 0;
+      for (; m + kMR <= mb; m += kMR) dot_tile<kMR>(x + m * Kx, Kx, wbuf, len, acc + m * kRows);
+      if (m < mb) dot_tile<1>(x + m * Kx, Kx, wbuf, len, acc + m * kRows);
+    }
+    store_tile(a, tile, m0, mb, acc, nullptr);
+  }
+}
+
+void run_tiles(const GemmArgs& a, int64_t m0, int64_t mb, const void* xbuf, int64_t t0, int64_t t1,
+               void* scratch) {
+  const float* x = static_cast<const float*>(xbuf);
+  float* s = static_cast<float*>(scratch);
+  if (a.n_groups == 1 || a.group_size % kBlock == 0)
+    run_tiles_impl<true>(a, m0, mb, x, t0, t1, s);
+  else
+    run_tiles_impl<false>(a, m0, mb, x, t0, t1, s);
+}
+
+}  // namespace
+
+Kernel avx2_kernel() {
+  Kernel k;
+  k.tile_rows = kRows;
+  k.pass_rows = 64;
+  k.x_bytes = x_bytes;
+  k.prepare_x = prepare_x;
+  k.scratch_bytes = scratch_bytes;
+  k.run_tiles = run_tiles;
+  return k;
+}
+
+}  // namespace gemm_detail
+}  // namespace any4
