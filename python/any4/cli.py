@@ -164,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--kernel",
-        choices=("auto", "gemm", "dequant"),
-        default="auto",
-        help="auto: any4.gemm on CUDA, dequantized dense matmul on CPU (same function)",
+        choices=("gemm", "dequant"),
+        default="gemm",
+        help="gemm (default): run the QuantLinear layers (any4.gemm); dequant: dense matmul on "
+        "the dequantized weights (same function)",
     )
     e.add_argument(
         "--out",

@@ -5,10 +5,10 @@ tokens (a shorter tail is dropped; ``max_tokens`` keeps the first windows), and 
 scored on exactly those windows: perplexity = exp(mean negative log-likelihood of each window's
 tokens 2..seq_len given the ones before). lm_head and embeddings stay in float.
 
-Kernels: ``kernel="gemm"`` runs the QuantLinear modules (any4.gemm); ``kernel="dequant"`` first
-replaces them by nn.Linear holding the dequantized weight (the same function, the framework's
-dense matmul). ``"auto"`` picks gemm on CUDA and dequant on CPU, where a 1024-token window is a
-large-batch product that dense BLAS does faster than the batch-1..16 any4 kernels.
+Kernels: ``kernel="gemm"`` (default) runs the QuantLinear modules, i.e. any4.gemm on CPU or
+CUDA; ``kernel="dequant"`` first replaces them by nn.Linear holding the dequantized weight: the
+same function through the framework's dense matmul (perplexities agree to ~1e-6 relative; on the
+2-core CPU a 1024-token window runs ~0.8x as fast through any4.gemm as through dense fp32 BLAS).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .model import quantize_model, quantized_layers
 from .nn import dequantize_model
 
 ALL_FORMATS = ("fp", "int4", "fp4", "nf4", "any4", "any3", "any2")
-KERNELS = ("auto", "gemm", "dequant")
+KERNELS = ("gemm", "dequant")
 
 
 def token_ids(text: str, tokenizer: Any) -> torch.Tensor:
@@ -114,10 +114,7 @@ def perplexity(
 def resolve_kernel(kernel: str, model: nn.Module) -> str:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel != "auto":
-        return kernel
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return "gemm" if device.type == "cuda" else "dequant"
+    return kernel
 
 
 def mean_bits_per_weight(model: nn.Module) -> Optional[float]:
@@ -137,7 +134,7 @@ def evaluate_formats(
     *,
     tokenizer: Any = None,
     calibration: Any = "default",
-    kernel: str = "auto",
+    kernel: str = "gemm",
     progress: bool = True,
     quantize_options: Optional[dict] = None,
     variants: Optional[Sequence[dict]] = None,
@@ -262,22 +259,25 @@ def plot(rows: Sequence[dict], path: str, title: str = "") -> None:
     sizes = sorted({r["group_size"] for r in quant})
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(fmts) + 2), 3.6), dpi=120)
     width = 0.8 / max(1, len(sizes))
+    # Linear scale; bars far above the float baseline (e.g. 2-bit) are cut at `cap` and labelled.
+    ref = fp[0] if fp else min((r["ppl"] for r in quant), default=1.0)
+    cap = 2.0 * ref
     for j, g in enumerate(sizes):
-        xs, ys = [], []
+        xs, ys, labels = [], [], []
         for i, f in enumerate(fmts):
             r = next((r for r in quant if r["fmt"] == f and r["group_size"] == g), None)
             if r is not None:
                 xs.append(i + (j - (len(sizes) - 1) / 2) * width)
-                ys.append(r["ppl"])
+                ys.append(min(r["ppl"], cap))
+                labels.append(f"{r['ppl']:.0f}\n(cut)" if r["ppl"] > cap else f"{r['ppl']:.2f}")
         bars = ax.bar(xs, ys, width=width, label=f"G={g}")
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        ax.bar_label(bars, labels=labels, fontsize=6, padding=1)
     if fp:
         ax.axhline(fp[0], color="k", linestyle="--", linewidth=1, label=f"fp {fp[0]:.2f}")
     ax.set_xticks(range(len(fmts)))
     ax.set_xticklabels(fmts)
     ax.set_ylabel("perplexity (lower is better)")
-    if quant and max(r["ppl"] for r in quant) > 4 * (fp[0] if fp else min(r["ppl"] for r in quant)):
-        ax.set_yscale("log")
+    ax.set_ylim(0, cap * 1.08)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
