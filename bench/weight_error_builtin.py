@@ -25,6 +25,21 @@ from any4.eval import environment
 from any4.model import eligible_layers
 
 
+def markdown(rows: list, ratio: float) -> list:
+    lines = [
+        "### Weight errors on the built-in model (all 210 quantized Linear layers, bf16 tables)",
+        "",
+        "| format | G | rel. sq. weight error | E[x²]-weighted rel. sq. error | share of it in top-1% E[x²] channels |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['fmt']} | {r['group_size']} | {r['weight_rel_sq_err']:.3g} | "
+                     f"{r['ex2_weighted_rel_sq_err']:.3g} | {r['top1pct_channel_share']:.3f} |")  # fmt: skip
+    lines += ["", f"Median over layers of mean |w| in the top-1% E[x²] input channels / mean |w|: {ratio:.3f}.",
+              "", "Command: `python bench/weight_error_builtin.py`"]  # fmt: skip
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--group-sizes", default="32,64,128")
@@ -65,17 +80,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     ratio = float(np.median(ratios))
-    lines = [
-        "### Weight errors on the built-in model (all 210 quantized Linear layers, bf16 tables)",
-        "",
-        "| format | G | rel. sq. weight error | E[x²]-weighted rel. sq. error | share of it in top-1% E[x²] channels |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['fmt']} | {r['group_size']} | {r['weight_rel_sq_err']:.5f} | "
-                     f"{r['ex2_weighted_rel_sq_err']:.5f} | {r['top1pct_channel_share']:.3f} |")  # fmt: skip
-    lines += ["", f"Median over layers of mean |w| in the top-1% E[x²] input channels / mean |w|: {ratio:.3f}.",
-              "", "Command: `python bench/weight_error_builtin.py`"]  # fmt: skip
+    lines = markdown(rows, ratio)
     with open(args.out + ".md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     with open(args.out + ".json", "w", encoding="utf-8") as f:
