@@ -264,6 +264,40 @@ def main() -> None:
     print(f"wrote {args.out / 'gemm_cpu.json'} and {args.out / 'gemm_cpu.md'}")
 
 
+# The issue's targets: (N, K) shapes, x dtype, M, format, baseline name, required ratio.
+TARGETS = [
+    ("bfloat16", 1, "any4", "torch int4", 1.0),
+    ("bfloat16", 16, "any4", "torch int4", 1.0),
+    ("bfloat16", 1, "int4", "torch int4", 1.2),
+    ("bfloat16", 16, "int4", "torch int4", 1.2),
+    ("float32", 1, "any4", "torch int4", 5.0),
+    ("float32", 1, "any4", "torch dense", 4.0),
+]
+TARGET_SHAPES = [(4096, 4096), (14336, 4096)]
+
+
+def targets_table(info: dict) -> list:
+    """Markdown lines: each target, per thread count and weight regime, for the target shapes."""
+    lines = [
+        "## Targets (ratio = torch time / any4 time, same run)",
+        "",
+        "| threads | weights | N x K | x | M | any4.gemm format | vs | ratio | target |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in info["results"]:
+        for dtype, M, fmt, base, need in TARGETS:
+            if (r["x_dtype"], r["M"]) != (dtype, M) or (r["N"], r["K"]) not in TARGET_SHAPES:
+                continue
+            key = "speedup_vs_torch_int4" if base == "torch int4" else "speedup_vs_torch_dense"
+            ratio = r[key][fmt]
+            mark = "met" if ratio >= need else "**not met**"
+            lines.append(
+                f"| {r['threads']} | {r['weights']} | {r['N']}x{r['K']} | {dtype} | {M} | {fmt} | {base} | "
+                f"{ratio:.2f}x | >= {need:g}x {mark} |"
+            )
+    return lines + [""]
+
+
 def markdown(info: dict) -> str:
     lines = [
         "# CPU gemm: any4.gemm vs PyTorch",
@@ -283,6 +317,7 @@ def markdown(info: dict) -> str:
         "weights + x + y bytes.",
         "",
     ]
+    lines += targets_table(info)
     for threads, weights, dtype in (
         (t, w, d)
         for t in info["threads"]
