@@ -2,11 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "pack.h"
 #include "parallel.h"
+#include "quantize_reassign.h"
 
 namespace any4 {
 namespace {
@@ -17,30 +19,6 @@ inline int nearest(const float* table, int L, float v) {
   if (lo == L) return L - 1;
   if (lo > 0 && (v - table[lo - 1]) <= (table[lo] - v)) return lo - 1;
   return lo;
-}
-
-// Re-assign a code to the nearest *dequantized* value fma(lut[c], s, z), starting from c.
-// lut is non-decreasing and s >= 0, so dequantized values are monotone in c: walk neighbours.
-inline int reassign(const float* lut, int L, float s, float z, float w, int c) {
-  auto err = [&](int j) { return std::fabs(std::fma(lut[j], s, z) - w); };
-  float e = err(c);
-  while (c + 1 < L) {
-    float e2 = err(c + 1);
-    if (e2 < e) {
-      ++c;
-      e = e2;
-    } else
-      break;
-  }
-  while (c > 0) {
-    float e2 = err(c - 1);
-    if (e2 < e) {
-      --c;
-      e = e2;
-    } else
-      break;
-  }
-  return c;
 }
 
 }  // namespace
@@ -76,11 +54,18 @@ void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& p, uin
 
   parallel_for(N, 1, [&](int64_t b, int64_t e) {
     std::vector<float> u(K), ew(K), s_raw(n_groups), z_raw(n_groups), cent(L);
+    float deq[16];
     for (int64_t n = b; n < e; ++n) {
       const float* wr = w + n * K;
       uint8_t* cr = codes + n * K;
       float* sc = scales + n * n_groups * 2;
-      for (int64_t k = 0; k < K; ++k)
+      uint32_t bad = 0;  // bit test, so the loop vectorises
+      for (int64_t k = 0; k < K; ++k) {
+        uint32_t bits;
+        std::memcpy(&bits, wr + k, 4);
+        bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+      }
+      for (int64_t k = 0; bad && k < K; ++k)
         if (!std::isfinite(wr[k]))
           throw std::invalid_argument("weight contains NaN or Inf at row " + std::to_string(n) + ", column " +
                                       std::to_string(k));
@@ -89,19 +74,25 @@ void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& p, uin
         int64_t k0 = g * G, k1 = std::min(K, k0 + G);
         float lo = wr[k0], hi = wr[k0];
         for (int64_t k = k0; k < k1; ++k) {
-          lo = std::min(lo, wr[k]);
-          hi = std::max(hi, wr[k]);
+          lo = wr[k] < lo ? wr[k] : lo;
+          hi = wr[k] > hi ? wr[k] : hi;
         }
         if (p.absmax) {
           float a = std::max(std::fabs(lo), std::fabs(hi));
           s_raw[g] = a;
           z_raw[g] = 0.f;
-          for (int64_t k = k0; k < k1; ++k) u[k] = a > 0 ? wr[k] / a : 0.f;
+          if (a > 0)
+            for (int64_t k = k0; k < k1; ++k) u[k] = wr[k] / a;
+          else
+            std::fill(u.begin() + k0, u.begin() + k1, 0.f);
         } else {
           float s = (hi - lo) / static_cast<float>(L - 1);
           s_raw[g] = s;
           z_raw[g] = s > 0 ? lo + s * mid : lo;
-          for (int64_t k = k0; k < k1; ++k) u[k] = s > 0 ? (wr[k] - lo) / s : mid;
+          if (s > 0)
+            for (int64_t k = k0; k < k1; ++k) u[k] = (wr[k] - lo) / s;
+          else
+            std::fill(u.begin() + k0, u.begin() + k1, mid);
         }
       }
       // 2. table and codes
@@ -114,10 +105,10 @@ void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& p, uin
             ANY4_CHECK(std::isfinite(er[k]) && er[k] >= 0, "sample weights must be finite and >= 0");
           wts = er;
         } else if (p.channel_weight) {
-          for (int64_t k = 0; k < K; ++k) {
-            float s = s_raw[k / G];
-            float f = p.scale_power == 0 ? 1.f : (p.scale_power == 1 ? s : s * s);
-            ew[k] = p.channel_weight[k] * f;
+          for (int64_t g = 0; g < n_groups; ++g) {
+            const float s = s_raw[g];
+            const float f = p.scale_power == 0 ? 1.f : (p.scale_power == 1 ? s : s * s);
+            for (int64_t k = g * G, k1 = std::min(K, k + G); k < k1; ++k) ew[k] = p.channel_weight[k] * f;
           }
           wts = ew.data();
         }
@@ -136,8 +127,8 @@ void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& p, uin
         sc[2 * g] = s;
         sc[2 * g + 1] = z;
         int64_t k0 = g * G, k1 = std::min(K, k0 + G);
-        for (int64_t k = k0; k < k1; ++k)
-          cr[k] = static_cast<uint8_t>(reassign(row_lut, L, s, z, wr[k], cr[k]));
+        for (int j = 0; j < L; ++j) deq[j] = std::fma(row_lut[j], s, z);
+        reassign_codes(deq, L, wr + k0, cr + k0, k1 - k0);
       }
     }
   });

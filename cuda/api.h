@@ -1,9 +1,12 @@
 // Host-side entry points of the CUDA kernels (built only when nvcc is found; see CMakeLists.txt).
-// Nothing here includes pybind11 or torch: raw device pointers in, errors as C++ exceptions.
+// Nothing here includes pybind11, torch or the CUDA headers: raw device pointers and a stream
+// handle (cudaStream_t as an integer) in, errors as C++ exceptions.
 #pragma once
 
 #include <cstdint>
 #include <string>
+
+#include "layout.cuh"
 
 namespace any4 {
 namespace cuda {
@@ -16,6 +19,55 @@ void check_device(int device);
 
 // "major.minor" compute capability of a device.
 std::string device_capability(int device);
+
+// Multiprocessor count of a device (cached).
+int num_sms(int device);
+
+// ---- tensor-core gemm on the GPU layout (cuda/layout.cuh, cpp/pack_gpu.h) ----
+struct TcGemmArgs {
+  const void* x = nullptr;  // [M, K_pad] bf16 / fp16, zero-padded to K_pad, 16-byte aligned
+  int dtype = 2;            // DType code of x, y and the packed tables: 1 fp16, 2 bf16
+  int64_t M = 0, N = 0, K = 0, group_size = 0;
+  const void* codes = nullptr;   // GPU layout, 16-byte aligned
+  const void* scales = nullptr;  // GPU layout, 8-byte aligned
+  const void* lut = nullptr;     // GPU layout, 16-byte aligned (unused by Arith)
+  int dequant = 1;               // gpu::Dequant
+  uint32_t arith_neg2 = 0;       // Arith constant (cpp/pack_gpu.h gpu_arith_constant)
+  void* y = nullptr;             // [M, N], x's dtype
+  float* workspace = nullptr;    // >= plan.workspace_floats() floats when splits > 1
+  int64_t workspace_floats = 0;
+  int* counters = nullptr;  // >= plan.counters() ints, zero before the first use (kept zero after)
+  int64_t n_counters = 0;
+  int64_t force_splits = 0;  // > 0: this many K splits (tests)
+  int device = 0;
+  uintptr_t stream = 0;  // cudaStream_t
+};
+
+// The grid plan (split-K, scratch sizes) gemm_tc will use on this device for this kernel
+// (dtype and dequantizer decide the kernel, whose occupancy sizes the grid).
+gpu::TcPlan gemm_tc_plan(int64_t M, int64_t N, int64_t K, int dtype, int dequant, int device,
+                         int64_t force_splits);
+
+// y = x @ dequant(W)^T with mma.sync m16n8k16, fp32 accumulation; asynchronous on `stream`.
+void gemm_tc(const TcGemmArgs& args);
+
+// ---- fallback gemm on the storage layout (any dtype, any group size, no tensor cores) ----
+struct SimtGemmArgs {
+  const void* x = nullptr;  // [M, K] contiguous
+  int x_dtype = 0;          // DType code: 0 fp32, 1 fp16, 2 bf16 (y has it too)
+  int64_t M = 0, K = 0, N = 0;
+  const uint8_t* packed = nullptr;  // [N, ceil(K/2)]
+  const void* lut = nullptr;        // [lut_rows, lut_len]
+  int64_t lut_rows = 1, lut_len = 16;
+  const void* scales = nullptr;  // [N, n_groups, 2]
+  int64_t n_groups = 0, group_size = 0;
+  int table_dtype = 0;
+  void* y = nullptr;  // [M, N]
+  int device = 0;
+  uintptr_t stream = 0;
+};
+
+void gemm_simt(const SimtGemmArgs& args);
 
 }  // namespace cuda
 }  // namespace any4

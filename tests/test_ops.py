@@ -73,3 +73,42 @@ def test_inductor_matches_eager():
     compiled = torch.compile(m, fullgraph=True)  # default backend: inductor (generates C++)
     x = torch.randn(3, 200)
     torch.testing.assert_close(compiled(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_op_fake_shapes_without_a_gpu():
+    """The fake of any4::gemm_gpu gives [..., N] in x's dtype (what torch.compile traces)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 200, dtype=torch.bfloat16)
+        codes = torch.empty(2, 4, 32, 16, dtype=torch.uint8)
+        scales = torch.empty(2, 4, 8, 4, dtype=torch.bfloat16)
+        lut = torch.empty(32, 32, dtype=torch.uint8)
+        y = torch.ops.any4.gemm_gpu(x, codes, scales, lut, 24, 200, 64, 16, -1)
+        assert y.shape == (2, 3, 24) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not any4.cuda_available(), reason="needs a CUDA device")
+def test_quantlinear_gpu_fast_path_compile_and_cuda_graph():
+    from any4.nn import QuantLinear
+
+    lin = torch.nn.Linear(256, 72, bias=True)
+    q = QuantLinear.from_linear(lin, "any4", 64, table_dtype=torch.bfloat16)
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    y_cpu = q(x)
+    qc = q.cuda()
+    assert qc.kernel_state is not None
+    xc = x.cuda()
+    y = qc(xc)
+    assert (y.float().cpu() - y_cpu.float()).norm() / y_cpu.float().norm() < 1e-2
+    compiled = torch.compile(qc, fullgraph=True)
+    torch.testing.assert_close(compiled(xc), y)
+    static_x = xc.clone()
+    qc(static_x)  # warm-up (scratch allocation) before capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = qc(static_x)
+    static_x.copy_(xc * 2)
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_y, qc(xc * 2))

@@ -1,5 +1,9 @@
 """Quantizer: every format's representation, error bounds, code optimality, bad input."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -246,3 +250,43 @@ def test_bad_weights():
         any4.quantize(gaussian(4, 64), "any4", group_size=32, stats=stats)
     with pytest.raises(ValueError, match="no activations"):
         any4.quantize(gaussian(4, 64), "any4", group_size=32, stats=any4.ChannelStats())
+
+
+def test_reassign_every_instruction_set_build_agrees():
+    """Code re-assignment is built per instruction set; every build must give identical codes."""
+    code = (
+        "import numpy as np, torch, any4, hashlib\n"
+        "rng = np.random.default_rng(11)\n"
+        "w = torch.from_numpy(rng.standard_t(4, (5, 328)).astype(np.float32))\n"
+        "w[0, :64] = 0.25\n"  # a degenerate group
+        "h = hashlib.sha1()\n"
+        "for fmt in ('any4', 'any3', 'nf4', 'int4'):\n"
+        "    for dtype in ('bfloat16', 'float16', 'float32'):\n"
+        "        qt = any4.quantize(w, fmt, group_size=64, dtype=dtype)\n"
+        "        h.update(qt.codes().numpy().tobytes())\n"
+        "print(h.hexdigest())\n"
+    )
+    digests = set()
+    for isa in ("portable", "avx2", "avx512"):
+        env = dict(os.environ, ANY4_KMEANS_ISA=isa)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
+
+
+@pytest.mark.parametrize("fmt", ["any4", "any2", "nf4"])
+def test_codes_have_the_lowest_float32_error(fmt):
+    """Exactly: |fma(lut[c], s, z) - w| in float32 is the minimum over the table (bf16 tables,
+    so lut * s + z is exact in float64 and one rounding to float32 equals the fma)."""
+    N, K, G = 7, 200, 64
+    w = gaussian(N, K, seed=17)
+    qt = any4.quantize(w, fmt, group_size=G, dtype="bfloat16")
+    lut = np.broadcast_to(to_f64(qt.lut), (N, qt.lut.shape[1]))
+    sc = to_f64(qt.scales)
+    g = np.arange(K) // G
+    deq = (lut[:, None, :] * sc[:, g, 0][..., None] + sc[:, g, 1][..., None]).astype(np.float32)
+    err_all = np.abs(deq - to_f64(w).astype(np.float32)[..., None])  # float32 arithmetic
+    codes = qt.codes().numpy().astype(int)
+    err_code = np.take_along_axis(err_all, codes[..., None], axis=-1)[..., 0]
+    np.testing.assert_array_equal(err_code, err_all.min(-1))

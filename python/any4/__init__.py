@@ -6,6 +6,11 @@ Core API (tensors in, tensors out; torch tensors or numpy arrays):
     w_hat = any4.dequantize(qt)
     y = any4.gemm(x, qt.packed, qt.lut, qt.scales)                # y = x @ w_hat.T
     centroids, codes = any4.kmeans(values, weights, k=16)
+
+Models (torch):
+
+    any4.quantize_model(model, fmt="any4", group_size=128, tokenizer=tok)  # nn.Linear -> QuantLinear
+    any4.save(model, "out_dir"); model = any4.load("out_dir")
 """
 
 from __future__ import annotations
@@ -16,8 +21,25 @@ from .formats import FORMATS, Format, get_format
 from .gemm import gemm
 from .kmeans import kmeans
 from .pack import pack, unpack
+from .pack_gpu import GpuWeight, pack_for_gpu, unpack_from_gpu
 from .quantize import QuantizedTensor, dequantize, quantize
 from .stats import ChannelStats, channel_weight
+
+# Model-level API (needs torch): QuantLinear, quantize_model, save/load. Imported lazily so the
+# core works with numpy alone.
+
+
+def __getattr__(name: str):
+    import importlib
+
+    lazy = {"nn": ("nn", None), "quantize_model": ("model", "quantize_model"), "save": ("io", "save"),
+            "load": ("io", "load"), "QuantLinear": ("nn", "QuantLinear")}  # fmt: skip
+    if name in lazy:
+        module_name, attr = lazy[name]
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        return module if attr is None else getattr(module, attr)
+    raise AttributeError(f"module 'any4' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
@@ -51,7 +73,8 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "FORMATS", "ChannelStats", "Format", "QuantizedTensor", "build_info", "channel_weight",
-    "cuda_available", "cuda_compiled", "dequantize", "gemm", "get_format", "get_num_threads",
-    "kmeans", "pack", "quantize", "set_num_threads", "unpack",
+    "FORMATS", "ChannelStats", "Format", "GpuWeight", "QuantLinear", "QuantizedTensor",
+    "build_info", "channel_weight", "cuda_available", "cuda_compiled", "dequantize", "gemm",
+    "get_format", "get_num_threads", "kmeans", "load", "nn", "pack", "pack_for_gpu", "quantize",
+    "quantize_model", "save", "set_num_threads", "unpack", "unpack_from_gpu",
 ]  # fmt: skip

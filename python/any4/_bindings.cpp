@@ -8,9 +8,12 @@
 #include <string>
 
 #include "common.h"
+#include "emulate_gpu.h"
 #include "gemm_cpu.h"
 #include "kmeans.h"
+#include "layout.cuh"
 #include "pack.h"
+#include "pack_gpu.h"
 #include "parallel.h"
 #include "quantize.h"
 
@@ -116,6 +119,149 @@ PYBIND11_MODULE(_C, m) {
       gil());
   m.def("best_cpu_impl", [] { return static_cast<int>(best_cpu_impl()); });
   m.def("cpu_impl_supported", [](int impl) { return cpu_impl_supported(static_cast<CpuImpl>(impl)); });
+
+  // ---- GPU layout (pack_gpu.h), its CPU emulation (emulate_gpu.h) and the CUDA gemm kernels ----
+  m.def("gpu_pack_sizes", [](int64_t N, int64_t K, int64_t group_size) {
+    GpuPackSizes z = gpu_pack_sizes(N, K, group_size);
+    py::dict d;
+    d["n_tiles"] = z.n_tiles;
+    d["k_chunks"] = z.k_chunks;
+    d["N_pad"] = z.N_pad;
+    d["K_pad"] = z.K_pad;
+    d["n_groups"] = z.n_groups;
+    d["n_groups_pad"] = z.n_groups_pad;
+    d["code_bytes"] = z.code_bytes;
+    d["scale_elems"] = z.scale_elems;
+    d["lut_bytes"] = z.lut_bytes;
+    return d;
+  });
+  m.def(
+      "pack_for_gpu",
+      [](uintptr_t packed, int64_t N, int64_t K, uintptr_t lut, int64_t lut_rows, int64_t lut_len,
+         uintptr_t scales, int64_t n_groups, int64_t group_size, int table_dtype, int compute_dtype,
+         uintptr_t codes_out, uintptr_t scales_out, uintptr_t lut_out) {
+        pack_for_gpu(ptr<const uint8_t>(packed), N, K, ptr<const void>(lut), lut_rows, lut_len,
+                     ptr<const void>(scales), n_groups, group_size, to_dtype(table_dtype),
+                     to_dtype(compute_dtype), ptr<uint8_t>(codes_out), ptr<uint16_t>(scales_out),
+                     ptr<uint8_t>(lut_out));
+      },
+      gil());
+  m.def("gpu_arith_constant",
+        [](uintptr_t lut, int64_t lut_rows, int64_t lut_len, int table_dtype, int compute_dtype) {
+          return gpu_arith_constant(ptr<const void>(lut), lut_rows, lut_len, to_dtype(table_dtype),
+                                    to_dtype(compute_dtype));
+        });
+  m.def(
+      "unpack_from_gpu",
+      [](uintptr_t codes, uintptr_t scales_gpu, uintptr_t lut_gpu, int64_t N, int64_t K, int64_t group_size,
+         int64_t lut_rows, int64_t lut_len, uintptr_t packed_out, uintptr_t scales_out, uintptr_t lut_out) {
+        unpack_from_gpu(ptr<const uint8_t>(codes), ptr<const uint16_t>(scales_gpu),
+                        ptr<const uint8_t>(lut_gpu), N, K, group_size, lut_rows, lut_len,
+                        ptr<uint8_t>(packed_out), ptr<uint16_t>(scales_out), ptr<uint16_t>(lut_out));
+      },
+      gil());
+  m.def(
+      "emulate_gpu_gemm",
+      [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, int64_t group_size, uintptr_t codes,
+         uintptr_t scales, uintptr_t lut, int dequant, uint32_t arith_neg2, int num_sms, int blocks_per_sm,
+         int64_t force_splits, uintptr_t y) {
+        EmulateGpuArgs a;
+        a.x = ptr<const uint16_t>(x);
+        a.dtype = to_dtype(dtype);
+        a.M = M;
+        a.K = K;
+        a.N = N;
+        a.group_size = group_size;
+        a.codes = ptr<const uint8_t>(codes);
+        a.scales = ptr<const uint16_t>(scales);
+        a.lut = ptr<const uint8_t>(lut);
+        a.dequant = dequant;
+        a.arith_neg2 = arith_neg2;
+        a.num_sms = num_sms;
+        a.blocks_per_sm = blocks_per_sm;
+        a.force_splits = force_splits;
+        a.y = ptr<uint16_t>(y);
+        emulate_gpu_gemm(a);
+      },
+      gil());
+  m.def("tc_plan", [](int64_t M, int64_t N, int64_t K, int num_sms, int blocks_per_sm, int64_t force_splits) {
+    gpu::TcShape s = gpu::tc_shape(N, K, 16);
+    gpu::TcPlan p = gpu::make_tc_plan(M, s.n_tiles, s.k_chunks, num_sms, blocks_per_sm, force_splits);
+    py::dict d;
+    d["mt"] = p.mt;
+    d["m_tiles"] = p.m_tiles;
+    d["grid_x"] = p.grid_x;
+    d["splits"] = p.splits;
+    d["chunks_per_split"] = p.chunks_per_split;
+    d["workspace_floats"] = p.workspace_floats();
+    d["counters"] = p.counters();
+    return d;
+  });
+#ifdef ANY4_WITH_CUDA
+  m.def("cuda_num_sms", &cuda::num_sms, py::arg("device"));
+  m.def(
+      "cuda_gemm_tc_scratch",
+      [](int64_t M, int64_t N, int64_t K, int dtype, int dequant, int device, int64_t force_splits) {
+        gpu::TcPlan p = cuda::gemm_tc_plan(M, N, K, dtype, dequant, device, force_splits);
+        return py::make_tuple(p.workspace_floats(), p.counters(), p.splits);
+      },
+      gil());
+  m.def(
+      "cuda_gemm_tc",
+      [](uintptr_t x, int dtype, int64_t M, int64_t N, int64_t K, int64_t group_size, uintptr_t codes,
+         uintptr_t scales, uintptr_t lut, int dequant, uint32_t arith_neg2, uintptr_t y, uintptr_t workspace,
+         int64_t workspace_floats, uintptr_t counters, int64_t n_counters, int64_t force_splits, int device,
+         uintptr_t stream) {
+        cuda::TcGemmArgs a;
+        a.x = ptr<const void>(x);
+        a.dtype = dtype;
+        a.M = M;
+        a.N = N;
+        a.K = K;
+        a.group_size = group_size;
+        a.codes = ptr<const void>(codes);
+        a.scales = ptr<const void>(scales);
+        a.lut = ptr<const void>(lut);
+        a.dequant = dequant;
+        a.arith_neg2 = arith_neg2;
+        a.y = ptr<void>(y);
+        a.workspace = ptr<float>(workspace);
+        a.workspace_floats = workspace_floats;
+        a.counters = ptr<int>(counters);
+        a.n_counters = n_counters;
+        a.force_splits = force_splits;
+        a.device = device;
+        a.stream = stream;
+        cuda::gemm_tc(a);
+      },
+      gil());
+  m.def(
+      "cuda_gemm_simt",
+      [](uintptr_t x, int x_dtype, int64_t M, int64_t K, uintptr_t packed, int64_t N, uintptr_t lut,
+         int64_t lut_rows, int64_t lut_len, uintptr_t scales, int64_t n_groups, int64_t group_size,
+         int table_dtype, uintptr_t y, int device, uintptr_t stream) {
+        cuda::SimtGemmArgs a;
+        a.x = ptr<const void>(x);
+        a.x_dtype = x_dtype;
+        a.M = M;
+        a.K = K;
+        a.N = N;
+        a.packed = ptr<const uint8_t>(packed);
+        a.lut = ptr<const void>(lut);
+        a.lut_rows = lut_rows;
+        a.lut_len = lut_len;
+        a.scales = ptr<const void>(scales);
+        a.n_groups = n_groups;
+        a.group_size = group_size;
+        a.table_dtype = table_dtype;
+        a.y = ptr<void>(y);
+        a.device = device;
+        a.stream = stream;
+        cuda::gemm_simt(a);
+      },
+      gil());
+#endif
+  // ---- end GPU layout / CUDA gemm ----
 
 #ifdef ANY4_WITH_CUDA
   m.attr("cuda_compiled") = true;

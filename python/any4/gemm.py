@@ -174,8 +174,8 @@ def check_out(out: Any, x: Any, shape: tuple) -> None:
 def gemm(
     x: Any,
     packed_w: Any,
-    lut: Any,
-    scales: Any,
+    lut: Any = None,
+    scales: Any = None,
     group_size: Optional[int] = None,
     *,
     impl: str = "auto",
@@ -185,7 +185,9 @@ def gemm(
 
     Args:
         x: [..., K] float32 / float16 / bfloat16 (torch or numpy; CPU, or CUDA when built with it).
-        packed_w: uint8 [N, ceil(K/2)] codes, two per byte (``QuantizedTensor.packed``).
+        packed_w: uint8 [N, ceil(K/2)] codes, two per byte (``QuantizedTensor.packed``), or a
+            ``GpuWeight`` (``any4.pack_for_gpu``; then lut and scales are not passed): the fast
+            tensor-core path for CUDA x (see any4.cuda).
         lut: [N, L] per-row or [1, L] / [L] shared table, L <= 16 (float32/16, bfloat16).
         scales: [N, ceil(K/G), 2] (scale, zero), lut's dtype.
         group_size: G; inferred from K and scales.shape[1] when omitted (see infer_group_size).
@@ -196,6 +198,26 @@ def gemm(
     Returns:
         y [..., N] in x's dtype, framework and device.
     """
+    from .pack_gpu import GpuWeight
+
+    if isinstance(packed_w, GpuWeight):
+        if lut is not None or scales is not None:
+            raise TypeError("a GpuWeight carries its own lut and scales: call gemm(x, w)")
+        if T.is_torch(x) and x.device.type == "cuda":
+            from .cuda import gemm_gpu
+
+            return gemm_gpu(x, packed_w)
+        if T.device_of(packed_w.codes) != T.device_of(x):
+            raise ValueError(
+                f"x and the GPU weight must be on one device, got x on {T.device_of(x)} and the "
+                f"weight on {T.device_of(packed_w.codes)}"
+            )
+        from .pack_gpu import unpack_from_gpu
+
+        group_size = packed_w.group_size
+        packed_w, lut, scales = unpack_from_gpu(packed_w)  # CPU x: the storage layout
+    if lut is None or scales is None:
+        raise TypeError("gemm(x, packed_w, lut, scales): lut and scales are required")
     y = _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out)
     if y is not None:
         return y

@@ -39,3 +39,28 @@ def _gemm_fake(x, packed_w, lut, scales, group_size):
         packed_w.dtype == torch.uint8, lambda: f"packed_w must be uint8, got {packed_w.dtype}"
     )
     return x.new_empty((*x.shape[:-1], output_features(packed_w)))
+
+
+@torch.library.custom_op("any4::gemm_gpu", mutates_args=())
+def gemm_gpu(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    lut: torch.Tensor,
+    N: int,
+    K: int,
+    group_size: int,
+    lut_len: int,
+    arith_neg2: int,
+) -> torch.Tensor:
+    """Tensor-core product on the GPU layout (the fields of an ``any4.GpuWeight``):
+    y [..., N] = x [..., K] @ W^T on x's CUDA device and current stream."""
+    from .cuda import gemm_gpu_tensors
+
+    return gemm_gpu_tensors(x, codes, scales, lut, N, K, group_size, lut_len, arith_neg2)
+
+
+@gemm_gpu.register_fake
+def _gemm_gpu_fake(x, codes, scales, lut, N, K, group_size, lut_len, arith_neg2):
+    torch._check(x.shape[-1] == K, lambda: f"x must be [..., {K}]")
+    return x.new_empty((*x.shape[:-1], N))

@@ -22,7 +22,7 @@ import numpy as np
 from . import _tensor as T
 from ._core import C
 from .formats import Format, get_format
-from .kmeans import DEFAULT_N_INIT, METHODS
+from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
 from .pack import pack, unpack
 from .stats import DEFAULT_WEIGHTING, ChannelStats, channel_weight
 
@@ -76,7 +76,7 @@ def quantize(
     stats: Optional[ChannelStats] = None,
     weighting: str = DEFAULT_WEIGHTING,
     scale_power: int = 1,
-    method: str = "lloyd",
+    method: str = DEFAULT_METHOD,
     n_init: int = DEFAULT_N_INIT,
     max_iter: int = 100,
     seed: int = 0,
@@ -93,7 +93,8 @@ def quantize(
             (multiplied by group_scale**scale_power) or per element [N, K] (used as is).
         stats: calibration statistics of this layer's input; with ``weighting`` ("mse",
             "abs_mean", "mean_abs", "rms", "none") they give the sample weights.
-        method: "lloyd" or "optimal" k-means; n_init/max_iter/seed: Lloyd restarts/iterations/seed.
+        method: "optimal" (exact k-means, the default) or "lloyd"; n_init/max_iter/seed: Lloyd
+            restarts/iterations/seed (see any4.kmeans).
         dtype: "bfloat16", "float16" or "float32" for lut and scales; default: w's dtype when it is
             16-bit, else float32.
     Returns:

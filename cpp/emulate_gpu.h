@@ -1,0 +1,30 @@
+// CPU emulation of the tensor-core gemm kernel (cuda/gemm_tc.cu): runs every lane of every warp
+// of the kernel's grid over the GPU-packed weight with the kernel's own index math and
+// dequantization (cuda/layout.cuh), and executes each mma.m16n8k16 from the PTX ISA fragment
+// layouts. It exists to test the layout without a GPU; it is slow.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace any4 {
+
+struct EmulateGpuArgs {
+  const uint16_t* x = nullptr;  // [M, K] bf16 / fp16 bit patterns (row-major)
+  DType dtype = DType::BF16;    // of x, y and the packed tables
+  int64_t M = 0, K = 0, N = 0, group_size = 0;
+  const uint8_t* codes = nullptr;    // GPU layout (pack_gpu.h)
+  const uint16_t* scales = nullptr;  // GPU layout
+  const uint8_t* lut = nullptr;      // GPU layout
+  int dequant = 1;                   // gpu::Dequant: 0 Arith, 1 LutReg, 2 LutSmem
+  uint32_t arith_neg2 = 0;           // Arith constant (gpu_arith_constant)
+  int num_sms = 108;                 // multiprocessors assumed by the grid plan (split-K choice)
+  int blocks_per_sm = 4;             // resident blocks per multiprocessor assumed by the plan
+  int64_t force_splits = 0;          // > 0: use this many K splits
+  uint16_t* y = nullptr;             // [M, N] bf16 / fp16
+};
+
+void emulate_gpu_gemm(const EmulateGpuArgs& args);
+
+}  // namespace any4

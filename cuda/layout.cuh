@@ -1,0 +1,486 @@
+// GPU weight layout, per-lane index math and dequantization of the tensor-core gemm (SPEC §4, §5).
+//
+// This header is compiled twice: by nvcc into the kernels (cuda/gemm_tc.cu) and by the host C++
+// compiler into the packer (cpp/pack_gpu.cpp) and the CPU emulation of the kernel
+// (cpp/emulate_gpu.cpp). Everything a lane computes (which codes it holds, where it loads from,
+// how codes become mma fragment registers) lives here, so a layout bug shows up on the CPU.
+//
+// ---- The product as tensor-core tiles -------------------------------------------------------
+// y[m, n] = sum_k x[m, k] * w[n, k]. The weight is the A operand of mma.m16n8k16 (16 rows of W
+// per instruction), the activations are the B operand (8 rows of x = 8 columns of B), and the
+// fp32 accumulator C holds y^T for 16 rows of W x 8 rows of x. Batch M <= 8 uses one B tile per
+// A fragment (MT = 1); M <= 16 uses two (MT = 2), reusing the dequantized A fragment; larger M
+// loops over 16-row tiles of x (grid z). Weight-as-A wastes less of the instruction than
+// weight-as-B at M <= 8 and does the same tensor work at 9..16, with a single weight layout.
+//
+// PTX ISA fragment layouts of mma.m16n8k16 .bf16/.f16 (lane = 4 * g + t, g = lane / 4, t = lane % 4):
+//   A (16 x 16, row): element e in 0..7, register e / 2, low half = even e
+//       row = g + 8 * ((e >> 1) & 1), col = 2t + (e & 1) + 8 * (e >> 2)
+//       -> reg0 = (row g,   cols 2t, 2t+1), reg1 = (row g+8, cols 2t, 2t+1)
+//          reg2 = (row g,   cols 2t+8, +9), reg3 = (row g+8, cols 2t+8, +9)
+//   B (16 x 8, col): element e in 0..3: row = 2t + (e & 1) + 8 * (e >> 1), col = g
+//   C (16 x 8, f32): element e in 0..3: row = g + 8 * (e >> 1), col = 2t + (e & 1)
+//
+// ---- Permuting k ----------------------------------------------------------------------------
+// The mma sums over its 16 k's, so any permutation of k applied to both operands is free. K is
+// cut into chunks of 64 (4 k-tiles j = 0..3); mma k index kk of k-tile j is mapped to the chunk
+// offset   16 * t(kk) + 4 * j + 2 * (kk >> 3) + (kk & 1),   t(kk) = (kk & 7) >> 1.
+// So lane (g, t) needs, for all four k-tiles of a chunk, exactly x[m][64 c + 16 t + 0 .. 15]:
+// 32 contiguous bytes (two 16-byte loads per row of x), B registers without any shuffling.
+//
+// ---- Packed weight (codes) ------------------------------------------------------------------
+// codes: uint32 words [n_tiles][k_chunks][32 lanes][4 k-tiles], i.e. one 16-byte vector per
+// lane per chunk, 512 contiguous bytes per (16-row tile, 64-k chunk): a warp streams the weight
+// with fully coalesced 16-byte loads and no shared-memory transposition. Nibble i (bits 4i..4i+3)
+// of word (tile, chunk, lane, j) is the code of
+//     row  n = 16 * tile + g + 8 * (i >> 2)
+//     k      = 64 * chunk + 16 * t + 4 * j + (i & 3)
+// i.e. nibbles 0..3 = row g (reg0 low, reg0 high, reg2 low, reg2 high), nibbles 4..7 = row g+8
+// (reg1, reg3). Rows >= N and k >= K are padding with code 0 (their scale and zero are 0, and
+// x is zero-padded, so they add nothing).
+//
+// ---- Scales / zeros -------------------------------------------------------------------------
+// scales: compute dtype (bf16 or fp16) [n_tiles][n_groups_pad][8][4] =
+// (scale[g], zero[g], scale[g+8], zero[g+8]): one 8-byte load per lane per chunk. A lane's 16
+// k's of a chunk lie in one group whenever the group size is a multiple of 16, so the group index
+// is constant per lane and chunk: (64 chunk + 16 t) >> log2(G). Groups past K are (0, 0).
+//
+// ---- Tables ---------------------------------------------------------------------------------
+// lut: bytes [N_pad][32]: the 16 entries (compute dtype, 16 bit) of each row split in their low
+// bytes (bytes 0..15) and high bytes (16..31). Fixed-table formats are broadcast to every row;
+// 3- and 2-bit tables are padded with zeros. Three dequantizers read it (a format is a table,
+// the dequantizer is a template parameter of the one kernel):
+//   Arith   : shared table c + offset (int4/int3/int2, centred or not): no table, the code is
+//             OR-ed into the mantissa of 16.0 (bf16) / 64.0 (fp16) and one exact fma with
+//             offset - 16 (- 64) gives the table value.
+//   LutReg  : the two rows' tables live in 16 registers per lane; byte-permute (prmt) looks up
+//             four codes at a time (no shared memory at all).
+//   LutSmem : a per-warp shared-memory table, replicated per lane: word [c][lane] holds entry c
+//             of rows g and g+8 (low / high half), so the 32 lanes always hit 32 distinct banks.
+// Each then computes w = value * scale + zero with one packed fused multiply-add (fma.rn.bf16x2
+// or .f16x2), a single rounding to the compute dtype, and feeds the mma.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define ANY4_HD __host__ __device__ __forceinline__
+#else
+#define ANY4_HD inline
+#endif
+
+#if !defined(__CUDA_ARCH__)
+#include <cmath>
+#include <cstring>
+#endif
+
+namespace any4 {
+namespace gpu {
+
+// ------------------------------------------------------------------------------- constants
+constexpr int kWarpSize = 32;
+constexpr int kTileN = 16;       // rows of W per mma (A operand)
+constexpr int kChunkK = 64;      // k per 16-byte code vector of one lane
+constexpr int kKTiles = 4;       // mma k-tiles (16) per chunk
+constexpr int kWarps = 4;        // warps per block, each on its own 16-row tile
+constexpr int kStageChunks = 2;  // chunks per pipeline stage (two stages in flight)
+constexpr int kLutBytes = 32;    // bytes per row of the GPU table
+constexpr int kMinChunksPerSplit = 4;
+
+enum class Dequant : int { Arith = 0, LutReg = 1, LutSmem = 2 };
+
+// ------------------------------------------------------------------------------- shapes
+struct TcShape {
+  int64_t N = 0, K = 0, group_size = 0;
+  int64_t n_tiles = 0, k_chunks = 0, N_pad = 0, K_pad = 0, n_groups = 0, n_groups_pad = 0;
+  int log2_group = 0;
+  int64_t code_bytes() const { return n_tiles * k_chunks * kWarpSize * 16; }
+  int64_t scale_elems() const { return n_tiles * n_groups_pad * 8 * 4; }
+  int64_t lut_bytes() const { return N_pad * kLutBytes; }
+};
+
+// Group sizes of the tensor-core path: powers of two >= 16 (16-aligned lane slices never
+// straddle a group). Returns -1 for other sizes.
+ANY4_HD int tc_log2_group(int64_t group_size) {
+  if (group_size < 16 || (group_size & (group_size - 1)) != 0) return -1;
+  int l = 0;
+  while ((int64_t(1) << l) < group_size) ++l;
+  return l;
+}
+
+inline TcShape tc_shape(int64_t N, int64_t K, int64_t group_size) {
+  TcShape s;
+  s.N = N;
+  s.K = K;
+  s.group_size = group_size;
+  s.log2_group = tc_log2_group(group_size);
+  s.n_tiles = (N + kTileN - 1) / kTileN;
+  s.k_chunks = (K + kChunkK - 1) / kChunkK;
+  s.N_pad = s.n_tiles * kTileN;
+  s.K_pad = s.k_chunks * kChunkK;
+  s.n_groups = group_size > 0 ? (K + group_size - 1) / group_size : 0;
+  s.n_groups_pad = group_size > 0 ? (s.K_pad + group_size - 1) / group_size : 0;
+  return s;
+}
+
+// ------------------------------------------------------------------------------- lanes
+ANY4_HD int lane_g(int lane) {
+  return lane >> 2;
+}
+ANY4_HD int lane_t(int lane) {
+  return lane & 3;
+}
+
+// Row (within the 16-row tile) and k (within the 64-k chunk) of nibble i of word j of a lane.
+ANY4_HD int code_row(int lane, int i) {
+  return lane_g(lane) + 8 * (i >> 2);
+}
+ANY4_HD int code_k(int lane, int j, int i) {
+  return 16 * lane_t(lane) + 4 * j + (i & 3);
+}
+
+// Chunk offset of mma k index kk (0..15) of k-tile j (the k permutation above).
+ANY4_HD int mma_k_to_chunk_k(int j, int kk) {
+  return 16 * ((kk & 7) >> 1) + 4 * j + 2 * (kk >> 3) + (kk & 1);
+}
+
+// PTX fragment layouts of mma.m16n8k16 (used by the emulation; the kernel gets them from hardware).
+ANY4_HD int mma_a_row(int lane, int e) {
+  return lane_g(lane) + 8 * ((e >> 1) & 1);
+}
+ANY4_HD int mma_a_col(int lane, int e) {
+  return 2 * lane_t(lane) + (e & 1) + 8 * (e >> 2);
+}
+ANY4_HD int mma_b_row(int lane, int e) {
+  return 2 * lane_t(lane) + (e & 1) + 8 * (e >> 1);
+}
+ANY4_HD int mma_b_col(int lane, int e) {
+  return lane_g(lane);
+}
+ANY4_HD int mma_c_row(int lane, int e) {
+  return lane_g(lane) + 8 * (e >> 1);
+}
+ANY4_HD int mma_c_col(int lane, int e) {
+  return 2 * lane_t(lane) + (e & 1);
+}
+
+// ------------------------------------------------------------------------------- offsets
+// Index of the lane's 16-byte code vector of (tile, chunk).
+ANY4_HD int64_t codes_vec_index(int64_t tile, int64_t chunk, int lane, int64_t k_chunks) {
+  return (tile * k_chunks + chunk) * kWarpSize + lane;
+}
+// Group of the lane's 16 k's in a chunk.
+ANY4_HD int64_t lane_group(int64_t chunk, int lane, int log2_group) {
+  return (chunk * kChunkK + 16 * lane_t(lane)) >> log2_group;
+}
+// Index (in 8-byte units = 4 elements) of (scale[g], zero[g], scale[g+8], zero[g+8]).
+ANY4_HD int64_t scales_vec_index(int64_t tile, int64_t group, int lane, int64_t n_groups_pad) {
+  return (tile * n_groups_pad + group) * 8 + lane_g(lane);
+}
+// Element index of x[m][64 chunk + 16 t] in the zero-padded x [M, K_pad].
+ANY4_HD int64_t x_elem_index(int64_t m, int64_t K_pad, int64_t chunk, int lane) {
+  return m * K_pad + chunk * kChunkK + 16 * lane_t(lane);
+}
+// Row of x fed to B tile mt (0..MT-1) by this lane, in m-tile mz of 8 * MT rows.
+ANY4_HD int64_t x_row(int64_t mz, int mt_count, int mt, int lane) {
+  return mz * 8 * mt_count + mt * 8 + lane_g(lane);
+}
+// Output (row m of y, column n of y) of accumulator element e of B tile mt.
+ANY4_HD int64_t y_row(int64_t mz, int mt_count, int mt, int lane, int e) {
+  return mz * 8 * mt_count + mt * 8 + mma_c_col(lane, e);
+}
+ANY4_HD int64_t y_col(int64_t tile, int lane, int e) {
+  return tile * kTileN + mma_c_row(lane, e);
+}
+// Split-K workspace: float [m_tiles][n_tiles][splits][MT * 4][32], coalesced per element.
+ANY4_HD int64_t workspace_index(int64_t mz, int64_t tile, int64_t split, int mt_count, int64_t n_tiles,
+                                int64_t splits, int elem, int lane) {
+  return (((mz * n_tiles + tile) * splits + split) * (mt_count * 4) + elem) * kWarpSize + lane;
+}
+
+// ------------------------------------------------------------------------------- plan
+// Grid shape and split-K. Blocks of kWarps warps each own kWarps consecutive 16-row tiles of one
+// K range (split) for one m-tile. When the tiles alone give fewer blocks than the GPU holds at
+// once (num_sms * blocks_per_sm, the kernel's occupancy), K is split so that the grid fills one
+// wave as closely as possible without starting a second one, with at least kMinChunksPerSplit
+// chunks (256 k) per split.
+struct TcPlan {
+  int mt = 1;           // B tiles (of 8 rows of x) per mma A fragment: 1 for M <= 8, else 2
+  int64_t m_tiles = 0;  // grid z: tiles of 8 * mt rows of x
+  int64_t grid_x = 0;   // blocks along N
+  int64_t splits = 1;   // grid y: K ranges
+  int64_t chunks_per_split = 0;
+  int64_t workspace_floats() const {
+    return splits > 1 ? m_tiles * grid_x * kWarps * splits * mt * 4 * kWarpSize : 0;
+  }
+  int64_t counters() const { return splits > 1 ? m_tiles * grid_x * kWarps : 0; }
+};
+
+ANY4_HD TcPlan make_tc_plan(int64_t M, int64_t n_tiles, int64_t k_chunks, int num_sms, int blocks_per_sm,
+                            int64_t force_splits = 0) {
+  TcPlan p;
+  p.mt = M <= 8 ? 1 : 2;
+  p.m_tiles = (M + 8 * p.mt - 1) / (8 * p.mt);
+  p.grid_x = (n_tiles + kWarps - 1) / kWarps;
+  int64_t blocks = p.grid_x * p.m_tiles;
+  int64_t target = (int64_t)(num_sms > 0 ? num_sms : 1) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
+  int64_t splits = blocks < target ? target / blocks : 1;
+  int64_t max_splits = k_chunks / kMinChunksPerSplit;
+  if (splits > max_splits) splits = max_splits;
+  if (force_splits > 0) splits = force_splits;
+  if (splits > k_chunks) splits = k_chunks;
+  if (splits > 65535) splits = 65535;
+  if (splits < 1) splits = 1;
+  p.chunks_per_split = (k_chunks + splits - 1) / splits;
+  p.splits = (k_chunks + p.chunks_per_split - 1) / p.chunks_per_split;  // no empty split
+  if (p.splits < 1) p.splits = 1;
+  return p;
+}
+
+// Chunk range [begin, end) of a split.
+ANY4_HD void split_range(int64_t split, int64_t chunks_per_split, int64_t k_chunks, int64_t* begin,
+                         int64_t* end) {
+  int64_t b = split * chunks_per_split;
+  int64_t e = b + chunks_per_split;
+  *begin = b < k_chunks ? b : k_chunks;
+  *end = e < k_chunks ? e : k_chunks;
+}
+
+// The software pipeline of one warp over its chunks [c0, c1): two register stages of
+// kStageChunks chunks each; the loads of stage s+1 are issued before stage s is computed, so
+// 2 * kStageChunks * 512 bytes of codes (plus x and scales) are in flight per warp. load(stage,
+// c) and compute(stage, c) handle chunks c .. c + kStageChunks - 1 that are < c1.
+template <class Stage, class Load, class Compute>
+ANY4_HD void run_pipeline(int64_t c0, int64_t c1, Stage& a, Stage& b, Load&& load, Compute&& compute) {
+  if (c0 >= c1) return;
+  int64_t c = c0;
+  load(a, c);
+  while (true) {
+    if (c + kStageChunks < c1) load(b, c + kStageChunks);
+    compute(a, c);
+    c += kStageChunks;
+    if (c >= c1) break;
+    if (c + kStageChunks < c1) load(a, c + kStageChunks);
+    compute(b, c);
+    c += kStageChunks;
+    if (c >= c1) break;
+  }
+}
+
+// ------------------------------------------------------------------------------- bit ops
+// PTX prmt.b32 (default mode): byte n of the result is byte (s >> 4n) & 7 of {b, a} (a = bytes
+// 0..3, b = 4..7); when bit 3 of the selector nibble is set the byte's sign bit is replicated.
+ANY4_HD uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) {
+#if defined(__CUDA_ARCH__)
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s));
+  return d;
+#else
+  uint64_t src = (uint64_t(b) << 32) | a;
+  uint32_t d = 0;
+  for (int n = 0; n < 4; ++n) {
+    uint32_t sel = (s >> (4 * n)) & 0xf;
+    uint32_t byte = uint32_t(src >> (8 * (sel & 7))) & 0xff;
+    if (sel & 8) byte = (byte & 0x80) ? 0xff : 0x00;
+    d |= byte << (8 * n);
+  }
+  return d;
+#endif
+}
+
+// ------------------------------------------------------------------------------- 16-bit floats
+// Host emulation of the packed 16-bit float operations the kernel uses (the device executes them).
+#if !defined(__CUDA_ARCH__)
+inline float h16_to_f32(uint16_t h, bool bf16) {
+  if (bf16) {
+    uint32_t u = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while ((man & 0x400u) == 0);
+      u = sign | (uint32_t(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_h16(float f, bool bf16) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (bf16) {
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+  }
+  uint32_t sign = (u >> 16) & 0x8000u, absu = u & 0x7fffffffu;
+  if (absu > 0x7f800000u) return uint16_t(sign | 0x7e00u);
+  if (absu >= 0x477ff000u) return uint16_t(sign | 0x7c00u);
+  if (absu < 0x38800000u) {
+    if (absu < 0x33000000u) return uint16_t(sign);
+    uint32_t e = absu >> 23, man = (absu & 0x7fffffu) | 0x800000u, shift = 126 - e;
+    uint32_t r = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return uint16_t(sign | r);
+  }
+  uint32_t r = absu - ((127 - 15) << 23);
+  r += 0xfffu + ((r >> 13) & 1u);
+  return uint16_t(sign | (r >> 13));
+}
+#endif
+
+// d = a * b + c on two packed 16-bit floats (bf16x2 when BF16, else f16x2), rounded once.
+template <bool BF16>
+ANY4_HD uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+#if defined(__CUDA_ARCH__)
+  uint32_t d;
+  if constexpr (BF16) {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  } else {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  }
+  return d;
+#else
+  uint32_t d = 0;
+  for (int h = 0; h < 2; ++h) {
+    float fa = h16_to_f32(uint16_t(a >> (16 * h)), BF16), fb = h16_to_f32(uint16_t(b >> (16 * h)), BF16);
+    float fc = h16_to_f32(uint16_t(c >> (16 * h)), BF16);
+    d |= uint32_t(f32_to_h16(std::fma(fa, fb, fc), BF16)) << (16 * h);
+  }
+  return d;
+#endif
+}
+
+// Packed (v, v) constants.
+template <bool BF16>
+struct Consts {
+  static constexpr uint32_t kOne2 = BF16 ? 0x3f803f80u : 0x3c003c00u;  // 1.0
+  // Arith: B + c is built by OR-ing c into the mantissa of B = 16 (bf16, c at bits 3..6) or
+  // B = 64 (fp16, c at bits 4..7): one unit of c is one unit in the last place there.
+  static constexpr uint32_t kBase2 = BF16 ? 0x41804180u : 0x54005400u;
+  static constexpr uint32_t kCodeMask2 = BF16 ? 0x00780078u : 0x00f000f0u;
+  static constexpr int kCodeShift = BF16 ? 3 : 4;
+  static constexpr float kBase = BF16 ? 16.f : 64.f;
+};
+
+// Broadcast the low / high 16-bit half of v to both halves.
+ANY4_HD uint32_t dup_lo(uint32_t v) {
+  return prmt(v, 0, 0x1010);
+}
+ANY4_HD uint32_t dup_hi(uint32_t v) {
+  return prmt(v, 0, 0x3232);
+}
+
+// ------------------------------------------------------------------------------- dequantizers
+// Each turns the 8 codes of one word q (one k-tile of one lane) into the 4 A registers holding
+// the raw 16-bit table values (before scale and zero), in PTX register order.
+
+// Arith: tables c + offset (int formats: offset = -(L-1)/2 for centred tables, 0 otherwise).
+// Builds B + c exactly with OR-ed exponent bits, then one exact fma with neg2 = offset - B
+// (packed twice; pack time checks it is representable) gives the table value c + offset.
+template <bool BF16>
+ANY4_HD void dequant_arith(uint32_t q, uint32_t neg2, uint32_t r[4]) {
+  // byte b of q holds nibbles 2b (low) and 2b+1 (high). lo_src puts nibble 2b at bits
+  // kCodeShift.. of byte b, hi_src puts nibble 2b+1 there; prmt moves them to halves 0 and 1.
+  const uint32_t lo_src = q << Consts<BF16>::kCodeShift, hi_src = q >> (4 - Consts<BF16>::kCodeShift);
+  const uint32_t p[4] = {prmt(lo_src, hi_src, 0x0400), prmt(lo_src, hi_src, 0x0602),   // bytes 0, 2
+                         prmt(lo_src, hi_src, 0x0501), prmt(lo_src, hi_src, 0x0703)};  // bytes 1, 3
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t biased = (p[i] & Consts<BF16>::kCodeMask2) | Consts<BF16>::kBase2;
+    r[i] = fma2<BF16>(biased, Consts<BF16>::kOne2, neg2);
+  }
+}
+
+// Table of one row as registers: lo[w] = low bytes of entries 4w..4w+3, hi[w] = high bytes.
+struct RowTable {
+  uint32_t lo[4];
+  uint32_t hi[4];
+};
+
+// Looks up four codes in table T: sel holds their low 3 bits (prmt selector nibbles 0..3) and
+// half the byte each output byte takes (n, or n + 4 for codes >= 8). Returns the registers
+// (values of codes 0, 1) and (values of codes 2, 3).
+ANY4_HD void lut_lookup4(uint32_t sel, uint32_t half, const RowTable& T, uint32_t* r01, uint32_t* r23) {
+  const uint32_t lo = prmt(prmt(T.lo[0], T.lo[1], sel), prmt(T.lo[2], T.lo[3], sel), half);
+  const uint32_t hi = prmt(prmt(T.hi[0], T.hi[1], sel), prmt(T.hi[2], T.hi[3], sel), half);
+  *r01 = prmt(lo, hi, 0x5140);  // (lo0, hi0, lo1, hi1)
+  *r23 = prmt(lo, hi, 0x7362);  // (lo2, hi2, lo3, hi3)
+}
+
+// LutReg: rows g (nibbles 0..3) and g + 8 (nibbles 4..7) from register tables. prmt reads only
+// the low 16 bits of its selector, so the high row uses the selectors shifted down.
+ANY4_HD void dequant_lut_reg(uint32_t q, const RowTable& row_g, const RowTable& row_g8, uint32_t r[4]) {
+  const uint32_t sel = q & 0x77777777u;                          // entry within a half table
+  const uint32_t half = ((q >> 1) & 0x44444444u) | 0x32103210u;  // code >= 8: upper half
+  lut_lookup4(sel, half, row_g, &r[0], &r[2]);
+  lut_lookup4(sel >> 16, half >> 16, row_g8, &r[1], &r[3]);
+}
+
+// 16-bit entry c of a row table.
+ANY4_HD uint32_t row_table_entry(const RowTable& T, int c) {
+  uint32_t lo = (T.lo[c >> 2] >> (8 * (c & 3))) & 0xffu;
+  uint32_t hi = (T.hi[c >> 2] >> (8 * (c & 3))) & 0xffu;
+  return lo | (hi << 8);
+}
+
+// LutSmem: word index (in 32-bit words) of entry c for a lane in its warp's 16 x 32 table; the
+// word holds entry c of row g (low half) and of row g + 8 (high half).
+ANY4_HD int smem_lut_word(int c, int lane) {
+  return c * kWarpSize + lane;
+}
+ANY4_HD uint32_t smem_lut_value(const RowTable& row_g, const RowTable& row_g8, int c) {
+  return row_table_entry(row_g, c) | (row_table_entry(row_g8, c) << 16);
+}
+
+// tab_lane points at the lane's column (word smem_lut_word(0, lane)); stride kWarpSize words.
+ANY4_HD void dequant_lut_smem(uint32_t q, const uint32_t* tab_lane, uint32_t r[4]) {
+  uint32_t v[8];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int i = 0; i < 8; ++i) v[i] = tab_lane[((q >> (4 * i)) & 0xfu) * kWarpSize];
+  r[0] = prmt(v[0], v[1], 0x5410);  // row g: low halves
+  r[2] = prmt(v[2], v[3], 0x5410);
+  r[1] = prmt(v[4], v[5], 0x7632);  // row g + 8: high halves
+  r[3] = prmt(v[6], v[7], 0x7632);
+}
+
+// B registers (b0, b1) of k-tile j from the lane's 8 words of x for a chunk (word w holds
+// x[64 c + 16 t + 2w], x[... + 2w + 1]): mma rows (2t, 2t+1) -> chunk k 16t + 4j + {0, 1},
+// rows (2t+8, 2t+9) -> 16t + 4j + {2, 3} (mma_k_to_chunk_k).
+ANY4_HD void b_regs(const uint32_t xw[8], int j, uint32_t b[2]) {
+  b[0] = xw[2 * j];
+  b[1] = xw[2 * j + 1];
+}
+
+// Scale and zero: w = value * scale + zero, rows g (regs 0, 2) and g + 8 (regs 1, 3).
+// sz = (scale[g], zero[g]) packed in the low word, (scale[g+8], zero[g+8]) in the high word.
+template <bool BF16>
+ANY4_HD void apply_scale_zero(uint32_t r[4], uint32_t sz_g, uint32_t sz_g8) {
+  const uint32_t s_g = dup_lo(sz_g), z_g = dup_hi(sz_g), s_g8 = dup_lo(sz_g8), z_g8 = dup_hi(sz_g8);
+  r[0] = fma2<BF16>(r[0], s_g, z_g);
+  r[2] = fma2<BF16>(r[2], s_g, z_g);
+  r[1] = fma2<BF16>(r[1], s_g8, z_g8);
+  r[3] = fma2<BF16>(r[3], s_g8, z_g8);
+}
+
+}  // namespace gpu
+}  // namespace any4

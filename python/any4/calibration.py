@@ -1,0 +1,167 @@
+"""Calibration with one short sample (SPEC §3): the text, its token ids, and the hooks that
+record per-input-channel activation statistics of Linear layers.
+
+The package ships its own default text (``any4/data/calibration.txt``, written for this project:
+prose, news, dialogue, code, math, lists, tables and several languages; about 1.2k tokens with
+the SmolLM2 tokenizer). Users may pass their own text, a list of texts (e.g. a dataset's "text"
+column), or token ids.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from importlib import resources
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .stats import ChannelStats
+
+DEFAULT_MAX_TOKENS = 4096
+
+Calibration = Union[None, str, Iterable, torch.Tensor]
+
+
+def default_text() -> str:
+    """The calibration text shipped with the package."""
+    return resources.files("any4").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+
+
+def read_text(path: str) -> str:
+    """Read a UTF-8 text file with line endings normalised to '\\n'."""
+    with open(path, encoding="utf-8", errors="strict") as f:
+        text = f.read()
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def calibration_ids(
+    calibration: Calibration = None,
+    tokenizer: Any = None,
+    max_tokens: Optional[int] = DEFAULT_MAX_TOKENS,
+    seq_len: Optional[int] = None,
+) -> torch.Tensor:
+    """Token ids int64 [B, T] for a calibration source.
+
+    Args:
+        calibration: None or "default" (the shipped text); a text (str); an iterable of texts
+            (joined with blank lines); or token ids (int tensor [T] or [B, T], or a list of ints).
+        tokenizer: a Hugging Face tokenizer (needed for text), called as ``tokenizer(text)``.
+        max_tokens: keep at most this many tokens (None: all).
+        seq_len: longest row (e.g. the model's context); longer samples are cut into rows of
+            seq_len tokens (a shorter remainder is dropped when there are full rows).
+    """
+    if isinstance(calibration, torch.Tensor):
+        if (
+            calibration.is_floating_point()
+            or calibration.is_complex()
+            or calibration.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"calibration token ids must be an integer tensor, got {calibration.dtype}"
+            )
+        ids = calibration.detach().to(torch.int64).cpu()
+        if ids.ndim == 1:
+            ids = ids.reshape(1, -1)
+        if ids.ndim != 2:
+            raise ValueError(
+                f"calibration token ids must be [T] or [B, T], got shape {tuple(ids.shape)}"
+            )
+    else:
+        if calibration is None or (isinstance(calibration, str) and calibration == "default"):
+            text = default_text()
+        elif isinstance(calibration, str):
+            text = calibration
+        elif isinstance(calibration, Iterable):
+            items = list(calibration)
+            if items and all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+                return calibration_ids(
+                    torch.tensor(items, dtype=torch.int64), tokenizer, max_tokens, seq_len
+                )
+            if not all(isinstance(i, str) for i in items):
+                raise TypeError("a calibration list must hold texts (str) or token ids (int)")
+            text = "\n\n".join(i for i in items if i)
+        else:
+            raise TypeError(
+                f"calibration must be None, a text, a list of texts or token ids, got {type(calibration).__name__}"
+            )
+        if tokenizer is None:
+            raise ValueError(
+                "calibration text needs a tokenizer (pass tokenizer=...) or pass token ids"
+            )
+        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64).reshape(1, -1)
+    if max_tokens is not None and ids.numel() > max_tokens:
+        ids = ids.reshape(-1)[: int(max_tokens)].reshape(1, -1)
+    if ids.numel() == 0:
+        raise ValueError("the calibration sample is empty")
+    if seq_len is not None and ids.shape[1] > seq_len:
+        flat = ids.reshape(-1)
+        rows = flat.numel() // seq_len
+        ids = flat[: rows * seq_len].reshape(rows, seq_len)
+    return ids
+
+
+def run_model(model: nn.Module, ids: torch.Tensor) -> Any:
+    """One no-grad forward pass of ``model`` on ``ids`` [B, T] (a Hugging Face causal LM is
+    called with ``input_ids=``, no cache, and only the last position's logits)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = ids.to(device)
+    with torch.no_grad():
+        if "input_ids" in params:
+            kwargs: dict = {"input_ids": ids}
+            if "use_cache" in params:
+                kwargs["use_cache"] = False
+            if "logits_to_keep" in params:
+                kwargs["logits_to_keep"] = 1
+            return model(**kwargs)
+        return model(ids)
+
+
+class ActivationRecorder:
+    """Forward pre-hooks that feed each named layer's input into a ChannelStats.
+
+    ``on_input(name, module, x)`` (optional) runs after the statistics of that call were added;
+    sequential calibration uses it to quantize a layer as soon as its input has been seen.
+    Use as a context manager; hooks are removed on exit.
+    """
+
+    def __init__(
+        self,
+        layers: dict,
+        on_input: Optional[Callable[[str, nn.Module, torch.Tensor], None]] = None,
+    ):
+        self.layers = dict(layers)
+        self.stats = {name: ChannelStats() for name in self.layers}
+        self.calls = dict.fromkeys(self.layers, 0)
+        self.on_input = on_input
+        self._handles: list = []
+
+    def __enter__(self) -> ActivationRecorder:
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            x = args[0]
+            self.calls[name] += 1
+            self.stats[name].update(x)
+            if self.on_input is not None:
+                self.on_input(name, module, x)
+
+        return hook
+
+
+__all__ = ["ActivationRecorder", "calibration_ids", "default_text", "read_text", "run_model"]

@@ -1,0 +1,279 @@
+"""GPU weight layout (SPEC §4): repack once into tensor-core fragment order, and back.
+
+``any4.pack_for_gpu`` turns the storage layout (``packed`` uint8 [N, ceil(K/2)], ``lut``,
+``scales``) into a :class:`GpuWeight`: three tensors in the order in which the CUDA kernel's
+``mma.sync.m16n8k16`` instructions consume them (layout documented in ``cuda/layout.cuh``)::
+
+    codes   uint8 [n_tiles, k_chunks, 32, 16]      16-row x 64-k tiles, one 16-byte vector per lane
+    scales  dtype [n_tiles, n_groups_pad, 8, 4]    (scale, zero) of rows g and g+8, per group
+    lut     uint8 [N_pad, 32]                      16 table entries per row: low bytes, high bytes
+
+with n_tiles = ceil(N/16), k_chunks = ceil(K/64), N_pad = 16 n_tiles; rows and k past the
+matrix are padding (code 0, scale and zero 0). ``dtype`` is the compute dtype of the kernel
+(bfloat16 or float16) and must be the activations' dtype; tables given in another dtype are
+rounded to it once, here. The repacking runs in C++ on the CPU; ``unpack_from_gpu`` is its
+exact inverse. ``emulate_gpu_gemm`` runs the kernel's lanes on the CPU (tests, no GPU needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+from . import _tensor as T
+from ._core import C
+
+DEQUANTIZERS = {"arith": 0, "lut_reg": 1, "lut_smem": 2}
+# Table lookup used when none is named (the other one is kept for measurements: bench/).
+DEFAULT_LUT_DEQUANT = "lut_reg"
+COMPUTE_DTYPES = ("bfloat16", "float16")
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+@dataclass
+class GpuWeight:
+    """A quantized [N, K] weight in the GPU layout (see the module docstring)."""
+
+    codes: Any  # uint8 [n_tiles, k_chunks, 32, 16]
+    scales: Any  # dtype [n_tiles, n_groups_pad, 8, 4]
+    lut: Any  # uint8 [N_pad, 32]
+    shape: tuple  # (N, K)
+    group_size: int
+    lut_len: int  # L = 2^bits entries used per row
+    lut_shared: bool  # the table was one row for all (fixed formats)
+    arith_neg2: int  # >= 0: the table is c + offset (int formats), the kernel's Arith constant
+
+    @property
+    def dtype(self) -> str:
+        return T.dtype_name(self.scales)
+
+    @property
+    def arith(self) -> bool:
+        """True when the codes may be converted arithmetically (table c + offset, shared)."""
+        return self.arith_neg2 >= 0
+
+    @property
+    def device(self) -> Any:
+        return self.codes.device
+
+    def to(self, device: Any) -> GpuWeight:
+        """The same weight on another device (tensors copied)."""
+        return replace(
+            self,
+            codes=self.codes.to(device),
+            scales=self.scales.to(device),
+            lut=self.lut.to(device),
+        )
+
+    def cuda(self, device: Any = None) -> GpuWeight:
+        return self.to(_torch().device("cuda") if device is None else device)
+
+    def cpu(self) -> GpuWeight:
+        return self.to("cpu")
+
+    def nbytes(self) -> int:
+        return sum(T.nbytes(t) for t in (self.codes, self.scales, self.lut))
+
+    def default_dequant(self) -> str:
+        return "arith" if self.arith else DEFAULT_LUT_DEQUANT
+
+
+def _lut_2d(lut: Any) -> Any:
+    return lut.reshape(1, -1) if lut.ndim == 1 else lut
+
+
+def pack_for_gpu(
+    packed: Any,
+    lut: Any = None,
+    scales: Any = None,
+    K: Optional[int] = None,
+    group_size: Optional[int] = None,
+    *,
+    dtype: Optional[str] = None,
+) -> GpuWeight:
+    """Repack a quantized weight into the GPU layout (done once, at load time).
+
+    Args:
+        packed: uint8 [N, ceil(K/2)] codes (torch tensor, CPU or CUDA), or a QuantizedTensor
+            (then lut, scales, K and group_size come from it).
+        lut: [N, L] or [1, L] / [L] table, L <= 16 (float32, float16 or bfloat16).
+        scales: [N, ceil(K/G), 2] (scale, zero), lut's dtype.
+        K: number of input features (needed: an odd K and K+1 pack to the same bytes).
+        group_size: G, a power of two >= 16 (32, 64, 128, 256 are the usual ones); inferred
+            from K and scales when omitted.
+        dtype: compute dtype, "bfloat16" or "float16" (the activations' dtype); default: the
+            table's dtype when it is 16-bit, else bfloat16.
+    Returns:
+        GpuWeight on the device of ``packed``.
+    """
+    from .gemm import infer_group_size
+    from .quantize import QuantizedTensor
+
+    torch = _torch()
+    if isinstance(packed, QuantizedTensor):
+        qt = packed
+        if lut is not None or scales is not None:
+            raise TypeError("pass either a QuantizedTensor or packed, lut and scales")
+        packed, lut, scales, K, group_size = (
+            qt.packed,
+            qt.lut,
+            qt.scales,
+            qt.shape[1],
+            qt.group_size,
+        )
+    if lut is None or scales is None or K is None:
+        raise TypeError("pack_for_gpu needs packed, lut, scales and K (or a QuantizedTensor)")
+    for name, t in (("packed", packed), ("lut", lut), ("scales", scales)):
+        if not T.is_torch(t):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    device = packed.device
+    K = int(K)
+    if packed.dtype != torch.uint8 or packed.ndim != 2 or int(packed.shape[1]) != (K + 1) // 2:
+        raise ValueError(
+            f"packed must be uint8 [N, ceil(K/2)={(K + 1) // 2}], got {packed.dtype} {tuple(packed.shape)}"
+        )
+    N = int(packed.shape[0])
+    lut2 = _lut_2d(lut)
+    if lut2.ndim != 2:
+        raise ValueError(f"lut must be [L], [1, L] or [N, L], got {tuple(lut.shape)}")
+    lut_rows, lut_len = (int(s) for s in lut2.shape)
+    if lut_rows not in (1, N) or not 1 <= lut_len <= 16:
+        raise ValueError(f"lut must be [1, L] or [N={N}, L] with L <= 16, got {tuple(lut.shape)}")
+    table_dtype = T.dtype_name(lut2)
+    if table_dtype not in T.DTYPE_CODE or T.dtype_name(scales) != table_dtype:
+        raise TypeError(
+            f"lut and scales must share a float dtype, got {table_dtype} and {T.dtype_name(scales)}"
+        )
+    if scales.ndim != 3 or int(scales.shape[0]) != N or int(scales.shape[2]) != 2:
+        raise ValueError(f"scales must be [N={N}, groups, 2], got {tuple(scales.shape)}")
+    n_groups = int(scales.shape[1])
+    if group_size is None:
+        group_size = infer_group_size(K, n_groups)
+    group_size = int(group_size)
+    if group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(
+            f"the GPU layout needs a power-of-two group size >= 16, got {group_size}; "
+            "any4.gemm on the storage layout handles other group sizes (slower)"
+        )
+    if -(-K // group_size) != n_groups:
+        raise ValueError(
+            f"group_size={group_size} and K={K} need {-(-K // group_size)} groups, scales have {n_groups}"
+        )
+    if dtype is None:
+        dtype = table_dtype if table_dtype in COMPUTE_DTYPES else "bfloat16"
+    dtype = str(dtype).replace("torch.", "")
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be bfloat16 or float16, got {dtype}")
+
+    sizes = C.gpu_pack_sizes(N, K, group_size)
+    p_cpu = packed.detach().to("cpu").contiguous()
+    l_cpu = lut2.detach().to("cpu").contiguous()
+    s_cpu = scales.detach().to("cpu").contiguous()
+    codes = torch.empty(sizes["n_tiles"], sizes["k_chunks"], 32, 16, dtype=torch.uint8)
+    sc = torch.empty(sizes["n_tiles"], sizes["n_groups_pad"], 8, 4, dtype=getattr(torch, dtype))
+    lt = torch.empty(sizes["N_pad"], 32, dtype=torch.uint8)
+    C.pack_for_gpu(
+        p_cpu.data_ptr(), N, K, l_cpu.data_ptr(), lut_rows, lut_len, s_cpu.data_ptr(), n_groups,
+        group_size, T.DTYPE_CODE[table_dtype], T.DTYPE_CODE[dtype], codes.data_ptr(),
+        sc.data_ptr(), lt.data_ptr(),
+    )  # fmt: skip
+    neg2 = C.gpu_arith_constant(
+        l_cpu.data_ptr(), lut_rows, lut_len, T.DTYPE_CODE[table_dtype], T.DTYPE_CODE[dtype]
+    )
+    w = GpuWeight(codes, sc, lt, (N, K), group_size, lut_len, lut_rows == 1, int(neg2))
+    return w if device.type == "cpu" else w.to(device)
+
+
+def unpack_from_gpu(w: GpuWeight) -> tuple:
+    """Exact inverse of :func:`pack_for_gpu`: (packed uint8 [N, ceil(K/2)], lut [1 or N, L],
+    scales [N, ceil(K/G), 2]) as CPU tensors, tables in the GPU weight's dtype."""
+    torch = _torch()
+    N, K = w.shape
+    sizes = C.gpu_pack_sizes(N, K, w.group_size)
+    codes, sc, lt = (t.detach().to("cpu").contiguous() for t in (w.codes, w.scales, w.lut))
+    if (
+        codes.numel() != sizes["code_bytes"]
+        or sc.numel() != sizes["scale_elems"]
+        or lt.numel() != sizes["lut_bytes"]
+    ):
+        raise ValueError("GpuWeight tensors do not match its shape and group size")
+    dt = getattr(torch, w.dtype)
+    lut_rows = 1 if w.lut_shared else N
+    packed = torch.empty(N, (K + 1) // 2, dtype=torch.uint8)
+    scales = torch.empty(N, sizes["n_groups"], 2, dtype=dt)
+    lut = torch.empty(lut_rows, w.lut_len, dtype=dt)
+    C.unpack_from_gpu(
+        codes.data_ptr(), sc.data_ptr(), lt.data_ptr(), N, K, w.group_size, lut_rows, w.lut_len,
+        packed.data_ptr(), scales.data_ptr(), lut.data_ptr(),
+    )  # fmt: skip
+    return packed, lut, scales
+
+
+def dequant_code(w: GpuWeight, dequant: Optional[str]) -> int:
+    """Kernel code of a dequantizer name ("arith", "lut_reg", "lut_smem"; None = default)."""
+    name = w.default_dequant() if dequant is None else dequant
+    if name not in DEQUANTIZERS:
+        raise ValueError(f"dequant must be one of {tuple(DEQUANTIZERS)}, got {name!r}")
+    if name == "arith" and not w.arith:
+        raise ValueError("dequant='arith' needs a shared table c + offset (int formats)")
+    return DEQUANTIZERS[name]
+
+
+def emulate_gpu_gemm(
+    x: Any,
+    w: GpuWeight,
+    *,
+    dequant: Optional[str] = None,
+    num_sms: int = 108,
+    blocks_per_sm: int = 4,
+    splits: int = 0,
+) -> Any:
+    """Run the tensor-core kernel's lanes on the CPU (slow; for tests): y = x @ dequant(W)^T.
+
+    x: [..., K] CPU tensor in the weight's dtype. ``num_sms`` and ``blocks_per_sm`` drive the
+    kernel's split-K plan, ``splits`` > 0 forces a number of K splits. Returns y [..., N] in
+    x's dtype.
+    """
+    torch = _torch()
+    N, K = w.shape
+    if not T.is_torch(x) or x.device.type != "cpu":
+        raise TypeError("emulate_gpu_gemm takes a CPU torch tensor x")
+    if T.dtype_name(x) != w.dtype:
+        raise TypeError(f"x must have the GPU weight's dtype {w.dtype}, got {T.dtype_name(x)}")
+    if x.ndim < 1 or int(x.shape[-1]) != K:
+        raise ValueError(f"x must be [..., K={K}], got {tuple(x.shape)}")
+    code = dequant_code(w, dequant)
+    lead = tuple(x.shape[:-1])
+    x2 = x.reshape(-1, K).contiguous()
+    M = int(x2.shape[0])
+    y = torch.full((M, N), float("nan"), dtype=x.dtype)
+    if M:
+        wc = w.cpu()
+        C.emulate_gpu_gemm(
+            x2.data_ptr(), T.DTYPE_CODE[w.dtype], M, K, N, w.group_size, wc.codes.data_ptr(),
+            wc.scales.data_ptr(), wc.lut.data_ptr(), code, max(w.arith_neg2, 0), int(num_sms),
+            int(blocks_per_sm), int(splits), y.data_ptr(),
+        )  # fmt: skip
+    return y.reshape(lead + (N,))
+
+
+def tc_plan(M: int, N: int, K: int, num_sms: int, blocks_per_sm: int = 4, splits: int = 0) -> dict:
+    """The kernel's grid plan (B tiles per mma, m-tiles, blocks, K splits) for a shape on a GPU
+    with num_sms multiprocessors holding blocks_per_sm blocks each."""
+    return dict(C.tc_plan(int(M), int(N), int(K), int(num_sms), int(blocks_per_sm), int(splits)))
+
+
+def gpu_layout_sizes(N: int, K: int, group_size: int) -> dict:
+    """Tile counts and tensor sizes of the GPU layout of an [N, K] weight."""
+    return dict(C.gpu_pack_sizes(int(N), int(K), int(group_size)))
+
+
+__all__ = [
+    "DEQUANTIZERS", "GpuWeight", "emulate_gpu_gemm", "gpu_layout_sizes", "pack_for_gpu",
+    "tc_plan", "unpack_from_gpu",
+]  # fmt: skip

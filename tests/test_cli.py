@@ -1,0 +1,174 @@
+"""The any4 command line on a tiny local model (fast), plus argument errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from _tiny import byte_tokenizer, random_ids, tiny_llama  # noqa: E402
+
+import any4  # noqa: E402
+from any4.cli import main  # noqa: E402
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Numbers: 1, 2, 3, 5, 8, 13.\n"
+    "Une phrase en français, und ein deutscher Satz.\n"
+) * 6
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_hf")
+    tiny_llama(seed=1).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_help(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "quantize" in out and "eval" in out and "bench" in out
+    for cmd in ("quantize", "eval", "bench"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+    assert main([]) == 2
+
+
+def test_quantize_then_eval_saved_dir(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "q"
+    calib = tmp_path / "calib.txt"
+    calib.write_text("calibration text, with some words in it.\r\nSecond line.")
+    rc = main(["quantize", str(model_dir), "--fmt", "any4", "--group-size", "32", "--out", str(out),
+               "--calibration", str(calib), "--mode", "sequential"])  # fmt: skip
+    assert rc == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    meta = json.loads((out / "any4.json").read_text())
+    assert meta["settings"]["mode"] == "sequential" and meta["settings"]["calibration_tokens"] > 20
+    loaded = any4.load(out)
+    assert loaded.model.layers[0].mlp.up_proj.fmt == "any4"
+
+    text = tmp_path / "held.txt"
+    text.write_text(TEXT)
+    prefix = tmp_path / "saved_eval"
+    rc = main(
+        [
+            "eval",
+            str(out),
+            "--text",
+            str(text),
+            "--seq-len",
+            "64",
+            "--max-tokens",
+            "256",
+            "--out",
+            str(prefix),
+        ]
+    )
+    assert rc == 0
+    rows = json.loads((tmp_path / "saved_eval.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["fmt"] == "any4" and math.isfinite(rows[0]["ppl"])
+    assert "any4" in capsys.readouterr().out
+
+
+def test_eval_formats_table(model_dir, tmp_path, capsys) -> None:
+    text = tmp_path / "held.txt"
+    text.write_text(TEXT)
+    prefix = tmp_path / "table"
+    rc = main(["eval", str(model_dir), "--fmt", "fp,int4,any4", "--group-size", "16,32", "--text", str(text),
+               "--seq-len", "64", "--max-tokens", "192", "--out", str(prefix)])  # fmt: skip
+    assert rc == 0
+    data = json.loads((tmp_path / "table.json").read_text())
+    got = {(r["fmt"], r["group_size"]) for r in data["rows"]}
+    assert got == {("fp", None), ("int4", 16), ("int4", 32), ("any4", 16), ("any4", 32)}
+    assert data["info"]["windows"] == 3 and data["info"]["seq_len"] == 64
+    assert all(math.isfinite(r["ppl"]) and r["tokens"] == 3 * 63 for r in data["rows"])
+    assert (tmp_path / "table.png").stat().st_size > 1000
+    md = (tmp_path / "table.md").read_text()
+    assert "ppl G=16" in md and "ppl G=32" in md and "| any4 |" in md
+    assert "| fp |" in capsys.readouterr().out
+
+
+def test_eval_windows_are_shared_and_fp_matches_direct(model_dir, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from any4.eval import make_windows, perplexity, token_ids
+
+    text = tmp_path / "held.txt"
+    text.write_text(TEXT)
+    prefix = tmp_path / "fp"
+    args = [
+        "eval",
+        str(model_dir),
+        "--fmt",
+        "fp",
+        "--text",
+        str(text),
+        "--seq-len",
+        "64",
+        "--max-tokens",
+        "200",
+    ]
+    assert main([*args, "--out", str(prefix)]) == 0
+    row = json.loads((tmp_path / "fp.json").read_text())["rows"][0]
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = token_ids(TEXT, byte_tokenizer())
+    assert make_windows(ids, 64).shape == (ids.numel() // 64, 64)
+    windows = make_windows(ids, 64, 200)
+    assert windows.shape == (3, 64) and torch.equal(windows.reshape(-1), ids[:192])
+    direct = perplexity(model, windows, progress=False)
+    assert row["ppl"] == pytest.approx(direct["ppl"], rel=1e-6)
+    # Reference: the mean next-token negative log-likelihood computed directly in float64.
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=windows).logits.double(), -1)
+    nll = -logp[:, :-1].gather(-1, windows[:, 1:, None]).mean()
+    assert direct["nll"] == pytest.approx(float(nll), rel=1e-5)
+
+
+def test_errors(model_dir, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(model_dir), "--fmt", "int5"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["eval", str(model_dir), "--group-size", "12"])
+    assert main(["quantize", str(model_dir), "--fmt", "int5", "--out", str(tmp_path / "x")]) == 1
+    assert "unknown format" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    assert (
+        main(
+            [
+                "eval",
+                str(model_dir),
+                "--fmt",
+                "fp",
+                "--text",
+                str(short),
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 1
+    )
+    assert "not enough" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing.gguf")]) == 1
+
+
+def test_bench_runs(capsys) -> None:
+    assert main(["bench", "--shapes", "40x64", "--batch", "1,3", "--group-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("40 x 64") == 2
+
+
+def test_calibration_ids_tokenize_like_the_cli() -> None:
+    # Sanity of the byte tokenizer used above: one token per byte.
+    tok = byte_tokenizer()
+    assert len(tok("héllo")["input_ids"]) == len("héllo".encode())
+    assert random_ids(5).shape == (1, 5)

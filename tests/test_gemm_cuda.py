@@ -1,0 +1,217 @@
+"""CUDA gemm kernels against float64 references (skipped without a GPU and a CUDA build).
+
+Tensor-core kernel (GPU layout, any4.pack_for_gpu): every format x dtype x group size x batch
+size x shape, every dequantizer, automatic and forced split-K, exact identity, agreement with the
+CPU emulation of the kernel and with the CPU any4.gemm. Storage-layout kernel: any x / table
+dtype and group size. Outputs are poisoned with NaN first; streams and device mixes are checked.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import any4
+from any4.cuda import gemm_gpu
+from any4.pack_gpu import emulate_gpu_gemm
+from conftest import TOL, dequant_ref, rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not any4.cuda_available(), reason="needs a CUDA device and a CUDA build"),
+]
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMATS = ("int4", "int3", "int2", "nf4", "fp4", "any4", "any3", "any2")
+BATCHES = (1, 3, 5, 8, 13, 16, 33)
+# N, K: odd multiples of the 16 x 64 tile, then sizes that are not multiples at all
+SHAPES = ((48, 192), (80, 320), (45, 333))
+
+
+def dequants(w):
+    return (["arith"] if w.arith else []) + ["lut_reg", "lut_smem"]
+
+
+def poisoned(M, N, dtype):
+    return torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+
+
+@pytest.mark.parametrize("G", [32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tensor_core_kernel(fmt, dtype, G):
+    dt = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(hash((fmt, dtype, G)) % 2**31)
+    for N, K in SHAPES:
+        qt = any4.quantize(torch.randn(N, K, generator=gen), fmt, group_size=min(G, K), dtype=dtype)
+        if qt.group_size != G:
+            continue
+        w = any4.pack_for_gpu(qt).cuda()
+        wref = dequant_ref(qt.packed, qt.lut, qt.scales, K, G)
+        for M in BATCHES:
+            x = torch.randn(M, K, generator=gen).to(dt)
+            ref = x.double().numpy() @ wref.T
+            y_cpu = any4.gemm(x, qt.packed, qt.lut, qt.scales)  # the CPU twin
+            xc = x.cuda()
+            for dq in dequants(w):
+                for splits in (0, 3):
+                    y = poisoned(M, N, dt)
+                    gemm_gpu(xc, w, dequant=dq, splits=splits, out=y)
+                    torch.cuda.synchronize()
+                    err = rel_err(y, ref)
+                    assert err < TOL[dtype], (N, K, M, dq, splits, err)
+                    assert rel_err(y, y_cpu) < TOL[dtype], (N, K, M, dq, splits)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_exact_identity(dtype):
+    """w = [I 0] with int (arithmetic) and per-row tables: y is exactly x[:, :N]."""
+    rng = np.random.default_rng(3)
+    N, K, G = 40, 200, 64
+    dt = DTYPES[dtype]
+    codes = np.zeros((N, K), np.uint8)
+    codes[np.arange(N), np.arange(N)] = 1
+    packed = any4.pack(torch.from_numpy(codes))
+    scales = torch.zeros(N, -(-K // G), 2, dtype=dt)
+    scales[..., 0] = 1.0
+    per_row = torch.from_numpy(rng.normal(size=(N, 16))).to(dt)
+    per_row[:, 0], per_row[:, 1] = 0.0, 1.0
+    for lut in (torch.arange(16.0, dtype=dt)[None], per_row):
+        w = any4.pack_for_gpu(packed, lut, scales, K, G).cuda()
+        for M in BATCHES:
+            x = torch.randn(M, K, dtype=dt, device="cuda")
+            for dq in dequants(w):
+                for splits in (0, 2):
+                    y = poisoned(M, N, dt)
+                    gemm_gpu(x, w, dequant=dq, splits=splits, out=y)
+                    assert torch.equal(y, x[:, :N]), (M, dq, splits)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4", "any4"])
+def test_matches_cpu_emulation(fmt):
+    """The GPU and its CPU emulation differ only in the mma's fp32 summation order."""
+    N, K, G = 72, 640, 128
+    qt = any4.quantize(torch.randn(N, K), fmt, group_size=G, dtype="bfloat16")
+    w = any4.pack_for_gpu(qt)
+    wc = w.cuda()
+    for M in (1, 8, 16, 33):
+        x = torch.randn(M, K).bfloat16()
+        for dq in dequants(w):
+            y_emu = emulate_gpu_gemm(x, w, dequant=dq, splits=4)
+            y = gemm_gpu(x.cuda(), wc, dequant=dq, splits=4).cpu()
+            assert rel_err(y, y_emu) < TOL["bfloat16"], (M, dq)
+
+
+def test_large_batch_and_shapes():
+    for N, K, M in ((1000, 1000, 257), (4096, 512, 100), (17, 4160, 2)):
+        qt = any4.quantize(torch.randn(N, K), "nf4", group_size=128, dtype="bfloat16")
+        w = any4.pack_for_gpu(qt).cuda()
+        x = torch.randn(M, K).bfloat16()
+        ref = x.double().numpy() @ dequant_ref(qt.packed, qt.lut, qt.scales, K, 128).T
+        y = poisoned(M, N, torch.bfloat16)
+        any4.gemm(x.cuda(), w)  # the default entry point
+        gemm_gpu(x.cuda(), w, out=y)
+        assert rel_err(y, ref) < TOL["bfloat16"], (N, K, M)
+
+
+@pytest.mark.parametrize("x_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("table_dtype", ["float32", "bfloat16"])
+def test_storage_layout_kernel(x_dtype, table_dtype):
+    """any4.gemm on CUDA tensors of the storage layout: any dtype, any group size, odd K."""
+    for fmt, N, K, G in (
+        ("any4", 37, 301, 64),
+        ("int4", 20, 200, 24),
+        ("nf4", 9, 577, 128),
+        ("any2", 64, 96, 96),
+    ):
+        qt = any4.quantize(torch.randn(N, K), fmt, group_size=G, dtype=table_dtype)
+        x = torch.randn(5, K).to(getattr(torch, x_dtype))
+        ref = x.double().numpy() @ dequant_ref(qt.packed, qt.lut, qt.scales, K, G).T
+        y = any4.gemm(x.cuda(), qt.packed.cuda(), qt.lut.cuda(), qt.scales.cuda())
+        assert y.device.type == "cuda" and y.dtype == x.dtype and y.shape == (5, N)
+        assert rel_err(y, ref) < TOL[x_dtype], (fmt, G)
+        y_cpu = any4.gemm(x, qt.packed, qt.lut, qt.scales)
+        assert rel_err(y, y_cpu) < TOL[x_dtype]
+
+
+def test_runs_on_the_current_stream():
+    """The kernels are queued on torch's current stream: a sleep + copy queued before them on a
+    side stream must be waited for (wrong results if they ran on another stream)."""
+    N, K = 300, 1024
+    qt = any4.quantize(torch.randn(N, K), "any4", group_size=128, dtype="bfloat16")
+    w = any4.pack_for_gpu(qt).cuda()
+    wref = dequant_ref(qt.packed, qt.lut, qt.scales, K, 128)
+    x_new = torch.randn(4, K, dtype=torch.bfloat16)
+    x_pinned = x_new.pin_memory()
+    side = torch.cuda.Stream()
+    for use_tc in (True, False):
+        x = torch.zeros(4, K, dtype=torch.bfloat16, device="cuda")
+        torch.cuda.synchronize()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(50_000_000)
+            x.copy_(x_pinned, non_blocking=True)
+            if use_tc:
+                y = any4.gemm(x, w)
+            else:
+                y = any4.gemm(x, qt.packed.cuda(), qt.lut.cuda(), qt.scales.cuda())
+        side.synchronize()
+        assert rel_err(y, x_new.double().numpy() @ wref.T) < TOL["bfloat16"], use_tc
+
+
+def test_errors():
+    qt = any4.quantize(torch.randn(32, 128), "int4", group_size=64, dtype="bfloat16")
+    w = any4.pack_for_gpu(qt)
+    wc = w.cuda()
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="device"):
+        any4.gemm(x, wc)  # CPU x, CUDA weight
+    with pytest.raises(ValueError, match="device"):
+        gemm_gpu(x.cuda(), w)  # CUDA x, CPU weight
+    with pytest.raises(ValueError, match="one device"):
+        any4.gemm(x.cuda(), qt.packed, qt.lut, qt.scales)  # storage layout, mixed devices
+    with pytest.raises(TypeError, match="packed for bfloat16"):
+        any4.gemm(x.cuda().half(), wc)
+    with pytest.raises(ValueError, match="K="):
+        any4.gemm(torch.randn(2, 100, dtype=torch.bfloat16, device="cuda"), wc)
+    assert any4.gemm(torch.zeros(0, 128, dtype=torch.bfloat16, device="cuda"), wc).shape == (0, 32)
+
+
+def test_non_contiguous_and_batched_x():
+    qt = any4.quantize(torch.randn(24, 256), "any4", group_size=64, dtype="float16")
+    w = any4.pack_for_gpu(qt).cuda()
+    x = torch.randn(256, 6, dtype=torch.float16, device="cuda").T  # a transposed view
+    y = any4.gemm(x, w)
+    assert torch.equal(y, any4.gemm(x.contiguous(), w))
+    xb = torch.randn(2, 3, 256, dtype=torch.float16, device="cuda")
+    assert any4.gemm(xb, w).shape == (2, 3, 24)
+
+
+def test_cuda_graph_replay():
+    """Captured once, replayed on new inputs: split-K counters reset themselves each replay."""
+    N, K = 64, 2048
+    qt = any4.quantize(torch.randn(N, K), "any4", group_size=128, dtype="bfloat16")
+    w = any4.pack_for_gpu(qt).cuda()
+    wref = dequant_ref(qt.packed, qt.lut, qt.scales, K, 128)
+    x = torch.zeros(3, K, dtype=torch.bfloat16, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        gemm_gpu(x, w, splits=4)  # warm-up: plan and split-K scratch of this stream
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        y = gemm_gpu(x, w, splits=4)
+    for _ in range(3):
+        x_new = torch.randn(3, K, dtype=torch.bfloat16)
+        x.copy_(x_new)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(y, x_new.double().numpy() @ wref.T) < TOL["bfloat16"]
+
+
+def test_tensor_level_entry_point():
+    from any4.cuda import gemm_gpu_tensors
+
+    qt = any4.quantize(torch.randn(40, 300), "int4", group_size=64, dtype="bfloat16")
+    w = any4.pack_for_gpu(qt).cuda()
+    x = torch.randn(7, 300, dtype=torch.bfloat16, device="cuda")
+    y = gemm_gpu_tensors(x, w.codes, w.scales, w.lut, 40, 300, 64, w.lut_len, w.arith_neg2)
+    assert torch.equal(y, gemm_gpu(x, w))

@@ -1,0 +1,246 @@
+"""GPU weight layout and the CPU emulation of the tensor-core kernel (no GPU needed).
+
+The emulation runs every lane of the kernel's grid with the kernel's own index math and
+dequantization (cuda/layout.cuh) and executes each mma.m16n8k16 from the PTX fragment layouts,
+so a layout bug fails here. The layout itself is also checked against an independent numpy
+implementation of its documented formula.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import any4
+from any4.pack_gpu import emulate_gpu_gemm, gpu_layout_sizes, tc_plan
+from conftest import TOL, dequant_ref, rel_err
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMATS = ("int4", "int3", "int2", "nf4", "fp4", "any4", "any3", "any2")
+
+
+def random_operands(rng, N, K, G, L, shared, dtype):
+    """Random codes < L, table [1 or N, L] and scales [N, ceil(K/G), 2] in dtype (torch)."""
+    codes = rng.integers(0, L, size=(N, K), dtype=np.uint8)
+    packed = any4.pack(torch.from_numpy(codes))
+    lut = torch.from_numpy(np.sort(rng.normal(size=(1 if shared else N, L)), axis=1)).to(dtype)
+    scales = torch.from_numpy(rng.uniform(0.5, 1.5, size=(N, -(-K // G), 2))).to(dtype)
+    scales[..., 1] -= 1.0
+    return codes, packed, lut, scales
+
+
+def layout_reference(codes, lut, scales, G, dtype):
+    """numpy implementation of the documented GPU layout (independent of the C++ packer)."""
+    N, K = codes.shape
+    n_tiles, k_chunks = -(-N // 16), -(-K // 64)
+    lane = np.arange(32)[:, None, None]
+    j = np.arange(4)[None, :, None]
+    i = np.arange(8)[None, None, :]
+    row = lane // 4 + 8 * (i // 4)  # [32, 1, 8]
+    kk = 16 * (lane % 4) + 4 * j + (i % 4)  # [32, 4, 8]
+    padded = np.zeros((n_tiles * 16, k_chunks * 64), np.uint32)
+    padded[:N, :K] = codes
+    tiles = padded.reshape(n_tiles, 16, k_chunks, 64)
+    nib = tiles[:, row, :, kk]  # advanced indices first: [32, 4, 8, n_tiles, k_chunks]
+    words = (nib << (4 * np.arange(8, dtype=np.uint32))[None, None, :, None, None]).sum(axis=2)
+    words = np.ascontiguousarray(words.astype(np.uint32).transpose(2, 3, 0, 1))  # [nt, kc, 32, 4]
+    ref_codes = words.view(np.uint8).reshape(n_tiles, k_chunks, 32, 16)
+
+    n_groups = -(-K // G)
+    n_groups_pad = -(-(k_chunks * 64) // G)
+    sc = scales.to(dtype).view(torch.int16).numpy().astype(np.uint16)
+    ref_scales = np.zeros((n_tiles, n_groups_pad, 8, 4), np.uint16)
+    for n in range(N):
+        h = (n % 16) // 8
+        ref_scales[n // 16, :n_groups, n % 8, 2 * h : 2 * h + 2] = sc[n]
+
+    lb = lut.to(dtype).view(torch.int16).numpy().astype(np.uint16)
+    lb = np.broadcast_to(lb, (N, lb.shape[1]))
+    ref_lut = np.zeros((n_tiles * 16, 32), np.uint8)
+    ref_lut[:N, : lb.shape[1]] = lb & 0xFF
+    ref_lut[:N, 16 : 16 + lb.shape[1]] = lb >> 8
+    return ref_codes, ref_scales, ref_lut
+
+
+@pytest.mark.parametrize("N,K,G", [(37, 150, 32), (16, 64, 64), (5, 7, 16), (70, 333, 128)])
+def test_pack_matches_documented_layout(rng, N, K, G):
+    codes, packed, lut, scales = random_operands(rng, N, K, G, 16, False, torch.bfloat16)
+    w = any4.pack_for_gpu(packed, lut, scales, K, G)
+    ref_codes, ref_scales, ref_lut = layout_reference(codes, lut, scales, G, torch.bfloat16)
+    assert np.array_equal(w.codes.numpy(), ref_codes)
+    assert np.array_equal(w.scales.view(torch.int16).numpy().astype(np.uint16), ref_scales)
+    assert np.array_equal(w.lut.numpy(), ref_lut)
+    sizes = gpu_layout_sizes(N, K, G)
+    assert w.codes.numel() == sizes["code_bytes"] and w.lut.numel() == sizes["lut_bytes"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("L,shared", [(16, False), (16, True), (8, False), (4, True)])
+@pytest.mark.parametrize("N,K,G", [(1, 1, 16), (17, 65, 32), (33, 257, 64), (48, 200, 256)])
+def test_round_trip_is_exact(rng, dtype, L, shared, N, K, G):
+    dt = DTYPES[dtype]
+    codes, packed, lut, scales = random_operands(rng, N, K, G, L, shared, dt)
+    w = any4.pack_for_gpu(packed, lut, scales, K, G)
+    assert w.dtype == dtype and w.lut_shared == (shared or N == 1) and w.lut_len == L
+    p2, l2, s2 = any4.unpack_from_gpu(w)
+    assert torch.equal(p2, packed)
+    assert torch.equal(l2.view(torch.int16), lut.view(torch.int16))
+    assert torch.equal(s2.view(torch.int16), scales.view(torch.int16))
+
+
+def test_tables_in_another_dtype_are_rounded_once(rng):
+    codes, packed, lut, scales = random_operands(rng, 20, 100, 32, 16, False, torch.float32)
+    w = any4.pack_for_gpu(packed, lut, scales, 100, 32, dtype="bfloat16")
+    _, l2, s2 = any4.unpack_from_gpu(w)
+    assert torch.equal(l2, lut.to(torch.bfloat16)) and torch.equal(s2, scales.to(torch.bfloat16))
+
+
+def test_quantized_tensor_in_and_arith_detection():
+    w = torch.randn(24, 128)
+    for fmt, arith in (
+        ("int4", True),
+        ("int3", True),
+        ("int2", True),
+        ("nf4", False),
+        ("any4", False),
+    ):
+        qt = any4.quantize(w, fmt, group_size=64, dtype="bfloat16")
+        gw = any4.pack_for_gpu(qt)
+        assert gw.arith == arith, fmt
+        assert gw.shape == (24, 128) and gw.group_size == 64
+    # an uncentred int table 0..15 and a shifted one are arithmetic too; a scaled one is not
+    packed = any4.pack(torch.zeros(16, 64, dtype=torch.uint8))
+    scales = torch.ones(16, 1, 2, dtype=torch.float16)
+    for table, arith in (
+        (torch.arange(16.0), True),
+        (torch.arange(16.0) - 3, True),
+        (torch.arange(16.0) * 2, False),
+    ):
+        gw = any4.pack_for_gpu(packed, table[None].half(), scales, 64, 64)
+        assert gw.arith == arith
+
+
+def test_bad_inputs(rng):
+    codes, packed, lut, scales = random_operands(rng, 8, 96, 32, 8, False, torch.bfloat16)
+    with pytest.raises(ValueError, match="power-of-two group size"):
+        any4.pack_for_gpu(
+            packed, lut, any4.quantize(torch.randn(8, 96), "int4", 24).scales.bfloat16(), 96, 24
+        )
+    with pytest.raises(ValueError, match="past the table"):
+        bad = any4.pack(torch.full((8, 96), 9, dtype=torch.uint8))  # code 9 >= L = 8
+        any4.pack_for_gpu(bad, lut, scales, 96, 32)
+    with pytest.raises(ValueError, match="ceil"):
+        any4.pack_for_gpu(packed, lut, scales, 100, 32)
+    with pytest.raises(TypeError):
+        any4.pack_for_gpu(packed.numpy(), lut, scales, 96, 32)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        any4.pack_for_gpu(packed, lut, scales, 96, 32, dtype="float32")
+    w = any4.pack_for_gpu(packed, lut, scales, 96, 32)
+    with pytest.raises(TypeError, match="dtype"):
+        emulate_gpu_gemm(torch.randn(2, 96), w)
+    with pytest.raises(ValueError, match="arith"):
+        emulate_gpu_gemm(torch.randn(2, 96).bfloat16(), w, dequant="arith")
+
+
+def dequants(w):
+    return (["arith"] if w.arith else []) + ["lut_reg", "lut_smem"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_emulation_every_format(dtype, fmt):
+    N, K, G, M = 37, 200, 64, 5
+    gen = torch.Generator().manual_seed(hash((dtype, fmt)) % 2**31)
+    qt = any4.quantize(torch.randn(N, K, generator=gen), fmt, group_size=G, dtype=dtype)
+    w = any4.pack_for_gpu(qt)
+    x = torch.randn(M, K, generator=gen).to(DTYPES[dtype])
+    ref = x.double().numpy() @ dequant_ref(qt.packed, qt.lut, qt.scales, K, G).T
+    for dq in dequants(w):
+        y = emulate_gpu_gemm(x, w, dequant=dq)
+        assert y.shape == (M, N) and y.dtype == x.dtype
+        assert rel_err(y, ref) < TOL[dtype], (fmt, dq)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("G", [32, 64, 128, 256])
+def test_emulation_batch_sizes_and_groups(rng, dtype, G):
+    # N and K odd, not multiples of the 16 x 64 tile; K not a multiple of G (short last group)
+    N, K = 45, 333
+    dt = DTYPES[dtype]
+    for L, shared in ((16, False), (16, True)):
+        codes, packed, lut, scales = random_operands(rng, N, K, G, L, shared, dt)
+        w = any4.pack_for_gpu(packed, lut, scales, K, G)
+        wref = dequant_ref(packed, lut, scales, K, G)
+        for M in (1, 3, 5, 8, 13, 16, 33):
+            x = torch.from_numpy(rng.normal(size=(M, K))).to(dt)
+            y = emulate_gpu_gemm(x, w, dequant="lut_reg" if M % 2 else "lut_smem")
+            assert rel_err(y, x.double().numpy() @ wref.T) < TOL[dtype], (L, shared, M)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+def test_emulation_arith_batch_sizes(fmt):
+    N, K, G = 21, 130, 32
+    qt = any4.quantize(torch.randn(N, K), fmt, group_size=G, dtype="float16")
+    w = any4.pack_for_gpu(qt)
+    wref = dequant_ref(qt.packed, qt.lut, qt.scales, K, G)
+    for M in (1, 3, 5, 8, 13, 16, 33):
+        x = torch.randn(M, K).half()
+        y = emulate_gpu_gemm(x, w, dequant="arith")
+        assert rel_err(y, x.double().numpy() @ wref.T) < TOL["float16"], M
+
+
+def test_emulation_split_k(rng):
+    N, K, G = 40, 64 * 13 + 5, 64
+    codes, packed, lut, scales = random_operands(rng, N, K, G, 16, False, torch.bfloat16)
+    w = any4.pack_for_gpu(packed, lut, scales, K, G)
+    wref = dequant_ref(packed, lut, scales, K, G)
+    x = torch.from_numpy(rng.normal(size=(11, K))).bfloat16()
+    ref = x.double().numpy() @ wref.T
+    k_chunks = -(-K // 64)
+    for splits in (1, 2, 3, 5, k_chunks):
+        plan = tc_plan(11, N, K, 108, 4, splits)
+        assert plan["splits"] * plan["chunks_per_split"] >= k_chunks
+        assert (plan["splits"] - 1) * plan["chunks_per_split"] < k_chunks  # no empty split
+        y = emulate_gpu_gemm(x, w, splits=splits)
+        assert rel_err(y, ref) < TOL["bfloat16"], splits
+    # small N on a large GPU: the plan splits K by itself, within one wave of blocks
+    plan = tc_plan(1, N, K, 132, 4)
+    assert plan["splits"] > 1 and plan["grid_x"] * plan["splits"] <= 132 * 4
+    assert rel_err(emulate_gpu_gemm(x, w, num_sms=132), ref) < TOL["bfloat16"]
+    for N2, K2 in ((4096, 4096), (1024, 4096), (28672, 8192)):
+        p = tc_plan(16, N2, K2, 132, 4)
+        blocks = p["grid_x"] * p["splits"]
+        assert blocks <= max(132 * 4, p["grid_x"]) and p["chunks_per_split"] >= 4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_emulation_exact_identity(rng, dtype):
+    """w = [I 0]: y must be exactly x[:, :N], for every dequantizer, batch size and split."""
+    N, K, G = 40, 70, 32
+    dt = DTYPES[dtype]
+    codes = np.zeros((N, K), np.uint8)
+    codes[np.arange(N), np.arange(N)] = 1
+    packed = any4.pack(torch.from_numpy(codes))
+    scales = torch.zeros(N, -(-K // G), 2, dtype=dt)
+    scales[..., 0] = 1.0
+    tables = {
+        "int (arith)": torch.arange(16.0, dtype=dt)[None],  # w = code
+        "per-row": torch.from_numpy(rng.normal(size=(N, 16))).to(dt),
+    }
+    tables["per-row"][:, 0], tables["per-row"][:, 1] = 0.0, 1.0
+    for name, lut in tables.items():
+        w = any4.pack_for_gpu(packed, lut, scales, K, G)
+        for M in (1, 5, 16, 33):
+            x = torch.from_numpy(rng.normal(size=(M, K))).to(dt)
+            for dq in dequants(w):
+                for splits in (0, 2):
+                    y = emulate_gpu_gemm(x, w, dequant=dq, splits=splits)
+                    assert torch.equal(y, x[:, :N]), (name, M, dq, splits)
+
+
+def test_gemm_accepts_gpu_weight_on_cpu(rng):
+    qt = any4.quantize(torch.randn(30, 96), "any4", group_size=32, dtype="bfloat16")
+    w = any4.pack_for_gpu(qt)
+    x = torch.randn(3, 96).bfloat16()
+    assert torch.equal(any4.gemm(x, w), any4.gemm(x, qt.packed, qt.lut, qt.scales))
+    with pytest.raises(TypeError, match="own lut"):
+        any4.gemm(x, w, qt.lut, qt.scales)

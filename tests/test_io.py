@@ -1,0 +1,189 @@
+"""any4.save / any4.load: safetensors + JSON metadata, bit-identical round trips, clear errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+safetensors = pytest.importorskip("safetensors")
+
+from _tiny import random_ids, tiny_config, tiny_llama  # noqa: E402
+
+import any4  # noqa: E402
+from any4.io import FORMAT_VERSION, Any4FormatError, read_metadata  # noqa: E402
+from any4.nn import QuantLinear  # noqa: E402
+
+
+def outputs(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    model = tiny_llama(seed=3)
+    any4.quantize_model(model, "any4", 32, random_ids(64, seed=4), progress=False)
+    # One layer in another format and table dtype, to check per-layer metadata.
+    lin = tiny_llama(seed=3).model.layers[1].mlp.up_proj
+    model.model.layers[1].mlp.up_proj = QuantLinear.from_linear(
+        lin, "nf4", 16, table_dtype=torch.float16
+    )
+    return model
+
+
+def test_round_trip_into_fresh_transformers_model(quantized, tmp_path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    file = any4.save(quantized, out)
+    assert (
+        os.path.isfile(file) and (out / "any4.json").is_file() and (out / "config.json").is_file()
+    )
+    ids = random_ids(33, seed=5, rows=2)
+    expected = outputs(quantized, ids)
+
+    # The documented recipe: a fresh model of the same config, then any4.load(DIR, model=...).
+    config = AutoConfig.from_pretrained(out)
+    fresh = AutoModelForCausalLM.from_config(config)
+    loaded = any4.load(out, model=fresh)
+    assert loaded is fresh
+    assert torch.equal(outputs(loaded, ids), expected)
+    up = loaded.model.layers[1].mlp.up_proj
+    assert (up.fmt, up.group_size, up.lut.dtype) == ("nf4", 16, torch.float16)
+    assert loaded.model.layers[0].self_attn.k_proj.fmt == "any4"
+    # Tied embeddings stay tied (stored once in the file).
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert read_metadata(out)["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert loaded.any4_settings["fmt"] == "any4"
+
+    # Without a model: built from the saved config.json.
+    again = any4.load(out)
+    assert torch.equal(outputs(again, ids), expected)
+
+
+def test_save_file_and_load_into_float_model(quantized, tmp_path) -> None:
+    file = tmp_path / "m.safetensors"
+    any4.save(quantized, file)
+    target = tiny_llama(seed=99)  # different float weights: all are overwritten
+    ids = random_ids(20, seed=6)
+    assert torch.equal(outputs(any4.load(file, model=target), ids), outputs(quantized, ids))
+
+
+def test_bfloat16_model_round_trip(tmp_path) -> None:
+    model = tiny_llama(seed=4, dtype=torch.bfloat16)
+    any4.quantize_model(model, "int4", 16, progress=False)
+    any4.save(model, tmp_path / "bf")
+    fresh = tiny_llama(seed=5)  # float32: parameters take the saved dtype
+    loaded = any4.load(tmp_path / "bf", model=fresh)
+    assert loaded.model.norm.weight.dtype == torch.bfloat16
+    ids = random_ids(17, seed=7)
+    assert torch.equal(outputs(loaded, ids), outputs(model, ids))
+
+
+def test_dict_of_quantized_tensors(tmp_path) -> None:
+    w = torch.randn(24, 40)
+    qt = any4.quantize(w, "any3", 16, dtype="bfloat16")
+    extra = torch.arange(5.0)
+    file = tmp_path / "d.safetensors"
+    any4.save({"layer": qt, "other": extra}, file, extra={"note": "test"})
+    back = any4.load(file)
+    assert set(back) == {"layer", "other"} and torch.equal(back["other"], extra)
+    q2 = back["layer"]
+    assert (q2.fmt, q2.group_size, q2.shape) == ("any3", 16, (24, 40))
+    assert torch.equal(any4.dequantize(q2), any4.dequantize(qt))
+    assert read_metadata(file)["extra"] == {"note": "test"}
+
+
+def _rewrite(file, mutate_meta=None, mutate_tensors=None):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(file), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    any4_meta = json.loads(meta["any4"])
+    if mutate_meta:
+        mutate_meta(any4_meta)
+    if mutate_tensors:
+        mutate_tensors(tensors)
+    meta["any4"] = json.dumps(any4_meta)
+    save_file(tensors, str(file), metadata=meta)
+
+
+def test_truncated_tampered_and_newer_files_fail_clearly(quantized, tmp_path) -> None:
+    good = tmp_path / "good.safetensors"
+    any4.save(quantized, good)
+    data = good.read_bytes()
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(Any4FormatError, match="truncated|not a readable"):
+        any4.load(truncated, model=tiny_llama())
+
+    flipped = tmp_path / "flipped.safetensors"
+    raw = bytearray(data)
+    raw[-100] ^= 0x5A  # a byte of the tensor data
+    flipped.write_bytes(bytes(raw))
+    with pytest.raises(Any4FormatError, match="checksum"):
+        any4.load(flipped, model=tiny_llama())
+
+    newer = tmp_path / "newer.safetensors"
+    newer.write_bytes(data)
+    _rewrite(newer, mutate_meta=lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(Any4FormatError, match="upgrade"):
+        any4.load(newer, model=tiny_llama())
+
+    bad_shape = tmp_path / "shape.safetensors"
+    bad_shape.write_bytes(data)
+    _rewrite(
+        bad_shape,
+        mutate_meta=lambda m: m["layers"]["model.layers.0.mlp.gate_proj"].update(group_size=16),
+    )
+    with pytest.raises(Any4FormatError, match="gate_proj"):
+        any4.load(bad_shape, model=tiny_llama())
+
+    def swap(tensors):  # replace a tensor with another of the same shape: the digest catches it
+        key = "model.layers.0.mlp.gate_proj.packed"
+        tensors[key] = torch.flip(tensors[key], dims=[0]).contiguous()
+
+    swapped = tmp_path / "swapped.safetensors"
+    swapped.write_bytes(data)
+    _rewrite(swapped, mutate_tensors=swap)
+    with pytest.raises(Any4FormatError, match="checksum"):
+        any4.load(swapped, model=tiny_llama())
+
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(3)}, str(foreign))
+    with pytest.raises(Any4FormatError, match="no any4 metadata"):
+        any4.load(foreign)
+    with pytest.raises(FileNotFoundError):
+        any4.load(tmp_path / "missing.safetensors")
+
+
+def test_wrong_architecture_fails(quantized, tmp_path) -> None:
+    file = tmp_path / "m.safetensors"
+    any4.save(quantized, file)
+    other = tiny_llama()
+    other.model.layers = other.model.layers[:1]
+    with pytest.raises(ValueError, match="layers.1"):
+        any4.load(file, model=other)
+    with pytest.raises(TypeError):
+        any4.save("not a model", tmp_path / "x.safetensors")
+
+
+def test_loaded_model_is_independent_copy(quantized, tmp_path) -> None:
+    file = tmp_path / "m.safetensors"
+    any4.save(quantized, file)
+    loaded = any4.load(file, model=copy.deepcopy(tiny_llama(seed=3)))
+    loaded.model.layers[0].self_attn.q_proj.lut.zero_()
+    assert not torch.equal(
+        loaded.model.layers[0].self_attn.q_proj.lut, quantized.model.layers[0].self_attn.q_proj.lut
+    )
+    assert tiny_config().hidden_size == quantized.config.hidden_size
