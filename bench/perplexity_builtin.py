@@ -6,7 +6,7 @@
 
 Writes PREFIX.json (every row, written as rows arrive), PREFIX.md and PREFIX.png.
 Ablations (any4, G=128 unless --ablation-group-size): sample-weight statistic (mse, abs_mean,
-mean_abs, rms, none), k-means method (lloyd, optimal), calibration mode (one-pass, sequential).
+mean_abs, rms, none), k-means method (optimal, lloyd with 4 restarts), calibration mode (one-pass, sequential).
 Also checks, on one window, that the any4.gemm path and the dequantized-matmul path give the same
 perplexity (they compute the same function; only fp32 summation order differs).
 """
@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import time
 
 import torch
@@ -41,7 +42,9 @@ ABLATIONS = [
     {"weighting": "mean_abs"},
     {"weighting": "rms"},
     {"weighting": "none"},
-    {"method": "optimal"},
+    {"method": "lloyd"},
+    {"method": "lloyd", "seed": 1},
+    {"method": "lloyd", "seed": 2},
     {"mode": "sequential"},
 ]
 
@@ -63,9 +66,9 @@ def main() -> None:
     p.add_argument("--no-main", action="store_true", help="skip the format table (ablations only)")
     p.add_argument(
         "--ablations",
-        default=",".join(_name(a) for a in ABLATIONS),
-        help="comma list of ablations to run (default all): "
-        + ", ".join(_name(a) for a in ABLATIONS),
+        default=";".join(_name(a) for a in ABLATIONS),
+        help="ablations to run, separated by ';' (default all): "
+        + "; ".join(_name(a) for a in ABLATIONS),
     )
     p.add_argument("--ablation-group-size", type=int, default=128)
     p.add_argument("--no-kernel-check", action="store_true")
@@ -86,11 +89,13 @@ def main() -> None:
         "windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),
         "calibration": "any4 default text (python/any4/data/calibration.txt)",
-        "defaults": "weighting=mse, method=lloyd (n_init=4), mode=one-pass, bfloat16 tables/scales, lm_head float",
+        "defaults": "weighting=mse, method=optimal, mode=one-pass, bfloat16 tables/scales, lm_head float",
         "kernel": "dequant (QuantLinear weights dequantized, dense fp32 matmul; same function as any4.gemm)",
         "command": "python bench/perplexity_builtin.py "
         + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}")
+            for k, v in vars(args).items()
+            if v not in (None, False)
         ),
         "environment": environment(),
     }
@@ -152,7 +157,7 @@ def main() -> None:
             tokenizer=tok,
             kernel="dequant",
             progress=False,
-            variants=[a for a in ABLATIONS if _name(a) in args.ablations.split(",")],
+            variants=[a for a in ABLATIONS if _name(a) in args.ablations.split(";")],
             on_row=add(out["ablations"]),
         )
     if not args.no_kernel_check:

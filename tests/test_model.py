@@ -147,10 +147,24 @@ def test_weighting_none_and_fixed_formats_need_no_calibration(float_model) -> No
 
 def test_text_calibration_and_options(float_model) -> None:
     tok = byte_tokenizer()
-    m1 = any4.quantize_model(copy.deepcopy(float_model), "any4", 32, "a short text, with words", tokenizer=tok,
+    text = "a short text, with words"
+    m1 = any4.quantize_model(copy.deepcopy(float_model), "any4", 32, text, tokenizer=tok, method="lloyd",
                              n_init=2, weighting="rms", progress=False)  # fmt: skip
-    assert m1.any4_settings["calibration_tokens"] == len("a short text, with words")
+    assert m1.any4_settings["calibration_tokens"] == len(text)
     assert m1.any4_settings["n_init"] == 2 and m1.any4_settings["weighting"] == "rms"
+    assert m1.any4_settings["method"] == "lloyd"
+    # The same layer quantized directly with the same options and statistics.
+    target = "model.layers.0.mlp.gate_proj"
+    with ActivationRecorder({target: float_model.get_submodule(target)}) as rec:
+        run_model(float_model, calibration_ids(text, tok))
+    qt = any4.quantize(float_model.get_submodule(target).weight.detach(), "any4", 32, stats=rec.stats[target],
+                       weighting="rms", method="lloyd", n_init=2, dtype="bfloat16")  # fmt: skip
+    assert torch.equal(m1.get_submodule(target).lut, qt.lut)
+    m2 = any4.quantize_model(
+        copy.deepcopy(float_model), "any4", 32, text, tokenizer=tok, weighting="rms", progress=False
+    )
+    assert m2.any4_settings["method"] == "optimal"  # the default
+    assert not torch.equal(m2.get_submodule(target).lut, qt.lut)
     ids = calibration_ids(["first text", "second"], tok)
     assert ids.shape == (1, len("first text\n\nsecond"))
     assert calibration_ids(torch.arange(10), seq_len=4).shape == (2, 4)

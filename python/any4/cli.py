@@ -77,9 +77,9 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--method",
-        choices=("lloyd", "optimal"),
-        default="lloyd",
-        help="k-means method (default lloyd)",
+        choices=("optimal", "lloyd"),
+        default="optimal",
+        help="k-means method (default optimal: exact weighted 1-D k-means; lloyd: faster)",
     )
     p.add_argument(
         "--table-dtype",

@@ -146,7 +146,7 @@ def evaluate_formats(
     """Quantize a copy of ``base_model`` per (format, group size[, variant]) and score it.
 
     ``variants``: extra quantize_model options to try for each learned format (ablations), e.g.
-    ``[{"weighting": "rms"}, {"method": "optimal"}]``; each row records its options.
+    ``[{"weighting": "rms"}, {"method": "lloyd"}]``; each row records its options.
     Returns a list of rows {"fmt", "group_size", "ppl", "nll", "tokens", "quant_seconds",
     "eval_seconds", "tokens_per_s", "bits_per_weight", "kernel", options...}.
     """

@@ -88,7 +88,8 @@ def quantize_model(
             layer called several times per forward uses its first call in sequential mode.
         weighting: sample weights from the statistics: "mse", "abs_mean", "mean_abs", "rms",
             "none" (see any4.stats.channel_weight).
-        method, n_init, seed: k-means options ("lloyd" or "optimal").
+        method, n_init, seed: k-means options: "optimal" (exact, the default) or "lloyd"
+            (n_init restarts from seeded k-means++).
         table_dtype: dtype of the tables and scales (default: float16 for an fp16 layer, else
             bfloat16, i.e. 16-bit scale/zero: 4.25 bits/weight at G=128 for any4).
         skip: layer-name patterns left in float (see matches_skip); default ("lm_head",).
@@ -200,7 +201,7 @@ def quantize_model(
         "mode": mode,
         "weighting": weighting if f.learned else None,
         "method": method if f.learned else None,
-        "n_init": n_init if f.learned else None,
+        "n_init": n_init if f.learned and method == "lloyd" else None,
         "seed": seed,
         "skip": list(skip),
         "calibration_tokens": n_tokens,
