@@ -18,7 +18,9 @@ is the median after warm-up. Memory-copy and memory-read bandwidth are measured 
 The kernels' speed does not depend on the values, so the weights are random codes and tables of
 the right shapes and dtypes.
 
-    python bench/gemm_cpu_vs_torch.py [--threads 2] [--quick] [--memory-only]
+    python bench/gemm_cpu_vs_torch.py [--threads 2,1] [--quick] [--memory-only]
+
+--threads takes a list: each thread count is measured in the same run (one section each).
 
 Writes bench/results/gemm_cpu.json and bench/results/gemm_cpu.md.
 """
@@ -197,32 +199,31 @@ def time_round_robin(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", default=str(os.cpu_count()), help="thread counts, e.g. 2,1")
     ap.add_argument("--quick", action="store_true", help="4096x4096 only, fewer rounds")
     ap.add_argument("--memory-only", action="store_true", help="skip the cache-resident regime")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    any4.set_num_threads(args.threads)
+    thread_counts = [int(t) for t in str(args.threads).split(",")]
     shapes = SHAPES[:1] if args.quick else SHAPES
     min_rounds, min_s, max_s = (10, 0.5, 3.0) if args.quick else (30, 1.0, 8.0)
     gen = torch.Generator().manual_seed(0)
 
     info = {
         "cpu": cpu_model(),
-        "threads": args.threads,
+        "threads": thread_counts,
         "torch": torch.__version__,
         "any4": any4.__version__,
         "any4_cpu_impls": any4.build_info()["cpu_impls"],
         "group_size": GROUP,
         "load_average_before": load_average(),
     }
-    bw = memory_bandwidth()
-    info.update(bw)
-    print(
-        f"{info['cpu']}, {args.threads} threads, torch {torch.__version__}; "
-        f"copy {bw['copy_gbps']:.1f} GB/s, read {bw['read_gbps']:.1f} GB/s; load {info['load_average_before']}"
-    )
+    info["bandwidth"] = {}
+    for t in thread_counts:
+        torch.set_num_threads(t)
+        bw = info["bandwidth"][str(t)] = memory_bandwidth()
+        print(f"{info['cpu']}, {t} threads, torch {torch.__version__}: copy {bw['copy_gbps']:.1f} GB/s, "
+              f"read {bw['read_gbps']:.1f} GB/s; load {info['load_average_before']}")  # fmt: skip
     rows = []
     runs = [(N, K, "memory") for N, K in shapes]
     runs += [
@@ -233,11 +234,13 @@ def main() -> None:
     for N, K, weights in runs:
         for dtype in (torch.bfloat16, torch.float32):
             cands = candidates(N, K, dtype, gen, rotate=weights == "memory")
-            for M in BATCHES:
+            for threads, M in ((t, M) for t in thread_counts for M in BATCHES):
+                torch.set_num_threads(threads)
+                any4.set_num_threads(threads)
                 x = torch.randn(M, K, generator=gen).to(dtype)
                 med, best = time_round_robin(cands, x, min_rounds, min_s, max_s)
                 io = 2 * M * (K + N) * x.element_size()
-                row = {"N": N, "K": K, "M": M, "x_dtype": str(dtype).replace("torch.", ""), "weights": weights,
+                row = {"threads": threads, "N": N, "K": K, "M": M, "x_dtype": str(dtype).replace("torch.", ""), "weights": weights,
                        "ms": {n: t * 1e3 for n, t in med.items()},
                     "ms_min": {n: t * 1e3 for n, t in best.items()},
                        "gbps": {n: (cands[n][2] + io) / t / 1e9 for n, t in med.items()}}  # fmt: skip
@@ -248,7 +251,7 @@ def main() -> None:
                     f: med[dense] / med[f"any4.gemm {f}"] for f in FORMATS
                 }
                 rows.append(row)
-                print(f"{weights:<6} {N:>5}x{K:<5} M={M:<2} x={row['x_dtype']:<8} "
+                print(f"t={threads} {weights:<6} {N:>5}x{K:<5} M={M:<2} x={row['x_dtype']:<8} "
                       + "  ".join(f"{n} {t * 1e3:.3f}ms" for n, t in med.items())
                       + "  | any4/int4 vs torch int4: "
                       + " ".join(f"{row['speedup_vs_torch_int4'][f]:.2f}x" for f in ("any4", "int4")), flush=True)  # fmt: skip
@@ -261,45 +264,90 @@ def main() -> None:
     print(f"wrote {args.out / 'gemm_cpu.json'} and {args.out / 'gemm_cpu.md'}")
 
 
+# The issue's targets: (N, K) shapes, x dtype, M, format, baseline name, required ratio.
+TARGETS = [
+    ("bfloat16", 1, "any4", "torch int4", 1.0),
+    ("bfloat16", 16, "any4", "torch int4", 1.0),
+    ("bfloat16", 1, "int4", "torch int4", 1.2),
+    ("bfloat16", 16, "int4", "torch int4", 1.2),
+    ("float32", 1, "any4", "torch int4", 5.0),
+    ("float32", 1, "any4", "torch dense", 4.0),
+]
+TARGET_SHAPES = [(4096, 4096), (14336, 4096)]
+
+
+def targets_table(info: dict) -> list:
+    """Markdown lines: each target, per thread count and weight regime, for the target shapes."""
+    lines = [
+        "## Targets (ratio = torch time / any4 time, same run)",
+        "",
+        "| threads | weights | N x K | x | M | any4.gemm format | vs | ratio | target |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in info["results"]:
+        for dtype, M, fmt, base, need in TARGETS:
+            if (r["x_dtype"], r["M"]) != (dtype, M) or (r["N"], r["K"]) not in TARGET_SHAPES:
+                continue
+            key = "speedup_vs_torch_int4" if base == "torch int4" else "speedup_vs_torch_dense"
+            ratio = r[key][fmt]
+            mark = "met" if ratio >= need else "**not met**"
+            lines.append(
+                f"| {r['threads']} | {r['weights']} | {r['N']}x{r['K']} | {dtype} | {M} | {fmt} | {base} | "
+                f"{ratio:.2f}x | >= {need:g}x {mark} |"
+            )
+    return lines + [""]
+
+
 def markdown(info: dict) -> str:
     lines = [
         "# CPU gemm: any4.gemm vs PyTorch",
         "",
-        f"CPU: {info['cpu']}; threads: {info['threads']} (torch and any4); torch {info['torch']}; "
+        f"CPU: {info['cpu']}; threads: {info['threads']} (each: the same for torch and any4); torch {info['torch']}; "
         f"group size {info['group_size']}.",
         "Weights from **memory**: rotated over copies > 96 MiB, every call reads them from DRAM "
         "(what a layer of a real model does); weights in **cache**: one copy reused (shapes that "
         "fit in the last-level cache), the kernels' own speed.",
-        f"Memory bandwidth in the same run: copy {info['copy_gbps']:.1f} GB/s (read + write), "
-        f"read {info['read_gbps']:.1f} GB/s. Load average before / after: "
-        f"{info['load_average_before']} / {info['load_average_after']}.",
+        "Memory bandwidth in the same run: "
+        + "; ".join(
+            f"{t} threads: copy {b['copy_gbps']:.1f} GB/s (read + write), read {b['read_gbps']:.1f} GB/s"
+            for t, b in info["bandwidth"].items()
+        )
+        + f". Load average (1, 5, 15 min) before / after: {info['load_average_before']} / {info['load_average_after']}.",
         "Times are medians (ms); ratios are torch time / any4 time (> 1: any4 faster); GB/s counts "
         "weights + x + y bytes.",
         "",
     ]
-    for weights in ("memory", "cache"):
-        for dtype in ("bfloat16", "float32"):
-            if not any(r["weights"] == weights and r["x_dtype"] == dtype for r in info["results"]):
-                continue
-            lines += [
-                f"## weights in {weights}, x {dtype}",
-                "",
-                "| N x K | M | any4 | nf4 | int4 | torch int4 | torch dense | any4 GB/s | any4 / torch int4 | "
-                "int4 / torch int4 | any4 / torch dense |",
-                "|---|---|---|---|---|---|---|---|---|---|---|",
-            ]
-            for r in info["results"]:
-                if r["x_dtype"] != dtype or r["weights"] != weights:
-                    continue
-                ms = r["ms"]
-                dense = next(n for n in ms if n.startswith("torch x @ W.T"))
-                lines.append(
-                    f"| {r['N']}x{r['K']} | {r['M']} | {ms['any4.gemm any4']:.3f} | {ms['any4.gemm nf4']:.3f} | "
-                    f"{ms['any4.gemm int4']:.3f} | {ms['torch int4']:.3f} | {ms[dense]:.3f} | "
-                    f"{r['gbps']['any4.gemm any4']:.1f} | {r['speedup_vs_torch_int4']['any4']:.2f}x | "
-                    f"{r['speedup_vs_torch_int4']['int4']:.2f}x | {r['speedup_vs_torch_dense']['any4']:.2f}x |"
-                )
-            lines.append("")
+    lines += targets_table(info)
+    for threads, weights, dtype in (
+        (t, w, d)
+        for t in info["threads"]
+        for w in ("memory", "cache")
+        for d in ("bfloat16", "float32")
+    ):
+        rows = [
+            r
+            for r in info["results"]
+            if (r["threads"], r["weights"], r["x_dtype"]) == (threads, weights, dtype)
+        ]
+        if not rows:
+            continue
+        lines += [
+            f"## {threads} thread{'s' if threads > 1 else ''}, weights in {weights}, x {dtype}",
+            "",
+            "| N x K | M | any4 | nf4 | int4 | torch int4 | torch dense | any4 GB/s | any4 / torch int4 | "
+            "int4 / torch int4 | any4 / torch dense |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            ms = r["ms"]
+            dense = next(n for n in ms if n.startswith("torch x @ W.T"))
+            lines.append(
+                f"| {r['N']}x{r['K']} | {r['M']} | {ms['any4.gemm any4']:.3f} | {ms['any4.gemm nf4']:.3f} | "
+                f"{ms['any4.gemm int4']:.3f} | {ms['torch int4']:.3f} | {ms[dense]:.3f} | "
+                f"{r['gbps']['any4.gemm any4']:.1f} | {r['speedup_vs_torch_int4']['any4']:.2f}x | "
+                f"{r['speedup_vs_torch_int4']['int4']:.2f}x | {r['speedup_vs_torch_dense']['any4']:.2f}x |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 

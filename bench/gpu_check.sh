@@ -8,7 +8,7 @@
 # to a time budget, BUDGET_S, default 540 s):
 #   env        GPU, driver, nvcc, torch                       -> summary.txt
 #   build      pip install --no-build-isolation . (ANY4_CUDA=ON, this GPU's architecture)
-#   tests      tests/test_gemm_cuda.py, test_gpu_layout.py, test_gemm_api.py (pytest)
+#   tests      tests/test_gemm_cuda.py, test_gpu_layout.py, test_gemm_api.py, test_ops.py, test_nn.py (pytest; QuantLinear GPU path, compile, CUDA graphs)
 #   memcheck   compute-sanitizer --tool memcheck  on bench/gpu_sanitize_case.py
 #   racecheck  compute-sanitizer --tool racecheck on the same case
 #   bench      bench/gemm_cuda_bench.py (vs bf16 cuBLAS and torch int4 tinygemm)
@@ -81,7 +81,7 @@ $PY -c "import any4; print('build_info', any4.build_info())" 2>&1 | tee -a "$SUM
 
 # ---------------------------------------------------------------- tests
 stage tests tests.log 200 $PY -m pytest -q -rfE -p no:cacheprovider \
-  tests/test_gemm_cuda.py tests/test_gpu_layout.py tests/test_gemm_api.py
+  tests/test_gemm_cuda.py tests/test_gpu_layout.py tests/test_gemm_api.py tests/test_ops.py tests/test_nn.py
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/tests: /' | tee -a "$SUMMARY"
 
 # ---------------------------------------------------------------- sanitizers

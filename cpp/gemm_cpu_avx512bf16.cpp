@@ -193,10 +193,19 @@ inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t 
   }
 }
 
+// Whether the code loads of this tile must stop at the row ends. Whole blocks of a row may run
+// up to 31 bytes past its end into the following rows: harmless, as the elements past K meet
+// x's zero padding (table values are finite). Only where that would run past the end of
+// `packed` (the last tiles), or rows repeat (a short last tile), are the loads masked.
+inline bool needs_checked_loads(const GemmArgs& a, const Tile& tile) {
+  const int64_t P = (a.K + 1) / 2, last_byte = (tile.n0 + kRows - 1) * P + padded_k(a) / 2;
+  return tile.nr < kRows || last_byte > a.N * P;
+}
+
 // Direct path: MR x rows against weight rows [r0, r0 + RS) of the tile, blocks decoded into
 // registers. Totals in registers when MR * RS <= 8, else in acc (memory), leaving the registers
 // to the product sums (the compiler would otherwise keep both and spill).
-template <int MR, int RS>
+template <int MR, int RS, bool kChecked>
 void direct_tile(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, const uint16_t* x,
                  int64_t x_stride, __m512* acc) {
   const int64_t P = (a.K + 1) / 2, G = a.group_size, unit = unit_codes(a), Kx = padded_k(a);
@@ -224,7 +233,10 @@ void direct_tile(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, co
       const int64_t b = u * blocks_per_unit + j, k = b * kCodes;
       for (int r = 0; r < RS; ++r) {
         __m512i lo, hi;
-        decode_block(load_block_codes32(rows[r], P, b), table[r], lo, hi);
+        const __m256i codes = kChecked
+                                  ? load_block_codes32(rows[r], P, b)
+                                  : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + b * 32));
+        decode_block(codes, table[r], lo, hi);
         for (int m = 0; m < MR; ++m) {
           c[m][r][0] = dot_bf16(c[m][r][0], _mm512_load_si512(x + m * x_stride + k), lo);
           c[m][r][kHalves - 1] =
@@ -252,16 +264,16 @@ void direct_tile(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, co
 
 // All kRows weight rows of the tile for `rows` (1..kDirectRows) x rows: in one sweep over the
 // codes up to 4 x rows, in two sweeps of two weight rows each above.
-template <int MR>
+template <int MR, bool kChecked>
 void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, Prefetcher& pf, const uint16_t* x,
                  int64_t x_stride, __m512* acc) {
   if constexpr (MR > 1) {
-    if (rows < MR) return direct_rows<MR - 1>(rows, a, tile, pf, x, x_stride, acc);
+    if (rows < MR) return direct_rows<MR - 1, kChecked>(rows, a, tile, pf, x, x_stride, acc);
   }
   if constexpr (MR <= 4) {
-    direct_tile<MR, kRows>(a, tile, pf, 0, x, x_stride, acc);
+    direct_tile<MR, kRows, kChecked>(a, tile, pf, 0, x, x_stride, acc);
   } else {
-    for (int r0 = 0; r0 < kRows; r0 += 2) direct_tile<MR, 2>(a, tile, pf, r0, x, x_stride, acc);
+    for (int r0 = 0; r0 < kRows; r0 += 2) direct_tile<MR, 2, kChecked>(a, tile, pf, r0, x, x_stride, acc);
   }
 }
 
@@ -342,7 +354,10 @@ void run_tiles(const GemmArgs& a, int64_t m0, int64_t mb, const void* xbuf, int6
     Prefetcher pf;
     pf.start(a, t + 2);
     if (mb <= kDirectRows) {
-      direct_rows<kDirectRows>(mb, a, tile, pf, xb, Kx, acc);
+      if (needs_checked_loads(a, tile))
+        direct_rows<kDirectRows, true>(mb, a, tile, pf, xb, Kx, acc);
+      else
+        direct_rows<kDirectRows, false>(mb, a, tile, pf, xb, Kx, acc);
     } else {
       for (int64_t i = 0; i < mb * kRows; ++i) acc[i] = _mm512_setzero_ps();
       for (int64_t k0 = 0; k0 < Kx; k0 += chunk) {
