@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -50,3 +54,15 @@ def rel_err(y, ref) -> float:
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def output_per_isa(code: str) -> set:
+    """Distinct stdout of `python -c code` run once per CPU build (ANY4_KMEANS_ISA caps the
+    k-means and re-assignment kernels); one element when every build agrees bit for bit."""
+    outputs = set()
+    for isa in ("portable", "avx2", "avx512"):
+        env = dict(os.environ, ANY4_KMEANS_ISA=isa)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        outputs.add(out.stdout.strip())
+    return outputs
