@@ -12,9 +12,10 @@ so every call reads its weights from DRAM, as a layer of a real model would (a b
 then bound by memory bandwidth). "cache": one copy reused, for shapes whose weights fit in the
 last-level cache; there the kernels' own speed shows.
 
-Candidates are timed round-robin so that load changes on a shared machine hit all of them alike
-(each round gives every candidate a turn of consecutive calls, see time_round_robin); the figure
-is the median after warm-up. Memory-copy and memory-read bandwidth are measured in the same run.
+Candidates are timed round-robin so that load changes on a shared machine hit all of them alike.
+Each turn is steady state: 40 ms of untimed back-to-back calls, then timed back-to-back calls
+(see time_round_robin for why, and bench/gemm_cpu_protocol.py for the measurements behind it);
+the figure is the median. Memory-copy and memory-read bandwidth are measured in the same run.
 The kernels' speed does not depend on the values, so the weights are random codes and tables of
 the right shapes and dtypes.
 
@@ -28,6 +29,7 @@ Writes bench/results/gemm_cpu.json and bench/results/gemm_cpu.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -45,6 +47,9 @@ GROUP = 128
 ROTATE_BYTES = 96 << 20  # > 3x a 32 MiB last-level cache
 CACHE_RESIDENT_BYTES = 16 << 20  # "cache" regime only for shapes whose int4 weights fit easily
 FORMATS = ("any4", "nf4", "int4")
+WARM_SECONDS = 0.04  # untimed back-to-back calls per turn (see time_round_robin)
+TIMED_SECONDS = 0.02  # timed back-to-back calls per turn ...
+TIMED_CALLS = 4  # ... and at least this many
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -150,47 +155,49 @@ def candidates(N: int, K: int, dtype: torch.dtype, gen: torch.Generator, rotate:
     return out
 
 
-def time_round_robin(
-    cands: dict, x: torch.Tensor, min_rounds: int, min_seconds: float, max_seconds: float
-) -> tuple:
-    """Median and minimum seconds per call for each candidate.
+def time_round_robin(cands: dict, x: torch.Tensor, rounds: int, max_seconds: float) -> tuple:
+    """Median and minimum seconds per call for each candidate, in steady state.
 
-    Each round gives every candidate a turn (weights rotating across calls): first an untimed
-    20 ms pause, so that the other library's worker threads, which spin for a while after their
-    own parallel regions, have gone to sleep and do not compete; then, for a fast candidate, two
-    untimed calls that wake this library's threads (and the core: after an idle gap the first
-    calls of either library run slower on this machine); then timed consecutive calls, as the
-    layers of a model run back to back.
+    Each round gives every candidate a turn (weights rotating across calls, as the layers of a
+    model do): WARM_SECONDS of untimed back-to-back calls, then TIMED_SECONDS (at least
+    TIMED_CALLS calls) of timed back-to-back calls. The warm-up matters on this kind of machine
+    for two measured reasons (bench/results/gemm_cpu.md, "Protocol"): after the other library's
+    turn, PyTorch's OpenMP workers keep spinning on the cores for about 25 ms and slow down
+    whatever runs next; and after an idle gap of 20 ms or more the memory system is cold, so the
+    first calls of a DRAM-bound kernel run up to 2x slower (a decode loop calls its matmuls back
+    to back and never sees either). A candidate slower than WARM_SECONDS per call (PyTorch's
+    fp32 int4 path) gets one timed call per round. Rounds stop after `rounds`, or after three
+    once `max_seconds` have passed.
     """
     names = list(cands)
     est = {}
-    for name in names:  # warm-up: every weight copy once
+    for name in names:  # first touch: every weight copy once
         ops, fn, _ = cands[name]
         t = time.perf_counter()
         for o in ops:
             fn(x, o)
         est[name] = (time.perf_counter() - t) / len(ops)
     times = {n: [] for n in names}
-    start = time.perf_counter()
     calls = dict.fromkeys(names, 0)
-    r = 0
-    while True:
+    start = time.perf_counter()
+    for r in range(rounds):
         for name in names:
             ops, fn, _ = cands[name]
-            fast = est[name] < 0.02
-            time.sleep(0.02)
-            for _ in range(2 if fast else 0):
+            fast = est[name] < WARM_SECONDS
+            t_end = time.perf_counter() + WARM_SECONDS
+            while fast and time.perf_counter() < t_end:
                 fn(x, ops[calls[name] % len(ops)])
                 calls[name] += 1
-            for _ in range(4 if fast else 1):
+            t_end = time.perf_counter() + TIMED_SECONDS
+            for i in itertools.count():
+                if i >= (TIMED_CALLS if fast else 1) and time.perf_counter() >= t_end:
+                    break
                 o = ops[calls[name] % len(ops)]
                 calls[name] += 1
                 t = time.perf_counter()
                 fn(x, o)
                 times[name].append(time.perf_counter() - t)
-        r += 1
-        elapsed = time.perf_counter() - start
-        if (r >= min_rounds and elapsed >= min_seconds) or (r >= 5 and elapsed >= max_seconds):
+        if r >= 2 and time.perf_counter() - start >= max_seconds:
             break
     return {n: statistics.median(v) for n, v in times.items()}, {
         n: min(v) for n, v in times.items()
@@ -206,7 +213,7 @@ def main() -> None:
     args = ap.parse_args()
     thread_counts = [int(t) for t in str(args.threads).split(",")]
     shapes = SHAPES[:1] if args.quick else SHAPES
-    min_rounds, min_s, max_s = (10, 0.5, 3.0) if args.quick else (30, 1.0, 8.0)
+    rounds, max_s = (4, 4.0) if args.quick else (8, 8.0)
     gen = torch.Generator().manual_seed(0)
 
     info = {
@@ -238,7 +245,7 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 any4.set_num_threads(threads)
                 x = torch.randn(M, K, generator=gen).to(dtype)
-                med, best = time_round_robin(cands, x, min_rounds, min_s, max_s)
+                med, best = time_round_robin(cands, x, rounds, max_s)
                 io = 2 * M * (K + N) * x.element_size()
                 row = {"threads": threads, "N": N, "K": K, "M": M, "x_dtype": str(dtype).replace("torch.", ""), "weights": weights,
                        "ms": {n: t * 1e3 for n, t in med.items()},
@@ -313,7 +320,9 @@ def markdown(info: dict) -> str:
             for t, b in info["bandwidth"].items()
         )
         + f". Load average (1, 5, 15 min) before / after: {info['load_average_before']} / {info['load_average_after']}.",
-        "Times are medians (ms); ratios are torch time / any4 time (> 1: any4 faster); GB/s counts "
+        "Times are medians (ms) of back-to-back calls after 40 ms of untimed ones in each turn "
+        "(steady state, as in a decode loop; `bench/gemm_cpu_protocol.py` shows why the warm-up "
+        "is needed); ratios are torch time / any4 time (> 1: any4 faster); GB/s counts "
         "weights + x + y bytes.",
         "",
     ]

@@ -17,6 +17,7 @@
 
 #include "gemm_cpu_avx512_util.h"
 #include "gemm_cpu_kernel.h"
+#include "gemm_cpu_prefetch.h"
 
 namespace any4 {
 namespace gemm_detail {
@@ -131,27 +132,7 @@ inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, Tile& til
     for (int64_t r = 0; r < kRows; ++r) prefetch_row_params(a, tile.n0 + kRows + r);
 }
 
-// Software prefetch of the codes of the tile two ahead, spread over the work: as this tile's
-// units (or chunks) advance through the row bytes, the same bytes of that tile's rows are
-// prefetched, one cache line per row at a time. At batch 1-4 the kernel is bound by how fast
-// codes arrive from memory; the hardware prefetcher alone keeps too few misses in flight with
-// several row streams. (Inline asm: GCC deletes loops made only of _mm_prefetch.)
-struct Prefetcher {
-  const uint8_t* rows[kRows];
-  int64_t next = 0, end = 0;  // next byte offset to prefetch, row length (0: nothing to do)
-
-  void start(const GemmArgs& a, int64_t t) {
-    next = end = 0;
-    if (t * kRows >= a.N) return;
-    end = (a.K + 1) / 2;
-    for (int64_t r = 0; r < kRows; ++r) rows[r] = a.packed + imin(t * kRows + r, a.N - 1) * end;
-  }
-  // Prefetches up to byte offset b (exclusive) of every row.
-  void advance(int64_t b) {
-    for (b = imin(b, end); next < b; next += 64)
-      for (int r = 0; r < kRows; ++r) prefetch_line(rows[r] + next);
-  }
-};
+using Prefetcher = TilePrefetcher<kRows>;
 
 // y[m0 + m, tile rows] = lane sums of acc[m][r] (+ sum_g zero[r][g] * xsum[m][g] if sums).
 inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t mb, const __m512* acc,

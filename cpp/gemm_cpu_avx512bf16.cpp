@@ -13,21 +13,25 @@
 // index bits, so the high nibble left in bit 4 does not matter) and, after a 4-bit shift, the
 // high nibbles. So a block is [32 even elements, 32 odd elements]; x is reordered to match.
 //
-// Small batches (M <= 6) decode straight into registers and multiply at once. Larger batches
+// Small batches (M <= 4) decode straight into registers and multiply at once. Larger batches
 // decode a chunk of the tile's rows into an L1 buffer and reuse it for every x row.
 #include <immintrin.h>
 
 #include "gemm_cpu_avx512_util.h"
 #include "gemm_cpu_kernel.h"
+#include "gemm_cpu_prefetch.h"
 
 namespace any4 {
 namespace gemm_detail {
 namespace {
 
-constexpr int64_t kRows = 4;          // weight rows per tile
-constexpr int64_t kCodes = 64;        // codes per block (32 packed bytes)
-constexpr int kDirectRows = 6;        // x rows up to which blocks are decoded into registers
-constexpr int kMR = 2;                // x rows per buffered micro-kernel call
+constexpr int64_t kRows = 4;    // weight rows per tile
+constexpr int64_t kCodes = 64;  // codes per block (32 packed bytes)
+constexpr int kDirectRows = 4;  // x rows up to which blocks are decoded into registers
+// x rows per buffered micro-kernel call: 4 x rows x 4 weight rows = 16 independent dot-product
+// chains, enough to cover vdpbf16ps latency at two per cycle (2 rows: 8 chains, M=16 took 24%
+// longer on the CI machine; 5 or 6 rows spill).
+constexpr int kMR = 4;
 constexpr int64_t kChunkCodes = 512;  // codes per chunk of the buffered path (whole units)
 
 // Codes per scaling unit: a group, or for group_size 32 a block of two groups (lanes 0-7 of a
@@ -153,27 +157,7 @@ inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, Tile& til
     for (int64_t r = 0; r < kRows; ++r) prefetch_row_params(a, tile.n0 + kRows + r);
 }
 
-// Software prefetch of the codes of the tile two ahead, spread over the work: as this tile's
-// units (or chunks) advance through the row bytes, the same bytes of that tile's rows are
-// prefetched, one cache line per row at a time. At batch 1-4 the kernel is bound by how fast
-// codes arrive from memory; the hardware prefetcher alone keeps too few misses in flight with
-// several row streams. (Inline asm: GCC deletes loops made only of _mm_prefetch.)
-struct Prefetcher {
-  const uint8_t* rows[kRows];
-  int64_t next = 0, end = 0;  // next byte offset to prefetch, row length (0: nothing to do)
-
-  void start(const GemmArgs& a, int64_t t) {
-    next = end = 0;
-    if (t * kRows >= a.N) return;
-    end = (a.K + 1) / 2;
-    for (int64_t r = 0; r < kRows; ++r) rows[r] = a.packed + imin(t * kRows + r, a.N - 1) * end;
-  }
-  // Prefetches up to byte offset b (exclusive) of every row.
-  void advance(int64_t b) {
-    for (b = imin(b, end); next < b; next += 64)
-      for (int r = 0; r < kRows; ++r) prefetch_line(rows[r] + next);
-  }
-};
+using Prefetcher = TilePrefetcher<kRows>;
 
 // y[m0 + m, tile rows] = acc[m][r] + sum_g zero[r][g] * xsum[m][g]  (lanes summed).
 inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t mb, const __m512* acc,
