@@ -336,7 +336,7 @@ void run_tiles(const GemmArgs& a, int64_t m0, int64_t mb, const void* xbuf, int6
   for (int64_t t = t0; t < t1; ++t) {
     load_tile(a, t, scale_zero, tile);
     Prefetcher pf;
-    pf.start(a, t + 2);
+    pf.start(a, t + kPrefetchTilesAhead);
     if (mb <= kDirectRows) {
       if (needs_checked_loads(a, tile))
         direct_rows<kDirectRows, true>(mb, a, tile, pf, xb, Kx, acc);

@@ -4,8 +4,8 @@
 // At batch 1-4 the kernels are bound by how fast the codes arrive from memory. A tile is
 // kRows consecutive weight rows, so its codes are one contiguous run of kRows * ceil(K/2)
 // bytes. While a kernel works through the current tile, advance(b) is called as it reaches
-// byte b of the tile's rows; the prefetcher then requests the same fraction of the tile a few
-// tiles ahead, one cache line after another from its start. Each thread so presents the memory
+// byte b of the tile's rows; the prefetcher then requests the same fraction of the next tile
+// (kPrefetchTilesAhead), one cache line after another from its start. Each thread so presents the memory
 // system with a single sequential stream (rather than kRows interleaved ones, one per row),
 // which on the 2-core CI machine reads a few per cent faster with two threads and never
 // slower; the hardware prefetcher alone keeps too few misses in flight.
@@ -22,6 +22,10 @@
 namespace any4 {
 namespace gemm_detail {
 namespace {
+
+// How far ahead, in tiles, the codes are prefetched. One tile (8 KiB at K = 4096) measured 2-3%
+// faster than two or four with two threads on the CI machine (bench/gemm_cpu_vs_torch.py).
+constexpr int64_t kPrefetchTilesAhead = 1;
 
 template <int64_t kRows>
 struct TilePrefetcher {
