@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -233,6 +234,7 @@ def main() -> None:
         "any4_cpu_impls": any4.build_info()["cpu_impls"],
         "group_size": GROUP,
         "load_average_before": load_average(),
+        "command": " ".join(["python", "bench/gemm_cpu_vs_torch.py", *sys.argv[1:]]),
     }
     info["bandwidth"] = {}
     for t in thread_counts:
@@ -345,7 +347,7 @@ def markdown(info: dict) -> str:
         "# CPU gemm: any4.gemm vs PyTorch",
         "",
         f"CPU: {info['cpu']}; threads: {info['threads']} (each: the same for torch and any4); torch {info['torch']}; "
-        f"group size {info['group_size']}.",
+        f"group size {info['group_size']}. Command: `{info.get('command', 'python bench/gemm_cpu_vs_torch.py')}`.",
         "Weights from **memory**: rotated over copies > 96 MiB, every call reads them from DRAM "
         "(what a layer of a real model does); weights in **cache**: one copy reused (shapes that "
         "fit in the last-level cache), the kernels' own speed.",
