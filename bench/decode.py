@@ -244,6 +244,7 @@ def main(argv=None) -> None:
         torch=torch.__version__,
         any4=any4.build_info(),
         argv=sys.argv,
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
         layers=args.layers,
         group_size=args.group_size,
     )
@@ -263,7 +264,9 @@ def main(argv=None) -> None:
         f.write(
             f"# Decode speed: ms/token (device: {info['device']}, {info['threads']} threads)\n\n"
         )
-        f.write(f"Command: `python bench/decode.py {' '.join(sys.argv[1:])}`\n\n")
+        policy = os.environ.get("OMP_WAIT_POLICY")
+        prefix = f"OMP_WAIT_POLICY={policy} " if policy else ""
+        f.write(f"Command: `{prefix}python bench/decode.py {' '.join(sys.argv[1:])}`\n\n")
         f.write(
             "| workload | mode | batch | format | ms/token | speed-up vs bf16 |\n|---|---|---|---|---|---|\n"
         )

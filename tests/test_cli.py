@@ -172,3 +172,24 @@ def test_calibration_ids_tokenize_like_the_cli() -> None:
     tok = byte_tokenizer()
     assert len(tok("héllo")["input_ids"]) == len("héllo".encode())
     assert random_ids(5).shape == (1, 5)
+
+
+@pytest.mark.parametrize(
+    "preset, import_torch_first, expected",
+    [(None, False, "PASSIVE"), ("ACTIVE", False, "ACTIVE"), (None, True, None)],
+)
+def test_cli_quiets_openmp_before_torch(preset, import_torch_first, expected):
+    """The CLI asks for sleeping OpenMP workers, unless the user chose or torch is loaded."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = (
+        "import torch\n" if import_torch_first else ""
+    ) + "import os, any4.cli\nany4.cli.quiet_openmp()\nprint(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(expected)
