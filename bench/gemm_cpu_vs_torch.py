@@ -165,7 +165,7 @@ def time_round_robin(cands: dict, x: torch.Tensor, rounds: int, max_seconds: flo
     Each round gives every candidate a turn (weights rotating across calls, as the layers of a
     model do): WARM_SECONDS of untimed back-to-back calls, then TIMED_SECONDS (at least
     TIMED_CALLS calls) of timed back-to-back calls. The warm-up matters on this kind of machine
-    for two measured reasons (bench/results/gemm_cpu.md, "Protocol"): after the other library's
+    for two reasons, measured by bench/gemm_cpu_protocol.py: after the other library's
     turn, PyTorch's OpenMP workers keep spinning on the cores for about 25 ms and slow down
     whatever runs next; and after an idle gap of 20 ms or more the memory system is cold, so the
     first calls of a DRAM-bound kernel run up to 2x slower (a decode loop calls its matmuls back
