@@ -264,7 +264,7 @@ def main(argv=None) -> None:
         f.write(
             f"# Decode speed: ms/token (device: {info['device']}, {info['threads']} threads)\n\n"
         )
-        policy = os.environ.get("OMP_WAIT_POLICY")
+        policy = info["omp_wait_policy"]
         prefix = f"OMP_WAIT_POLICY={policy} " if policy else ""
         f.write(f"Command: `{prefix}python bench/decode.py {' '.join(sys.argv[1:])}`\n\n")
         f.write(

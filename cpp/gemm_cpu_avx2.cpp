@@ -538,7 +538,7 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
   for (int64_t t = t0; t < t1; ++t) {
     load_tile(a, t, scale_zero, pairs, tile);
     Prefetcher pf;
-    pf.start(a, t + kPrefetchTilesAhead);
+    pf.start(a, t);
     if (mb <= kDirectRows) {
       if (shuf)
         direct_rows_shuf<kDirectRows>(mb, a, tile, pf, xb, Kx, acc);

@@ -309,7 +309,7 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
   for (int64_t t = t0; t < t1; ++t) {
     load_tile(a, t, scale_zero, tile);
     Prefetcher pf;
-    pf.start(a, t + kPrefetchTilesAhead);
+    pf.start(a, t);
     if (mb <= kDirectRows) {
       direct_rows<kDirectRows, kAligned>(mb, a, tile, pf, xb, Kx, acc);
       store_tile(a, tile, m0, mb, acc, sums);

@@ -246,19 +246,16 @@ void direct_tile(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, co
       for (int r = 0; r < RS; ++r) acc[m * kRows + r0 + r] = tot[m][r];
 }
 
-// All kRows weight rows of the tile for `rows` (1..kDirectRows) x rows: in one sweep over the
-// codes up to 4 x rows, in two sweeps of two weight rows each above.
+// All kRows weight rows of the tile for `rows` (1..kDirectRows) x rows, in one sweep over the
+// codes.
 template <int MR, bool kChecked>
 void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, Prefetcher& pf, const uint16_t* x,
                  int64_t x_stride, __m512* acc) {
+  static_assert(MR <= 4, "more x rows than this need a sweep per pair of weight rows");
   if constexpr (MR > 1) {
     if (rows < MR) return direct_rows<MR - 1, kChecked>(rows, a, tile, pf, x, x_stride, acc);
   }
-  if constexpr (MR <= 4) {
-    direct_tile<MR, kRows, kChecked>(a, tile, pf, 0, x, x_stride, acc);
-  } else {
-    for (int r0 = 0; r0 < kRows; r0 += 2) direct_tile<MR, 2, kChecked>(a, tile, pf, r0, x, x_stride, acc);
-  }
+  direct_tile<MR, kRows, kChecked>(a, tile, pf, 0, x, x_stride, acc);
 }
 
 // Buffered path: decode a chunk of the tile's rows into w (row r at w + r * w_stride, each
@@ -336,7 +333,7 @@ void run_tiles(const GemmArgs& a, int64_t m0, int64_t mb, const void* xbuf, int6
   for (int64_t t = t0; t < t1; ++t) {
     load_tile(a, t, scale_zero, tile);
     Prefetcher pf;
-    pf.start(a, t + kPrefetchTilesAhead);
+    pf.start(a, t);
     if (mb <= kDirectRows) {
       if (needs_checked_loads(a, tile))
         direct_rows<kDirectRows, true>(mb, a, tile, pf, xb, Kx, acc);

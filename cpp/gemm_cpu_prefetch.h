@@ -33,10 +33,11 @@ struct TilePrefetcher {
   int64_t total = 0;  // code bytes of the tile being prefetched (0: nothing to do)
   int64_t next = 0;   // next byte offset to prefetch
 
-  // Targets tile t (weight rows [t * kRows, t * kRows + kRows) clipped to N).
-  void start(const GemmArgs& a, int64_t t) {
+  // The kernel starts tile `current`: target the tile kPrefetchTilesAhead after it (its weight
+  // rows clipped to N; nothing past the last tile).
+  void start(const GemmArgs& a, int64_t current) {
     next = total = 0;
-    const int64_t n0 = t * kRows;
+    const int64_t n0 = (current + kPrefetchTilesAhead) * kRows;
     if (n0 >= a.N) return;
     const int64_t row_bytes = (a.K + 1) / 2;
     const int64_t rows = a.N - n0 < kRows ? a.N - n0 : kRows;
