@@ -21,6 +21,7 @@ Hugging Face (after ``import any4``; see any4.hf):
 from __future__ import annotations
 
 from ._core import C as _C
+from ._core import check_thread_count
 from .cuda import cuda_available, cuda_compiled
 from .formats import FORMATS, Format, get_format
 from .gemm import gemm
@@ -61,10 +62,9 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Set the threads used by the C++ core (>= 1)."""
-    if int(n) < 1:
-        raise ValueError("number of threads must be >= 1")
-    _C.set_num_threads(int(n))
+    """Set the threads used by the C++ core, 1..1024 (ValueError outside; RuntimeError, with
+    one thread kept, when the system cannot start that many)."""
+    _C.set_num_threads(check_thread_count(n))
 
 
 def build_info() -> dict:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import ops  # registers torch.ops.any4.gemm (a thin wrapper of any4.gemm)
+from . import validate as V
 from .formats import get_format
 from .quantize import QuantizedTensor, dequantize, quantize
 
@@ -34,6 +35,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    module.check()  # loaded tensors: shapes, dtypes, codes in range, finite (any4.validate)
     module.prepare_for_device()  # loaded storage buffers: rebuild the device form of the weight
 
 
@@ -65,11 +67,14 @@ class QuantLinear(nn.Module):
     ) -> None:
         super().__init__()
         f = get_format(fmt)
+        in_features = V._int(in_features, "in_features")
+        out_features = V._int(out_features, "out_features")
         if in_features < 1 or out_features < 1:
             raise ValueError(
                 f"in_features and out_features must be >= 1, got {in_features}, {out_features}"
             )
-        if group_size < 8 or group_size % 8 or group_size > in_features:
+        group_size = V.group_size(group_size, in_features)
+        if group_size > in_features:
             raise ValueError(
                 f"group_size must be a multiple of 8 in [8, in_features={in_features}], got {group_size}"
             )
@@ -113,6 +118,7 @@ class QuantLinear(nn.Module):
             raise TypeError(f"qt must be an any4.QuantizedTensor, got {type(qt).__name__}")
         if not all(isinstance(t, torch.Tensor) for t in (qt.packed, qt.lut, qt.scales)):
             raise TypeError("from_quantized needs a QuantizedTensor of torch tensors")
+        V.check_quantized(qt)  # shapes, K, group size, codes in range, finite tables/scales
         N, K = qt.shape
         m = cls(
             K,
@@ -162,6 +168,24 @@ class QuantLinear(nn.Module):
         dtype_name = str(table_dtype).replace("torch.", "")
         qt = quantize(w, fmt, group_size, dtype=dtype_name, **quantize_kwargs)
         return cls.from_quantized(qt, linear.bias)
+
+    def check(self) -> None:
+        """Validate the buffers (any4.validate): shapes and dtypes for this layer's K, N, format
+        and group size, codes < the table length, pad nibbles 0, finite table and scales.
+        Run after construction and ``load_state_dict``; raises ValueError / TypeError."""
+        f = get_format(self.fmt)
+        V.check_parts(
+            self.packed, self.lut, self.scales, self.in_features, self.group_size, bits=f.bits,
+            N=self.out_features,
+        )  # fmt: skip
+        if not f.learned and self.lut.shape[0] != 1:
+            raise ValueError(f"format {f.name} has a fixed table: lut must be one row")
+        if self.bias is not None and tuple(self.bias.shape) != (self.out_features,):
+            raise ValueError(
+                f"bias must have shape ({self.out_features},), got {tuple(self.bias.shape)}"
+            )
+        if self.packed.device.type != "meta":
+            V.check_values(self.packed, self.lut, self.scales, self.in_features)
 
     # ---- computation --------------------------------------------------------------------------
 
