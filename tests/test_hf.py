@@ -157,6 +157,22 @@ def float_dirs(tmp_path_factory):
     return out
 
 
+def test_transformers_own_save_pretrained_is_readable(tmp_path) -> None:
+    """Bypassing any4's writer (the class's save_pretrained): no any4 digests, but config.json
+    still carries the layers and the guard, and both readers load it."""
+    model = tiny("llama", seed=8)
+    any4.quantize_model(model, "nf4", 16, progress=False)
+    transformers.PreTrainedModel.save_pretrained(model, tmp_path / "t")
+    qc = json.loads((tmp_path / "t" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "any4" and qc["guard"] and len(qc["layers"]) == 14
+    ids = random_ids(9, seed=1)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "t"), ids),
+                       logits(model, ids))  # fmt: skip
+    with pytest.warns(UserWarning, match="not verified"):
+        assert torch.equal(logits(any4.load(tmp_path / "t", model=tiny("llama")), ids),
+                           logits(model, ids))  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "arch,fmt,options",
     [
