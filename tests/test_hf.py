@@ -443,3 +443,35 @@ def test_prequantized_load_peak_memory_below_float_size(tmp_path) -> None:
     added = r["peak"] - r["before"]
     checkpoint = sum(os.path.getsize(tmp_path / "q" / n) for n in os.listdir(tmp_path / "q"))
     assert added < 0.5 * float_bytes, (added, float_bytes, checkpoint)
+
+
+def test_registration_on_import_without_importing_transformers() -> None:
+    code = textwrap.dedent("""
+        import sys
+        import any4
+        assert "transformers" not in sys.modules and "torch" not in sys.modules
+        import transformers.modeling_utils  # imports the quantizer registry: any4 registers
+        from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+        assert AUTO_QUANTIZER_MAPPING["any4"] is any4.Any4HfQuantizer
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_import_any4_without_transformers() -> None:
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["transformers"] = None  # as if not installed: any import of it fails
+        import numpy as np
+        import any4
+        w = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
+        qt = any4.quantize(w, "int4", 16)
+        assert any4.dequantize(qt).shape == (16, 32)
+        try:
+            any4.Any4Config
+        except ImportError:
+            print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
