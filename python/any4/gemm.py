@@ -6,31 +6,14 @@ from typing import Any, Optional
 
 from . import _tensor as T
 from ._core import C
+from .cuda import gemm_cuda, gemm_gpu
+from .groups import infer_group_size
+from .pack_gpu import GpuWeight, unpack_from_gpu
+
+__all__ = ["check_operands", "check_out", "gemm", "infer_group_size"]
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 CPU_IMPLS = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
-
-
-def infer_group_size(K: int, n_groups: int) -> int:
-    """Group size from K and the number of scale groups.
-
-    K divisible by n_groups gives K / n_groups. Otherwise the last group is short and several
-    multiples of 8 may fit (K=576 with 5 groups: 120, 128 or 136); the power of two among them
-    is taken when there is exactly one, else pass ``group_size=`` explicitly.
-    """
-    if n_groups < 1:
-        raise ValueError("scales must have at least one group")
-    if K % n_groups == 0 and (K // n_groups) % 8 == 0:
-        return K // n_groups
-    candidates = [g for g in range(8, K + 8, 8) if -(-K // g) == n_groups]
-    pow2 = [g for g in candidates if g & (g - 1) == 0]
-    if len(candidates) == 1:
-        return candidates[0]
-    if len(pow2) == 1:
-        return pow2[0]
-    raise ValueError(
-        f"cannot infer the group size from K={K} and {n_groups} scale groups; pass group_size="
-    )
 
 
 def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Optional[int]):
@@ -198,22 +181,16 @@ def gemm(
     Returns:
         y [..., N] in x's dtype, framework and device.
     """
-    from .pack_gpu import GpuWeight
-
     if isinstance(packed_w, GpuWeight):
         if lut is not None or scales is not None:
             raise TypeError("a GpuWeight carries its own lut and scales: call gemm(x, w)")
         if T.is_torch(x) and x.device.type == "cuda":
-            from .cuda import gemm_gpu
-
-            return gemm_gpu(x, packed_w)
+            return gemm_gpu(x, packed_w, out=out)
         if T.device_of(packed_w.codes) != T.device_of(x):
             raise ValueError(
                 f"x and the GPU weight must be on one device, got x on {T.device_of(x)} and the "
                 f"weight on {T.device_of(packed_w.codes)}"
             )
-        from .pack_gpu import unpack_from_gpu
-
         group_size = packed_w.group_size
         packed_w, lut, scales = unpack_from_gpu(packed_w)  # CPU x: the storage layout
     if lut is None or scales is None:
@@ -228,8 +205,6 @@ def gemm(
     if out is not None:
         check_out(out, x, lead + (N,))
     if T.device_of(x) != "cpu":
-        from .cuda import gemm_cuda
-
         y = gemm_cuda(x, packed_w, lut, scales, group_size)
         if out is None:
             return y
