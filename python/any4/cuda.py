@@ -161,8 +161,9 @@ class SplitKScratch:
                 raise RuntimeError(
                     "any4 gemm: the capturing stream has no split-K scratch yet, and it cannot be "
                     "allocated during CUDA-graph capture (a graph keeps raw pointers); before "
-                    "capturing, call any4.cuda.reserve_scratch(stream) for the capture stream, or "
-                    "warm up on it (torch.cuda.graph(g, stream=s) after a warm-up on s)"
+                    "capturing, call any4.cuda.reserve_scratch(s) for the capture stream s (for "
+                    "torch.cuda.graph(g) without stream=, s is torch.cuda.graph."
+                    "default_capture_stream), or warm up on s and capture with stream=s"
                 )
             bound_floats, bound_counters = (int(v) for v in bound())
             pair = (
