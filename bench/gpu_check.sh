@@ -168,7 +168,7 @@ if [ "$HAVE_GPU" = 1 ] && [ "$PY_OK" = 1 ]; then
 
   # -------------------------------------------------------------- GPU tests
   TIMEOUT_ARG=""
-  [ "$HAVE_TIMEOUT" = 1 ] && TIMEOUT_ARG="-p pytest_timeout --timeout 90"
+  [ "$HAVE_TIMEOUT" = 1 ] && TIMEOUT_ARG="--timeout 90"  # pytest-timeout loads itself
   stage tests tests.log 150 "$PY -m pytest -v -rfE -p no:cacheprovider -m gpu $TIMEOUT_ARG \
     tests/test_gemm_cuda.py tests/test_ops.py tests/test_nn.py"
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/tests: /' | tee -a "$SUMMARY"

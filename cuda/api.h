@@ -63,7 +63,8 @@ TcScratchBound gemm_tc_scratch_bound(int device);
 // y = x @ dequant(W)^T with mma.sync m16n8k16, fp32 accumulation; asynchronous on `stream`.
 void gemm_tc(const TcGemmArgs& args);
 
-// W [N, K_pad] (compute dtype, K_pad = 64 * ceil(K / 64), padding columns 0) dequantized from the
+// W [N, K_pad] (compute dtype, K_pad = 64 * ceil(K / 64); columns >= K are padding, not necessarily
+// 0: multiply with x zero-padded or use the first K columns) dequantized from the
 // GPU layout, for the large-batch path (dense matmul on W); asynchronous on `stream`. Table
 // formats use the register table (every dequantizer gives the same values).
 struct TcDequantArgs {

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from . import _tensor as T
+from . import validate as V
 from ._core import C
 from .cuda import gemm_cuda, gemm_gpu
-from .groups import infer_group_size
 from .pack_gpu import GpuWeight, unpack_from_gpu
+from .validate import infer_group_size
 
 __all__ = ["check_operands", "check_out", "gemm", "infer_group_size"]
 
@@ -55,10 +56,7 @@ def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Opt
     n_groups = int(scales.shape[1])
     if group_size is None:
         group_size = infer_group_size(K, n_groups)
-    elif group_size <= 0 or -(-K // group_size) != n_groups:
-        raise ValueError(
-            f"group_size={group_size} gives {-(-K // max(group_size, 1))} groups for K={K}, scales have {n_groups}"
-        )
+    group_size = V.group_size(group_size, K, n_groups)
     operands = (x, packed_w, lut, scales)
     if all(T.is_torch(t) and t.is_cpu for t in operands):
         devs = {"cpu"}  # (the common case, without building device objects)
@@ -66,6 +64,8 @@ def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Opt
         devs = {T.device_of(t) for t in operands}
     if len(devs) != 1:
         raise ValueError(f"x, packed_w, lut and scales must be on one device, got {sorted(devs)}")
+    if lut_len < V.MAX_LEVELS or K % 2:
+        V.check_codes_once(packed_w, K, lut_len)  # a code could be out of range: check once
     return K, N, lut_rows, lut_len, n_groups, int(group_size)
 
 
@@ -128,8 +128,16 @@ def _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out):
         if K % n_groups or (K // n_groups) % 8:
             return None
         group_size = K // n_groups
-    elif group_size <= 0 or -(-K // group_size) != n_groups:
+    elif (
+        type(group_size) is not int
+        or group_size <= 0
+        or group_size % 8
+        or group_size > K
+        or -(-K // group_size) != n_groups
+    ):
         return None
+    if lut_len < 16 or K & 1:
+        V.check_codes_once(packed_w, K, lut_len)
     M = x.numel() // K
     y = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype)
     if M:
