@@ -91,7 +91,9 @@ command -v nvcc >/dev/null 2>&1 || export PATH=/usr/local/cuda/bin:$PATH
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 {
   echo "date: $(date -u +%FT%TZ)  budget: ${BUDGET_S}s  commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-  nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | head -2
+  nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.sm,clocks.max.sm \
+    --format=csv,noheader 2>/dev/null | head -2 || true
+  command -v nvidia-smi >/dev/null || echo "nvidia-smi: not found"
   echo "nvcc: $(nvcc --version 2>&1 | tail -1)"
   echo "cmake: $(cmake --version 2>&1 | head -1)"
   echo "compute-sanitizer: ${SANITIZER:-none} $([ -n "$SANITIZER" ] && "$SANITIZER" --version 2>&1 | tail -1)"
@@ -148,7 +150,7 @@ else
     stage selfcheck build.log 200 "nvcc -std=c++17 -O2 --expt-relaxed-constexpr -arch=sm_$CAP \
       -Icpp -Icuda -o '$WORK/gpu_selfcheck' bench/gpu_selfcheck.cpp cuda/*.cu cpp/pack_gpu.cpp \
       cpp/emulate_gpu.cpp cpp/pack.cpp cpp/parallel.cpp && '$WORK/gpu_selfcheck'"
-    grep -E "^(ok |BAD)|gpu_selfcheck" "$OUT/build.log" | tail -12 | sed 's/^/selfcheck: /' | tee -a "$SUMMARY"
+    grep -E "^(ok |BAD|gpu_selfcheck)" "$OUT/build.log" | tail -12 | sed 's/^/selfcheck: /' | tee -a "$SUMMARY"
   fi
 fi
 
