@@ -58,6 +58,10 @@ SHAPES = [
     ("L3-70B down", 8192, 28672),
 ]
 BATCHES = [1, 2, 4, 8, 16, 128]
+# --quick: a small and a large shape at M = 1, 16 and 128 -- where the deep pipeline, the
+# two-wave split-K plan (14336x4096 at M = 16) and dequantize + cuBLAS (M = 128) are decided.
+QUICK_SHAPES = ("L3-8B qkv/o", "L3-8B up")
+QUICK_BATCHES = [1, 16, 128]
 G = 128
 
 
@@ -326,7 +330,11 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16}")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="the shapes and batches that decide the open questions first (QUICK_*)",
+    )
     ap.add_argument(
         "--merge", action="store_true", help="keep and skip what OUT/gemm_cuda_bench.json holds"
     )
@@ -351,8 +359,8 @@ def main() -> int:
         "any4": any4.build_info(),
         "group_size": G,
     }
-    shapes = SHAPES[:2] if args.quick else SHAPES
-    batches = [1, 16] if args.quick else BATCHES
+    shapes = [sh for sh in SHAPES if sh[0] in QUICK_SHAPES] if args.quick else SHAPES
+    batches = QUICK_BATCHES if args.quick else BATCHES
     records: list = []
     path = os.path.join(args.out, "gemm_cuda_bench.json")
     if args.merge and os.path.exists(path):

@@ -16,7 +16,7 @@
 #   smoke        bench/gpu_sanitize_case.py --smoke (a few products vs float64)         <= 60 s
 #   memcheck     compute-sanitizer memcheck on bench/gpu_sanitize_case.py               <= 150 s
 #   tests        the GPU tests only (-m gpu), -v, per-test timeout, PYTHONHASHSEED=0    <= 150 s
-#   bench-quick  bench/gemm_cuda_bench.py --quick (2 shapes, M in {1, 16})              <= 75 s
+#   bench-quick  bench/gemm_cuda_bench.py --quick (2 shapes, M in {1, 16, 128})         <= 75 s
 #   bench-full   bench/gemm_cuda_bench.py --merge (the rest, what the budget leaves)
 #   initcheck    compute-sanitizer initcheck on the same case                           <= 75 s
 # Sanitizers run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 (the caching allocator hides small
