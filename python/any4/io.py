@@ -21,9 +21,10 @@ on an any4 model, ``any4 quantize --out DIR``) holds:
   weights. any4's readers drop it.
 - each safetensors header: ``"format": "pt"`` and ``"any4"``: a JSON document
   ``{"format": "any4-safetensors", "format_version": 2, "any4_version", "layers": {layers stored in
-  this file}, "tied": {alias: stored}, "sha256": {tensor: digest}, "settings", "extra", "guard"}``.
-  The digests let ``load`` refuse a file whose tensor bytes were changed.
-- ``any4.json`` (the same metadata, readable, with the files and their digests), the tokenizer
+  this file}, "tied": {alias: stored}, "settings", "extra", "guard", "digest": "sha256:<hex>"}``:
+  each file is sealed by ``any4.integrity`` (one digest over every header and tensor byte), so
+  ``load`` refuses any changed byte with ``Any4FormatError``.
+- ``any4.json`` (the same metadata, readable, ``"files": {name: digest}``), the tokenizer
   files and ``generation_config.json`` when available.
 
 A single ``.safetensors`` file (``any4.save(model, "m.safetensors")``) is one such file.
@@ -43,15 +44,15 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
-from collections.abc import Callable
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
+from . import atomic, integrity
 from .formats import get_format
+from .integrity import Any4FormatError
 from .nn import QuantLinear, dense_features, set_submodule
 from .quantize import QuantizedTensor
 
@@ -67,10 +68,6 @@ CONFIG_NAME = "config.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-
-
-class Any4FormatError(ValueError):
-    """The file is not a readable any4 file (truncated, tampered with, or a newer version)."""
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -220,39 +217,12 @@ def split_shards(stored: dict, layers: dict, max_shard_size: Optional[Union[int,
     return shards or [[]]
 
 
-def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file in ``path``'s directory, fsync it, rename it to
-    ``path`` (the destination is never seen half-written)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    write_atomic(path, write)
+    atomic.write_text(path, text)
 
 
 def _write_json(path: str, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _write_safetensors(path: str, tensors: dict, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic.write_json(path, obj)
 
 
 def quantization_config(layers: dict, settings: dict, guard: Optional[str] = None) -> dict:
@@ -350,12 +320,11 @@ def save(
         part = {k: stored[k] for k in keys}
         owners = {k.rpartition(".")[0] for k in keys}
         meta = dict(base, layers={n: i for n, i in layers.items() if n in owners}, tied=tied,
-                    sha256={k: _digest(t) for k, t in part.items()}, settings=settings,
-                    extra=extra or {})  # fmt: skip
+                    settings=settings, extra=extra or {})  # fmt: skip
         if guard is not None:
             meta["guard"] = guard
-        file_digests[name] = {"sha256": meta["sha256"]}
-        _write_safetensors(file, part, {"format": "pt", "any4": json.dumps(meta, sort_keys=True)})
+        json.dumps(meta)  # TypeError (before a file is written) for non-JSON extra / settings
+        file_digests[name] = integrity.write_file(file, part, meta)
     if not is_dir:
         return files[0]
     index_file = os.path.join(path, INDEX_NAME)
@@ -393,17 +362,12 @@ def _remove_stale_weights(directory: str, keep: set) -> None:
         os.unlink(os.path.join(directory, INDEX_NAME))
 
 
-def save_tokenizer(tokenizer: Any, directory: str) -> None:
-    """``tokenizer.save_pretrained`` into a temporary directory, then each file moved in
-    atomically."""
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".tokenizer.") as tmp:
-        tokenizer.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            src = os.path.join(tmp, name)
-            if os.path.isfile(src):
-                with open(src, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(src, os.path.join(directory, name))
+def save_tokenizer(tokenizer: Any, directory: str) -> list:
+    """``tokenizer.save_pretrained(directory)``, each file published atomically; returns the
+    file names written."""
+    with atomic.scratch_directory(directory) as scratch:
+        tokenizer.save_pretrained(scratch)
+        return atomic.publish_files(scratch, directory)
 
 
 def save_hf_config(config: Any, directory: str) -> None:
@@ -416,7 +380,7 @@ def save_hf_config(config: Any, directory: str) -> None:
             delattr(cfg, "quantization_config")
         except AttributeError:
             cfg.quantization_config = None
-    cfg.save_pretrained(directory)
+    atomic.write_text(os.path.join(directory, CONFIG_NAME), cfg.to_json_string(use_diff=True))
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -541,10 +505,11 @@ def read_metadata(path: Union[str, os.PathLike]) -> dict:
         if meta is None:
             if qc is None:
                 raise Any4FormatError(f"{file}: no any4 metadata (not written by any4.save)")
-            meta = {"format": FILE_FORMAT, "format_version": qc["format_version"], "layers": {}}
+            meta = {"format": FILE_FORMAT, "format_version": qc["format_version"], "layers": {},
+                    "unsealed": True}  # fmt: skip
         per_file[file] = meta
     first = per_file[files[0]]
-    merged = {k: v for k, v in first.items() if k not in ("layers", "sha256")}
+    merged = {k: v for k, v in first.items() if k not in ("layers", "sha256", "unsealed")}
     merged["layers"] = {}
     for meta in per_file.values():
         merged["layers"].update(meta.get("layers") or {})
@@ -565,50 +530,81 @@ def read_metadata(path: Union[str, os.PathLike]) -> dict:
 
 
 def _read_tensors(meta: dict, device: Union[str, torch.device], *, keep: bool = True) -> dict:
-    """All tensors of the files in ``meta`` (guard dropped, tied aliases restored), each file's
-    tensors checked against its digests and the layers against their metadata. ``keep=False``
-    only verifies: one tensor in memory at a time, meta-device tensors returned."""
-    from safetensors import safe_open
-
+    """All tensors of the files in ``meta`` (guard dropped, tied aliases restored), each file
+    checked against its digest (format 2: the sealed file's digest over header and data, see
+    any4.integrity; format 1: per-tensor checksums) and the layers against their metadata.
+    ``keep=False`` only verifies, streaming: meta-device tensors are returned."""
     guard = meta.get("guard")
     tensors: dict = {}
     for file, fmeta in meta["files"].items():
-        digests = fmeta.get("sha256")
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                keys = set(f.keys()) - {guard}
-                if digests is None:
-                    warnings.warn(
-                        f"any4: {file} carries no any4 digests (written by transformers' own "
-                        "save_pretrained?); its tensors are not verified",
-                        stacklevel=3,
-                    )
-                elif keys != set(digests) - {guard}:
+        version = fmeta.get("format_version", FORMAT_VERSION)
+        if fmeta.get("unsealed"):  # no any4 entry: transformers' own save_pretrained
+            warnings.warn(
+                f"any4: {file} carries no any4 metadata or digest (written by transformers' own "
+                "save_pretrained?); its tensors are not verified",
+                stacklevel=3,
+            )
+            part = _read_unverified(file, keep)
+        elif version >= 2:
+            if keep:
+                sealed = integrity.read_file(file)
+                part = sealed.tensors
+            else:
+                integrity.verify_file(file)
+                part = _read_unverified(file, keep=False)
+        else:
+            part = integrity.read_file(file, require_digest=False).tensors
+            digests = fmeta.get("sha256")
+            if not isinstance(digests, dict) or set(digests) != set(part):
+                listed = set(digests) if isinstance(digests, dict) else set()
+                raise Any4FormatError(
+                    f"{file}: tensors do not match the metadata (missing {sorted(listed - set(part))[:3]}, "
+                    f"unexpected {sorted(set(part) - listed)[:3]})"
+                )
+            for key, t in part.items():
+                if _digest(t) != digests[key]:
                     raise Any4FormatError(
-                        f"{file}: tensors do not match the metadata (missing {sorted(set(digests) - keys)[:3]}, "
-                        f"unexpected {sorted(keys - set(digests))[:3]})"
+                        f"{file}: tensor {key!r} does not match its checksum (the file was modified)"
                     )
-                for key in sorted(keys):
-                    if key in tensors:
-                        raise Any4FormatError(f"{file}: tensor {key!r} is stored twice")
-                    t = f.get_tensor(key)
-                    if digests is not None and _digest(t) != digests[key]:
-                        raise Any4FormatError(
-                            f"{file}: tensor {key!r} does not match its checksum (the file was modified)"
-                        )
-                    tensors[key] = t if keep else t.to("meta")
-        except Any4FormatError:
-            raise
-        except Exception as e:
-            raise Any4FormatError(
-                f"{file}: cannot read tensors, the file is truncated or corrupt ({e})"
-            ) from e
-    for alias, target in meta.get("tied", {}).items():
-        if target not in tensors:
+        for key, t in part.items():
+            if key == guard:
+                continue
+            if key in tensors:
+                raise Any4FormatError(f"{file}: tensor {key!r} is stored twice")
+            tensors[key] = t
+    tied = meta.get("tied", {})
+    if not isinstance(tied, dict):
+        raise Any4FormatError("metadata 'tied' must be an object")
+    for alias, target in tied.items():
+        if not isinstance(target, str) or target not in tensors:
             raise Any4FormatError(f"tied tensor {alias!r} points to missing {target!r}")
         tensors[alias] = tensors[target]
     _check_layers(next(iter(meta["files"])), meta, tensors)
     return {k: v.to(device) for k, v in tensors.items()}
+
+
+def _read_unverified(file: str, keep: bool) -> dict:
+    """Tensors of a safetensors file as they are (``keep=False``: meta tensors of the header's
+    shapes and dtypes, nothing read)."""
+    from safetensors import safe_open
+
+    to_torch, _ = integrity._dtype_tables()
+    out = {}
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if keep:
+                    out[key] = f.get_tensor(key)
+                else:
+                    sl = f.get_slice(key)
+                    out[key] = torch.empty(
+                        sl.get_shape(), dtype=to_torch[sl.get_dtype()], device="meta"
+                    )
+    except Exception as e:
+        raise Any4FormatError(
+            f"{file}: cannot read tensors, the file is truncated or corrupt ({e})"
+        ) from e
+    return out
 
 
 def _check_layers(file: str, meta: dict, tensors: dict) -> None:
