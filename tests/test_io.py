@@ -99,6 +99,29 @@ def test_dict_of_quantized_tensors(tmp_path) -> None:
     assert read_metadata(file)["extra"] == {"note": "test"}
 
 
+def _digest(t) -> str:
+    import hashlib
+
+    return hashlib.sha256(
+        t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
+
+
+def _as_v1(file) -> None:
+    """Rewrite an any4 file as format version 1 wrote it (per-tensor data checksums only)."""
+
+    def to_v1(meta):
+        meta.pop("digest")
+        meta["format_version"] = 1
+
+    def add_sums(tensors):
+        sums.update({k: _digest(t) for k, t in tensors.items()})
+
+    sums: dict = {}
+    _rewrite(file, mutate_tensors=add_sums)
+    _rewrite(file, mutate_meta=lambda m: (to_v1(m), m.update(sha256=sums)))
+
+
 def _rewrite(file, mutate_meta=None, mutate_tensors=None):
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -129,7 +152,7 @@ def test_truncated_tampered_and_newer_files_fail_clearly(quantized, tmp_path) ->
     raw = bytearray(data)
     raw[-100] ^= 0x5A  # a byte of the tensor data
     flipped.write_bytes(bytes(raw))
-    with pytest.raises(Any4FormatError, match="checksum"):
+    with pytest.raises(Any4FormatError, match="digest"):
         any4.load(flipped, model=tiny_llama())
 
     newer = tmp_path / "newer.safetensors"
@@ -138,21 +161,39 @@ def test_truncated_tampered_and_newer_files_fail_clearly(quantized, tmp_path) ->
     with pytest.raises(Any4FormatError, match="upgrade"):
         any4.load(newer, model=tiny_llama())
 
-    bad_shape = tmp_path / "shape.safetensors"
-    bad_shape.write_bytes(data)
-    _rewrite(
-        bad_shape,
-        mutate_meta=lambda m: m["layers"]["model.layers.0.mlp.gate_proj"].update(group_size=16),
-    )
-    with pytest.raises(Any4FormatError, match="gate_proj"):
-        any4.load(bad_shape, model=tiny_llama())
+    # Format version 2: any re-written metadata or tensor is refused by the digest.
+    def regroup(m):
+        m["layers"]["model.layers.0.mlp.gate_proj"].update(group_size=16)
 
-    def swap(tensors):  # replace a tensor with another of the same shape: the digest catches it
+    def swap(tensors):  # replace a tensor with another of the same shape
         key = "model.layers.0.mlp.gate_proj.packed"
         tensors[key] = torch.flip(tensors[key], dims=[0]).contiguous()
 
-    swapped = tmp_path / "swapped.safetensors"
-    swapped.write_bytes(data)
+    for name, edit in (("shape", {"mutate_meta": regroup}), ("swap", {"mutate_tensors": swap})):
+        edited = tmp_path / f"{name}.safetensors"
+        edited.write_bytes(data)
+        _rewrite(edited, **edit)
+        with pytest.raises(Any4FormatError, match="does not match its digest"):
+            any4.load(edited, model=tiny_llama())
+
+    # Format version 1 (data checksums only) still loads; its metadata is checked field by field.
+    v1 = tmp_path / "v1.safetensors"
+    v1.write_bytes(data)
+    _as_v1(v1)
+    torch.testing.assert_close(
+        outputs(any4.load(v1, model=tiny_llama()), random_ids(8, seed=9)),
+        outputs(any4.load(good, model=tiny_llama()), random_ids(8, seed=9)),
+        rtol=0,
+        atol=0,
+    )
+    v1_data = v1.read_bytes()
+    bad_shape = tmp_path / "v1shape.safetensors"
+    bad_shape.write_bytes(v1_data)
+    _rewrite(bad_shape, mutate_meta=regroup)
+    with pytest.raises(Any4FormatError, match="gate_proj"):
+        any4.load(bad_shape, model=tiny_llama())
+    swapped = tmp_path / "v1swapped.safetensors"
+    swapped.write_bytes(v1_data)
     _rewrite(swapped, mutate_tensors=swap)
     with pytest.raises(Any4FormatError, match="checksum"):
         any4.load(swapped, model=tiny_llama())

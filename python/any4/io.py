@@ -3,18 +3,25 @@
 File layout: one ``.safetensors`` file whose header metadata holds, under the key ``"any4"``,
 a JSON document::
 
-    {"format": "any4-safetensors", "format_version": 1, "any4_version": "0.1.0",
+    {"format": "any4-safetensors", "format_version": 2, "any4_version": "0.1.0",
      "layers": {name: {"fmt", "group_size", "shape": [N, K], "bias": bool, "table_dtype"}},
-     "tied": {alias: stored_name}, "sha256": {tensor: hex digest}, "settings": {...},
-     "extra": {...}}
+     "tied": {alias: stored_name}, "settings": {...}, "extra": {...},
+     "digest": "sha256:<hex>"}
 
 Each quantized layer ``name`` is stored as ``name.packed``, ``name.lut``, ``name.scales`` (and
 ``name.bias``), the keys of a QuantLinear's state dict, so the file is exactly the quantized
-model's state dict; tensors shared by several names (tied embeddings) are stored once. The
-digests let ``load`` refuse a file whose tensor bytes were changed.
+model's state dict; tensors shared by several names (tied embeddings) are stored once.
+
+Integrity (SPEC §12): the file is sealed (``any4.integrity``): ``digest`` is one sha256 over every
+byte of the file (header: names, dtypes, shapes, offsets, layer settings; and tensor data), so
+``load`` refuses any changed byte with :class:`Any4FormatError`; every metadata field is also
+checked against the tensors (``any4.validate``). Format-version 1 files (per-tensor ``sha256``
+digests of the data only) still load. A digest inside a file detects accidents, not a forger:
+pin the hash ``any4 verify DIR`` prints (:func:`verify`). Every file is written atomically
+(``any4.atomic``).
 
 A directory (``any4 quantize --out DIR``) holds ``model.safetensors``, ``any4.json`` (the same
-metadata, readable), and the Hugging Face ``config.json`` / tokenizer files. Loading into a fresh
+metadata, readable, with ``"files": {name: digest}``), and the Hugging Face ``config.json`` / tokenizer files. Loading into a fresh
 transformers model::
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -34,19 +41,19 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from . import atomic, integrity
+from . import validate as V
 from .formats import get_format
+from .integrity import Any4FormatError
 from .nn import QuantLinear, set_submodule
 from .quantize import QuantizedTensor
 
 FILE_FORMAT = "any4-safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_NAME = "model.safetensors"
 METADATA_NAME = "any4.json"
+CONFIG_NAME = "config.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class Any4FormatError(ValueError):
-    """The file is not a readable any4 file (truncated, tampered with, or a newer version)."""
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -136,7 +143,6 @@ def save(
     Returns:
         the path of the .safetensors file written.
     """
-    from safetensors.torch import save_file
 
     tensors, layers, settings = _collect(model_or_state)
     path = os.fspath(path)
@@ -168,23 +174,16 @@ def save(
         "any4_version": _any4_version(),
         "layers": layers,
         "tied": tied,
-        "sha256": {k: _digest(t) for k, t in stored.items()},
         "settings": settings,
         "extra": extra or {},
     }
-    text = json.dumps(meta, sort_keys=True)
+    json.dumps(meta)  # TypeError now (before any file is written) for non-JSON extra/settings
+    digest = integrity.write_file(file, stored, meta)
     if is_dir:
-        os.makedirs(path, exist_ok=True)
-    else:
-        os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
-    save_file(stored, file, metadata={"any4": text})
-    if is_dir:
-        with open(os.path.join(path, METADATA_NAME), "w", encoding="utf-8") as fh:
-            json.dump(
-                {k: v for k, v in meta.items() if k != "sha256"}, fh, indent=2, sort_keys=True
-            )
+        readable = dict(meta, files={WEIGHTS_NAME: digest})
+        atomic.write_json(os.path.join(path, METADATA_NAME), readable)
         config = getattr(model_or_state, "config", None)
-        if config is not None and hasattr(config, "save_pretrained"):
+        if config is not None and hasattr(config, "to_json_string"):
             save_hf_config(config, path)
     return file
 
@@ -199,13 +198,28 @@ def save_hf_config(config: Any, directory: str) -> None:
             delattr(cfg, "quantization_config")
         except AttributeError:
             cfg.quantization_config = None
-    cfg.save_pretrained(directory)
+    # What PretrainedConfig.save_pretrained writes, but atomically.
+    atomic.write_text(os.path.join(directory, CONFIG_NAME), cfg.to_json_string(use_diff=True))
+
+
+def save_tokenizer(tokenizer: Any, directory: str) -> list:
+    """``tokenizer.save_pretrained(directory)``, each file published atomically; returns the
+    file names written."""
+    with atomic.scratch_directory(directory) as scratch:
+        tokenizer.save_pretrained(scratch)
+        return atomic.publish_files(scratch, directory)
 
 
 def _resolve(path: Union[str, os.PathLike]) -> str:
     path = os.fspath(path)
     if os.path.isdir(path):
-        path = os.path.join(path, WEIGHTS_NAME)
+        file = os.path.join(path, WEIGHTS_NAME)
+        if not os.path.isfile(file):
+            raise Any4FormatError(
+                f"{path} is not an any4 checkpoint (no {WEIGHTS_NAME}); a float model is loaded "
+                "with transformers (from_pretrained), not any4.load"
+            )
+        return file
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no any4 file at {path}")
     return path
@@ -227,10 +241,14 @@ def read_metadata(path: Union[str, os.PathLike]) -> dict:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise Any4FormatError(f"{file}: corrupt any4 metadata ({e})") from e
+    return _check_version(file, meta)
+
+
+def _check_version(file: str, meta: Any) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT:
         raise Any4FormatError(f"{file}: metadata format is not {FILE_FORMAT!r}")
     version = meta.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise Any4FormatError(f"{file}: metadata has no integer format_version")
     if version > FORMAT_VERSION:
         raise Any4FormatError(
@@ -242,62 +260,125 @@ def read_metadata(path: Union[str, os.PathLike]) -> dict:
     return meta
 
 
-def _read_tensors(file: str, meta: dict, device: Union[str, torch.device]) -> dict:
-    from safetensors import safe_open
-
-    digests = meta.get("sha256", {})
-    tensors = {}
-    try:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            keys = set(f.keys())
-            if keys != set(digests):
-                raise Any4FormatError(
-                    f"{file}: tensors do not match the metadata (missing {sorted(set(digests) - keys)[:3]}, "
-                    f"unexpected {sorted(keys - set(digests))[:3]})"
-                )
-            for key in sorted(keys):
-                tensors[key] = f.get_tensor(key)
-    except Any4FormatError:
-        raise
-    except Exception as e:
-        raise Any4FormatError(
-            f"{file}: cannot read tensors, the file is truncated or corrupt ({e})"
-        ) from e
-    for key, t in tensors.items():
-        if _digest(t) != digests[key]:
+def _read_file(file: str) -> tuple:
+    """(metadata, {key: CPU tensor}) of an any4 file: integrity checked (the whole-file digest
+    from version 2, per-tensor digests of the data in version 1), tied aliases resolved, every
+    metadata field checked against the tensors. Raises Any4FormatError."""
+    read_metadata(file)  # a too-new version is reported as such, before its digest is checked
+    sealed = integrity.read_file(file, require_digest=False)
+    meta = _check_version(file, sealed.any4)
+    tensors = sealed.tensors
+    if meta["format_version"] >= 2:
+        if not sealed.verified:
             raise Any4FormatError(
-                f"{file}: tensor {key!r} does not match its checksum (the file was modified)"
+                f"{file}: format version {meta['format_version']} without a digest"
             )
-    for alias, target in meta.get("tied", {}).items():
-        if target not in tensors:
+    else:
+        digests = meta.get("sha256")
+        if not isinstance(digests, dict) or set(digests) != set(tensors):
+            keys, listed = set(tensors), set(digests) if isinstance(digests, dict) else set()
+            raise Any4FormatError(
+                f"{file}: tensors do not match the metadata (missing {sorted(listed - keys)[:3]}, "
+                f"unexpected {sorted(keys - listed)[:3]})"
+            )
+        for key, t in tensors.items():
+            if _digest(t) != digests[key]:
+                raise Any4FormatError(
+                    f"{file}: tensor {key!r} does not match its checksum (the file was modified)"
+                )
+    tied = meta.get("tied", {})
+    if not isinstance(tied, dict):
+        raise Any4FormatError(f"{file}: metadata 'tied' must be an object")
+    for alias, target in tied.items():
+        if not isinstance(target, str) or target not in sealed.tensors:
             raise Any4FormatError(f"{file}: tied tensor {alias!r} points to missing {target!r}")
+        if alias in sealed.tensors:
+            raise Any4FormatError(f"{file}: tied tensor {alias!r} is also stored")
+    tensors = dict(tensors)
+    for alias, target in tied.items():
         tensors[alias] = tensors[target]
-    _check_layers(file, meta, tensors)
-    return {k: v.to(device) for k, v in tensors.items()}
+    check_metadata(file, meta, tensors)
+    return meta, tensors
 
 
-def _check_layers(file: str, meta: dict, tensors: dict) -> None:
-    for name, info in meta.get("layers", {}).items():
+_LAYER_FIELDS = {"fmt": str, "group_size": int, "shape": list, "bias": bool, "table_dtype": str}
+
+
+def check_metadata(file: str, meta: dict, tensors: dict) -> None:
+    """Check every any4 metadata field against the tensors (Any4FormatError naming the field).
+
+    Per layer: fmt known; shape [N, K] positive ints; group_size a valid group size for K
+    (any4.validate); table_dtype known and the table's; bias a bool matching a [N] float tensor;
+    packed / lut / scales of the shapes and dtypes these imply, codes in range, finite table and
+    scales. Also: settings / extra are objects, settings.model_dtype is known.
+    """
+    for field in ("settings", "extra"):
+        if not isinstance(meta.get(field, {}), dict):
+            raise Any4FormatError(f"{file}: metadata {field!r} must be an object")
+    model_dtype = (meta.get("settings") or {}).get("model_dtype")
+    if model_dtype is not None and model_dtype not in _DTYPES:
+        raise Any4FormatError(f"{file}: unknown settings.model_dtype {model_dtype!r}")
+    layers = meta.get("layers", {})
+    if not isinstance(layers, dict):
+        raise Any4FormatError(f"{file}: metadata 'layers' must be an object")
+    for name, info in layers.items():
+        where = f"{file}: layer {name!r}"
+        if not isinstance(info, dict):
+            raise Any4FormatError(f"{where}: metadata must be an object")
+        for field, kind in _LAYER_FIELDS.items():
+            value = info.get(field)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise Any4FormatError(
+                    f"{where}: metadata field {field!r} must be a {kind.__name__}, got {value!r}"
+                )
         try:
             f = get_format(info["fmt"])
-            N, K = (int(s) for s in info["shape"])
-            G = int(info["group_size"])
-            dtype = _DTYPES[info["table_dtype"]]
-        except (KeyError, ValueError, TypeError) as e:
-            raise Any4FormatError(f"{file}: bad metadata for layer {name!r} ({e})") from e
-        expected = {
-            "packed": ((N, (K + 1) // 2), torch.uint8),
-            "lut": ((N if f.learned else 1, f.levels), dtype),
-            "scales": ((N, -(-K // G), 2), dtype),
-        }
-        for part, (shape, dt) in expected.items():
+        except ValueError as e:
+            raise Any4FormatError(f"{where}: {e}") from e
+        shape = info["shape"]
+        if len(shape) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape
+        ):
+            raise Any4FormatError(f"{where}: shape must be [N, K] of positive ints, got {shape!r}")
+        N, K = shape
+        dtype = _DTYPES.get(info["table_dtype"])
+        if dtype is None:
+            raise Any4FormatError(f"{where}: unknown table_dtype {info['table_dtype']!r}")
+        parts = {}
+        for part in ("packed", "lut", "scales"):
             t = tensors.get(f"{name}.{part}")
             if t is None:
-                raise Any4FormatError(f"{file}: layer {name!r} has no {part} tensor")
-            if tuple(t.shape) != shape or t.dtype != dt:
-                raise Any4FormatError(
-                    f"{file}: {name}.{part} is {t.dtype} {tuple(t.shape)}, metadata says {dt} {shape}"
+                raise Any4FormatError(f"{where} has no {part} tensor")
+            parts[part] = t
+        bias = tensors.get(f"{name}.bias")
+        if info["bias"] != (bias is not None):
+            raise Any4FormatError(
+                f"{where}: metadata says bias={info['bias']}, the file "
+                + ("has" if bias is not None else "has no")
+                + " bias tensor"
+            )
+        if bias is not None and (tuple(bias.shape) != (N,) or not bias.is_floating_point()):
+            raise Any4FormatError(
+                f"{where}: bias is {bias.dtype} {tuple(bias.shape)}, expected a float [{N}]"
+            )
+        lut = parts["lut"]
+        if lut.dtype != dtype:
+            raise Any4FormatError(f"{where}: lut is {lut.dtype}, metadata says {dtype}")
+        try:
+            V.group_size(info["group_size"], K)
+            if info["group_size"] > K:
+                raise ValueError(f"group_size {info['group_size']} is larger than K={K}")
+            rows = V.check_parts(
+                parts["packed"], lut, parts["scales"], K, info["group_size"], bits=f.bits,
+                layout=info.get("code_layout"), N=N,
+            )[2]  # fmt: skip
+            if rows != (N if f.learned else 1):
+                raise ValueError(
+                    f"lut has {rows} rows, format {f.name} needs {N if f.learned else 1}"
                 )
+            V.check_values(parts["packed"], lut, parts["scales"], K)
+        except (ValueError, TypeError) as e:
+            raise Any4FormatError(f"{where}: {e}") from e
 
 
 def load(
@@ -322,8 +403,9 @@ def load(
         Any4FormatError (a ValueError) for a truncated, modified, foreign or too-new file.
     """
     file = _resolve(path)
-    meta = read_metadata(file)
-    tensors = _read_tensors(file, meta, device)
+    meta, tensors = _read_file(file)
+    _check_readable_copy(path, meta)
+    tensors = {k: v.to(device) for k, v in tensors.items()}
     layers = meta.get("layers", {})
     if model is None:
         directory = os.fspath(path) if os.path.isdir(os.fspath(path)) else None
@@ -368,6 +450,12 @@ def load(
     if saved_dtype is not None and _main_float_dtype(model) != saved_dtype:
         model.to(saved_dtype)
     own = dict(model.state_dict(keep_vars=True))
+    for key, t in tensors.items():
+        cur = own.get(key)
+        if cur is not None and cur.is_floating_point() != t.is_floating_point():
+            raise Any4FormatError(
+                f"{file}: tensor {key!r} is {t.dtype}, the model's is {cur.dtype} (not the same kind)"
+            )
     with torch.no_grad():
         for key, t in tensors.items():
             cur = own.get(key)
@@ -392,6 +480,70 @@ def load(
         except (AttributeError, TypeError):
             pass
     return model.eval()
+
+
+def _check_readable_copy(path: Union[str, os.PathLike], meta: dict) -> None:
+    """A directory's any4.json must describe the weights file (same layers, same digest)."""
+    directory = os.fspath(path)
+    copy_path = os.path.join(directory, METADATA_NAME)
+    if not os.path.isdir(directory) or not os.path.isfile(copy_path):
+        return
+    try:
+        with open(copy_path, encoding="utf-8") as fh:
+            readable = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Any4FormatError(f"{copy_path}: not readable JSON ({e})") from e
+    if not isinstance(readable, dict):
+        raise Any4FormatError(f"{copy_path}: not a JSON object")
+    for field in ("format_version", "layers", "tied", "settings"):
+        if readable.get(field) != meta.get(field):
+            raise Any4FormatError(
+                f"{copy_path}: {field!r} differs from the weights file's metadata (mixed or "
+                "edited checkpoint)"
+            )
+    if "digest" in meta:
+        files = readable.get("files")
+        if not isinstance(files, dict) or files.get(WEIGHTS_NAME) != meta["digest"]:
+            raise Any4FormatError(
+                f"{copy_path}: the digest listed for {WEIGHTS_NAME} is not the file's"
+            )
+
+
+def is_checkpoint(path: Union[str, os.PathLike]) -> bool:
+    """True when ``path`` is an any4 file or a directory holding one (any4 metadata present)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, METADATA_NAME)):
+            return True
+        path = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        return False
+    try:
+        read_metadata(path)
+    except Any4FormatError as e:
+        return "no any4 metadata" not in str(e) and "no header metadata" not in str(e)
+    return True
+
+
+def verify(path: Union[str, os.PathLike]) -> dict:
+    """Check an any4 checkpoint completely (every safetensors file's digest or checksums, all
+    metadata against the tensors, any4.json against the weights) and hash it.
+
+    Returns {"sha256": one hex digest of every file of the directory (or of the file) to pin,
+    "files": [(relative path, sha256)], "weights": {file: its embedded digest or None (v1)}}.
+    Raises Any4FormatError (or FileNotFoundError) when something is wrong.
+    """
+    path = os.fspath(path)
+    file = _resolve(path)
+    meta, _ = _read_file(file)
+    _check_readable_copy(path, meta)
+    weights = {os.path.basename(file): meta.get("digest")}
+    if os.path.isdir(path):
+        digest, manifest = integrity.checkpoint_digest(path)
+    else:
+        manifest = [(os.path.basename(file), integrity.file_sha256(file))]
+        digest = manifest[0][1]
+    return {"sha256": digest, "files": manifest, "weights": weights}
 
 
 def _as_state(tensors: dict, layers: dict) -> dict:
@@ -420,4 +572,7 @@ def _fresh_hf_model(directory: str) -> nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
-__all__ = ["Any4FormatError", "load", "read_metadata", "save"]
+__all__ = [
+    "Any4FormatError", "check_metadata", "is_checkpoint", "load", "read_metadata", "save",
+    "save_hf_config", "save_tokenizer", "verify",
+]  # fmt: skip
