@@ -316,7 +316,7 @@ def check_metadata(file: str, meta: dict, tensors: dict) -> None:
         if not isinstance(meta.get(field, {}), dict):
             raise Any4FormatError(f"{file}: metadata {field!r} must be an object")
     model_dtype = (meta.get("settings") or {}).get("model_dtype")
-    if model_dtype is not None and model_dtype not in _DTYPES:
+    if model_dtype is not None and (not isinstance(model_dtype, str) or model_dtype not in _DTYPES):
         raise Any4FormatError(f"{file}: unknown settings.model_dtype {model_dtype!r}")
     layers = meta.get("layers", {})
     if not isinstance(layers, dict):
