@@ -34,8 +34,8 @@ def test_help(capsys) -> None:
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "quantize" in out and "eval" in out and "bench" in out
-    for cmd in ("quantize", "eval", "bench"):
+    assert "quantize" in out and "eval" in out and "bench" in out and "verify" in out
+    for cmd in ("quantize", "eval", "verify", "bench"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0

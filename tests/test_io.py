@@ -228,3 +228,21 @@ def test_loaded_model_is_independent_copy(quantized, tmp_path) -> None:
         loaded.model.layers[0].self_attn.q_proj.lut, quantized.model.layers[0].self_attn.q_proj.lut
     )
     assert tiny_config().hidden_size == quantized.config.hidden_size
+
+
+def test_resealed_dtype_reinterpretation_is_refused(quantized, tmp_path) -> None:
+    """A writer that stored float32 weights as int32 (same bytes) and sealed the file: the digest
+    is valid, but the model's float parameter refuses an integer tensor."""
+    from any4 import integrity
+
+    good = tmp_path / "good.safetensors"
+    any4.save(quantized, good)
+    sealed = integrity.read_file(good)
+    tensors = dict(sealed.tensors)
+    key = "model.embed_tokens.weight"
+    tensors[key] = tensors[key].view(torch.int32)
+    doc = {k: v for k, v in sealed.any4.items() if k != "digest"}
+    bad = tmp_path / "bad.safetensors"
+    integrity.write_file(bad, tensors, doc)
+    with pytest.raises(Any4FormatError, match="embed_tokens.*not the same kind"):
+        any4.load(bad, model=tiny_llama())
