@@ -1,41 +1,55 @@
 """``any4.save`` / ``any4.load``: quantized models in safetensors with JSON metadata.
 
-File layout: one ``.safetensors`` file whose header metadata holds, under the key ``"any4"``,
-a JSON document::
+Checkpoint format version 2. A directory (``any4.save(model, DIR)``, ``model.save_pretrained``
+on an any4 model, ``any4 quantize --out DIR``) holds:
 
-    {"format": "any4-safetensors", "format_version": 2, "any4_version": "0.1.0",
-     "layers": {name: {"fmt", "group_size", "shape": [N, K], "bias": bool, "table_dtype"}},
-     "tied": {alias: stored_name}, "settings": {...}, "extra": {...},
-     "digest": "sha256:<hex>"}
+- ``config.json``: the Hugging Face config plus ``"quantization_config"``::
 
-Each quantized layer ``name`` is stored as ``name.packed``, ``name.lut``, ``name.scales`` (and
-``name.bias``), the keys of a QuantLinear's state dict, so the file is exactly the quantized
-model's state dict; tensors shared by several names (tied embeddings) are stored once.
+      {"quant_method": "any4", "format_version": 2, "fmt", "group_size", "weighting", "method",
+       "mode", "table_dtype", "modules_to_not_convert": [...], "guard": KEY,
+       "layers": {module: {"fmt", "group_size", "shape": [N, K], "bias", "table_dtype", ...}}}
 
-Integrity (SPEC §12): the file is sealed (``any4.integrity``): ``digest`` is one sha256 over every
-byte of the file (header: names, dtypes, shapes, offsets, layer settings; and tensor data), so
-``load`` refuses any changed byte with :class:`Any4FormatError`; every metadata field is also
-checked against the tensors (``any4.validate``). Format-version 1 files (per-tensor ``sha256``
-digests of the data only) still load. A digest inside a file detects accidents, not a forger:
-pin the hash ``any4 verify DIR`` prints (:func:`verify`). Every file is written atomically
-(``any4.atomic``).
+  which ``transformers.AutoModelForCausalLM.from_pretrained(DIR)`` reads after ``import any4``.
+- the weights: ``model.safetensors``, or shards ``model-00001-of-0000N.safetensors`` with
+  ``model.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map"}``), as
+  ``from_pretrained`` reads them. Tensor keys are the quantized model's state dict: each quantized
+  layer ``name`` as ``name.packed`` (uint8), ``name.lut``, ``name.scales`` (and ``name.bias``),
+  every other tensor under its own name and dtype; tensors shared by several names (tied
+  embeddings) are stored once. The *guard* ``KEY`` is ``<first quantized layer>.weight`` stored as
+  an empty uint8 tensor: without any4 registered, transformers 5 only warns about the unknown
+  ``quant_method``, and this size mismatch makes it refuse the checkpoint instead of loading random
+  weights. any4's readers drop it.
+- each safetensors header: ``"format": "pt"`` and ``"any4"``: a JSON document
+  ``{"format": "any4-safetensors", "format_version": 2, "any4_version", "layers": {layers stored in
+  this file}, "tied": {alias: stored}, "settings", "extra", "guard", "digest": "sha256:<hex>"}``.
+  The file is sealed (``any4.integrity``): ``digest`` is one sha256 over every byte of the file
+  (header: names, dtypes, shapes, offsets, layer settings; and tensor data), so ``load`` refuses
+  any changed byte with :class:`Any4FormatError`; every metadata field is also checked against
+  the tensors (``any4.validate``), and config.json's layers and any4.json against the files.
+  A digest inside a file detects accidents, not a forger: pin the hash ``any4 verify DIR``
+  prints (:func:`verify`). Every file is written atomically (``any4.atomic``).
+- ``any4.json`` (the same metadata, readable, with ``"files": {name: digest}``), the tokenizer
+  files and ``generation_config.json`` when available.
 
-A directory (``any4 quantize --out DIR``) holds ``model.safetensors``, ``any4.json`` (the same
-metadata, readable, with ``"files": {name: digest}``), and the Hugging Face ``config.json`` / tokenizer files. Loading into a fresh
-transformers model::
+A single ``.safetensors`` file (``any4.save(model, "m.safetensors")``) is one such file.
+Format-version-1 files and directories (one file, no quantization_config, per-tensor ``sha256``
+digests of the data only) still load.
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(DIR)
-    model = AutoModelForCausalLM.from_config(config)      # random weights, same architecture
-    any4.load(DIR, model=model)                            # swaps in QuantLinear, loads tensors
-    # or simply: model = any4.load(DIR)
+Loading::
+
+    model = any4.load(DIR)                 # or a hub repo id (huggingface_hub cache)
+    any4.load(DIR, model=fresh_or_float)   # swaps in QuantLinear, loads tensors
+    # or, after import any4: AutoModelForCausalLM.from_pretrained(DIR)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import warnings
 from typing import Any, Optional, Union
 
 import torch
@@ -45,15 +59,21 @@ from . import atomic, integrity
 from . import validate as V
 from .formats import get_format
 from .integrity import Any4FormatError
-from .nn import QuantLinear, set_submodule
+from .nn import QuantLinear, dense_features, set_submodule
 from .quantize import QuantizedTensor
 
 FILE_FORMAT = "any4-safetensors"
 FORMAT_VERSION = 2
+QUANT_METHOD = "any4"
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 METADATA_NAME = "any4.json"
 CONFIG_NAME = "config.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -67,26 +87,36 @@ def _any4_version() -> str:
     return __version__
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def layer_info(module: QuantLinear) -> dict:
+    """The per-layer metadata of a QuantLinear (``fmt``, ``group_size``, ``shape``, ``bias``,
+    ``table_dtype``)."""
+    return {
+        "fmt": module.fmt,
+        "group_size": module.group_size,
+        "shape": [module.out_features, module.in_features],
+        "bias": module.bias is not None,
+        "table_dtype": _dtype_name(module.lut.dtype),
+    }
+
+
 def _collect(obj: Any) -> tuple:
     """(tensors {key: tensor}, layers {name: info}, settings) from a model or a dict."""
     tensors: dict = {}
     layers: dict = {}
     settings: dict = {}
     if isinstance(obj, nn.Module):
-        quant = {n: m for n, m in obj.named_modules() if isinstance(m, QuantLinear)}
-        for name, m in quant.items():
-            layers[name] = {
-                "fmt": m.fmt,
-                "group_size": m.group_size,
-                "shape": [m.out_features, m.in_features],
-                "bias": m.bias is not None,
-                "table_dtype": str(m.lut.dtype).replace("torch.", ""),
-            }
+        for name, m in obj.named_modules():
+            if isinstance(m, QuantLinear):
+                layers[name] = layer_info(m)
         tensors = dict(obj.state_dict())
         settings = dict(getattr(obj, "any4_settings", None) or {})
         dtype = _main_float_dtype(obj)
         if dtype is not None:
-            settings["model_dtype"] = str(dtype).replace("torch.", "")
+            settings["model_dtype"] = _dtype_name(dtype)
     elif isinstance(obj, dict):
         for key, value in obj.items():
             if not isinstance(key, str):
@@ -100,7 +130,7 @@ def _collect(obj: Any) -> tuple:
                     "group_size": value.group_size,
                     "shape": [int(N), int(K)],
                     "bias": False,
-                    "table_dtype": str(value.lut.dtype).replace("torch.", ""),
+                    "table_dtype": _dtype_name(value.lut.dtype),
                 }
                 for part in ("packed", "lut", "scales"):
                     tensors[f"{key}.{part}"] = getattr(value, part)
@@ -126,80 +156,216 @@ def _main_float_dtype(model: nn.Module) -> Optional[torch.dtype]:
     return max(counts, key=counts.get) if counts else None
 
 
-def save(
-    model_or_state: Union[nn.Module, dict],
-    path: Union[str, os.PathLike],
-    *,
-    extra: Optional[dict] = None,
-) -> str:
-    """Save a quantized model (its state dict) or a dict {name: QuantizedTensor | Tensor}.
-
-    Args:
-        model_or_state: a model holding QuantLinear layers (any other parameters and persistent
-            buffers are saved as they are), or a dict of QuantizedTensor / torch tensors.
-        path: a ``.safetensors`` file, or a directory (created; ``model.safetensors`` plus
-            ``any4.json``, and ``config.json`` when the model has a Hugging Face config).
-        extra: JSON-serialisable user metadata stored alongside.
-    Returns:
-        the path of the .safetensors file written.
-    """
-
-    tensors, layers, settings = _collect(model_or_state)
-    path = os.fspath(path)
-    is_dir = not path.endswith(".safetensors")
-    file = os.path.join(path, WEIGHTS_NAME) if is_dir else path
-    # Store shared tensors (tied embeddings) once.
+def _dedupe(tensors: dict) -> tuple:
+    """({key: cpu tensor} with shared tensors stored once, {alias: stored key})."""
     stored: dict = {}
     tied: dict = {}
     seen: dict = {}
     for key, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{key}: expected a tensor, got {type(t).__name__}")
-        ident = (
-            t.device,
-            t.untyped_storage().data_ptr(),
-            t.storage_offset(),
-            tuple(t.shape),
-            tuple(t.stride()),
-            t.dtype,
-        )
+        if t.device.type == "meta":
+            raise ValueError(f"{key} is on the meta device (not loaded); nothing to save")
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(),
+                 tuple(t.shape), tuple(t.stride()), t.dtype)  # fmt: skip
         if t.numel() and ident in seen:
             tied[key] = seen[ident]
             continue
         seen[ident] = key
         stored[key] = t.detach().to("cpu").contiguous()
-    meta = {
-        "format": FILE_FORMAT,
+    return stored, tied
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes of a shard size: an int, or digits and a unit ("500MB", "2GB", "1GiB")."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    elif isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", size.upper())
+        if m is None:
+            raise ValueError(f"max_shard_size must be bytes or like '500MB' / '2GB', got {size!r}")
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    else:
+        raise TypeError(f"max_shard_size must be an int or a str, got {type(size).__name__}")
+    if n < 1:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return n
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def split_shards(stored: dict, layers: dict, max_shard_size: Optional[Union[int, str]]) -> list:
+    """Lists of keys, one per shard, in state-dict order; a quantized layer's tensors stay in one
+    shard; a shard exceeds ``max_shard_size`` only when one layer or tensor alone does."""
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
+    units: list = []  # [keys of one layer or one tensor]
+    owner_index: dict = {}
+    for key in stored:
+        owner = key.rpartition(".")[0]
+        if owner in layers:
+            if owner not in owner_index:
+                owner_index[owner] = len(units)
+                units.append([])
+            units[owner_index[owner]].append(key)
+        else:
+            units.append([key])
+    shards: list = []
+    size = 0
+    for keys in units:
+        n = sum(_nbytes(stored[k]) for k in keys)
+        if not shards or (limit is not None and size + n > limit and size > 0):
+            shards.append([])
+            size = 0
+        shards[-1].extend(keys)
+        size += n
+    return shards or [[]]
+
+
+def _write_text(path: str, text: str) -> None:
+    atomic.write_text(path, text)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    atomic.write_json(path, obj)
+
+
+def quantization_config(layers: dict, settings: dict, guard: Optional[str] = None) -> dict:
+    """The ``quantization_config`` entry of config.json for a checkpoint (format version 2).
+    Per-layer fields are passed through as they are."""
+
+    def most_common(field: str) -> Any:
+        values = [info.get(field) for info in layers.values()]
+        return max(set(values), key=values.count) if values else None
+
+    qc = {
+        "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
-        "any4_version": _any4_version(),
-        "layers": layers,
-        "tied": tied,
-        "settings": settings,
-        "extra": extra or {},
+        "fmt": settings.get("fmt") or most_common("fmt"),
+        "group_size": settings.get("group_size") or most_common("group_size"),
+        "weighting": settings.get("weighting"),
+        "method": settings.get("method"),
+        "mode": settings.get("mode"),
+        "table_dtype": settings.get("table_dtype") or most_common("table_dtype"),
+        "modules_to_not_convert": list(settings.get("skip") or []),
+        "layers": {name: dict(info) for name, info in layers.items()},
     }
-    json.dumps(meta)  # TypeError now (before any file is written) for non-JSON extra/settings
-    digest = integrity.write_file(file, stored, meta)
-    if is_dir:
-        readable = dict(meta, files={WEIGHTS_NAME: digest})
-        atomic.write_json(os.path.join(path, METADATA_NAME), readable)
-        config = getattr(model_or_state, "config", None)
-        if config is not None and hasattr(config, "to_json_string"):
-            save_hf_config(config, path)
-    return file
+    if guard is not None:
+        qc["guard"] = guard
+    return qc
 
 
-def save_hf_config(config: Any, directory: str) -> None:
-    """Write a Hugging Face config without the source's quantization settings (e.g. GGUF)."""
+def _hf_config_dict(config: Any, qc: dict) -> str:
+    """config.json text: the model's Hugging Face config with any4's quantization_config (the
+    source's own quantization settings, e.g. GGUF, dropped)."""
     import copy
 
     cfg = copy.deepcopy(config)
     if hasattr(cfg, "quantization_config"):
-        try:
+        with contextlib.suppress(AttributeError):
             delattr(cfg, "quantization_config")
-        except AttributeError:
-            cfg.quantization_config = None
-    # What PretrainedConfig.save_pretrained writes, but atomically.
-    atomic.write_text(os.path.join(directory, CONFIG_NAME), cfg.to_json_string(use_diff=True))
+    data = json.loads(cfg.to_json_string(use_diff=True))
+    data["quantization_config"] = qc
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def save(
+    model_or_state: Union[nn.Module, dict],
+    path: Union[str, os.PathLike],
+    *,
+    extra: Optional[dict] = None,
+    max_shard_size: Optional[Union[int, str]] = None,
+    tokenizer: Any = None,
+) -> str:
+    """Save a quantized model (its state dict) or a dict {name: QuantizedTensor | Tensor}.
+
+    Args:
+        model_or_state: a model holding QuantLinear layers (any other parameters and persistent
+            buffers are saved as they are), or a dict of QuantizedTensor / torch tensors.
+        path: a ``.safetensors`` file, or a directory (created): weights, ``any4.json``, and,
+            for a Hugging Face model, ``config.json`` with ``quantization_config`` and
+            ``generation_config.json`` (see the module docstring).
+        extra: JSON-serialisable user metadata stored alongside.
+        max_shard_size: for a directory, the largest weight file (bytes, or "500MB", "2GB");
+            larger checkpoints are sharded with an index. Default: one file.
+        tokenizer: saved into the directory too (``tokenizer.save_pretrained``).
+    Returns:
+        the path of the (first) .safetensors file written.
+    """
+    tensors, layers, settings = _collect(model_or_state)
+    path = os.fspath(path)
+    is_dir = not path.endswith(".safetensors")
+    stored, tied = _dedupe(tensors)
+    if layers and "table_dtype" not in settings:
+        settings["table_dtype"] = quantization_config(layers, {})["table_dtype"]
+    config = getattr(model_or_state, "config", None) if is_dir else None
+    hf_config = config is not None and hasattr(config, "to_json_string")
+    guard = None
+    if hf_config and layers:
+        guard = f"{next(iter(layers))}.weight"
+        if guard in stored:
+            raise ValueError(f"{guard} is both a quantized layer's weight and a tensor")
+        stored[guard] = torch.zeros(0, dtype=torch.uint8)
+    base = {"format": FILE_FORMAT, "format_version": FORMAT_VERSION,
+            "any4_version": _any4_version()}  # fmt: skip
+    shards = split_shards(stored, layers, max_shard_size if is_dir else None)
+    if is_dir:
+        os.makedirs(path, exist_ok=True)
+        names = (
+            [WEIGHTS_NAME]
+            if len(shards) == 1
+            else [SHARD_NAME.format(index=i + 1, count=len(shards)) for i in range(len(shards))]
+        )
+        files = [os.path.join(path, n) for n in names]
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        names, files = [os.path.basename(path)], [path]
+    file_digests: dict = {}
+    for name, file, keys in zip(names, files, shards):
+        part = {k: stored[k] for k in keys}
+        owners = {k.rpartition(".")[0] for k in keys}
+        meta = dict(base, layers={n: i for n, i in layers.items() if n in owners}, tied=tied,
+                    settings=settings, extra=extra or {})  # fmt: skip
+        if guard is not None:
+            meta["guard"] = guard
+        json.dumps(meta)  # TypeError now (before a file is written) for non-JSON extra/settings
+        file_digests[name] = integrity.write_file(file, part, meta)
+    if not is_dir:
+        return files[0]
+    index_file = os.path.join(path, INDEX_NAME)
+    if len(shards) > 1:
+        weight_map = {k: n for n, keys in zip(names, shards) for k in keys}
+        total = sum(_nbytes(t) for t in stored.values())
+        _write_json(index_file, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _remove_stale_weights(path, set(names))
+    summary = dict(base, layers=layers, tied=tied, settings=settings, extra=extra or {},
+                   files=file_digests)  # fmt: skip
+    if guard is not None:
+        summary["guard"] = guard
+    _write_json(os.path.join(path, METADATA_NAME), summary)
+    if hf_config:
+        qc = quantization_config(layers, settings, guard)
+        _write_text(os.path.join(path, CONFIG_NAME), _hf_config_dict(config, qc))
+        generation = getattr(model_or_state, "generation_config", None)
+        if generation is not None and hasattr(generation, "to_json_string"):
+            _write_text(
+                os.path.join(path, "generation_config.json"),
+                generation.to_json_string(use_diff=True),
+            )
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, path)
+    return files[0]
+
+
+def _remove_stale_weights(directory: str, keep: set) -> None:
+    """Drop weight files of an earlier save into the same directory that this one replaced."""
+    for name in os.listdir(directory):
+        stale = name == WEIGHTS_NAME or _SHARD_RE.fullmatch(name) is not None
+        if stale and name not in keep:
+            os.unlink(os.path.join(directory, name))
+    if len(keep) == 1 and os.path.isfile(os.path.join(directory, INDEX_NAME)):
+        os.unlink(os.path.join(directory, INDEX_NAME))
 
 
 def save_tokenizer(tokenizer: Any, directory: str) -> list:
@@ -210,98 +376,287 @@ def save_tokenizer(tokenizer: Any, directory: str) -> list:
         return atomic.publish_files(scratch, directory)
 
 
-def _resolve(path: Union[str, os.PathLike]) -> str:
+def save_hf_config(config: Any, directory: str) -> None:
+    """Write a Hugging Face config without the source's quantization settings (e.g. GGUF),
+    atomically."""
+    import copy
+
+    cfg = copy.deepcopy(config)
+    if hasattr(cfg, "quantization_config"):
+        try:
+            delattr(cfg, "quantization_config")
+        except AttributeError:
+            cfg.quantization_config = None
+    _write_text(os.path.join(directory, CONFIG_NAME), cfg.to_json_string(use_diff=True))
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+def resolve(
+    path: Union[str, os.PathLike],
+    *,
+    revision: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    local_files_only: bool = False,
+) -> str:
+    """A local file or directory for ``path``: itself when it exists, else a Hugging Face hub
+    repo id resolved through huggingface_hub's cache (downloading unless ``local_files_only`` or
+    ``HF_HUB_OFFLINE=1``)."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        file = os.path.join(path, WEIGHTS_NAME)
-        if not os.path.isfile(file):
-            raise Any4FormatError(
-                f"{path} is not an any4 checkpoint (no {WEIGHTS_NAME}); a float model is loaded "
-                "with transformers (from_pretrained), not any4.load"
-            )
-        return file
-    if not os.path.isfile(path):
+    if os.path.exists(path):
+        return path
+    if path.endswith(".safetensors") or path.count("/") > 1 or path.startswith((".", os.sep)):
         raise FileNotFoundError(f"no any4 file at {path}")
-    return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise FileNotFoundError(
+            f"no any4 file or directory at {path} (and huggingface_hub is not installed to "
+            "resolve it as a hub repo id)"
+        ) from e
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+    try:
+        return snapshot_download(
+            path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+            allow_patterns=patterns,
+        )  # fmt: skip
+    except Exception as e:  # hub errors: not found, offline without a cached copy, ...
+        raise FileNotFoundError(
+            f"no any4 file or directory at {path}, and not found as a hub repo ({e})"
+        ) from e
 
 
-def read_metadata(path: Union[str, os.PathLike]) -> dict:
-    """The any4 metadata of a file or directory (checks format name and version)."""
+def checkpoint_files(directory: str) -> list:
+    """The weight files of a checkpoint directory (from the index when sharded)."""
+    index = os.path.join(directory, INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as fh:
+                weight_map = json.load(fh)["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise Any4FormatError(f"{index}: not a readable safetensors index ({e})") from e
+        for n in names:
+            if os.path.basename(n) != n:
+                raise Any4FormatError(f"{index}: shard {n!r} is not a file name in {directory}")
+        return [os.path.join(directory, n) for n in names]
+    file = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"{directory} is not an any4 checkpoint (no {WEIGHTS_NAME} or {INDEX_NAME}); a float "
+            "model is loaded with transformers (from_pretrained), not any4.load"
+        )
+    return [file]
+
+
+def _hf_quantization_config(directory: str) -> Optional[dict]:
+    file = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as fh:
+            qc = json.load(fh).get("quantization_config")
+    except (ValueError, AttributeError) as e:
+        raise Any4FormatError(f"{file}: not a readable JSON config ({e})") from e
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
+
+
+def _file_metadata(file: str) -> Optional[dict]:
+    """The any4 header entry of one safetensors file (None when it has none)."""
     from safetensors import safe_open
 
-    file = _resolve(path)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no any4 file at {file}")
     try:
         with safe_open(file, framework="pt") as f:
             raw = (f.metadata() or {}).get("any4")
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise Any4FormatError(f"{file}: not a readable safetensors file ({e})") from e
     if raw is None:
-        raise Any4FormatError(f"{file}: no any4 metadata (not written by any4.save)")
+        return None
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise Any4FormatError(f"{file}: corrupt any4 metadata ({e})") from e
-    return _check_version(file, meta)
-
-
-def _check_version(file: str, meta: Any) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT:
         raise Any4FormatError(f"{file}: metadata format is not {FILE_FORMAT!r}")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise Any4FormatError(f"{file}: metadata has no integer format_version")
-    if version > FORMAT_VERSION:
-        raise Any4FormatError(
-            f"{file}: written with any4 file format version {version} (any4 {meta.get('any4_version', '?')}); "
-            f"this any4 {_any4_version()} reads versions up to {FORMAT_VERSION}: upgrade any4"
-        )
-    if version < 1:
-        raise Any4FormatError(f"{file}: unknown any4 file format version {version}")
+    _check_version(file, meta.get("format_version"), meta.get("any4_version"))
+    for field in ("layers", "tied", "settings", "extra"):
+        if not isinstance(meta.get(field, {}), dict):
+            raise Any4FormatError(f"{file}: metadata {field!r} must be an object")
     return meta
 
 
-def _read_file(file: str) -> tuple:
-    """(metadata, {key: CPU tensor}) of an any4 file: integrity checked (the whole-file digest
-    from version 2, per-tensor digests of the data in version 1), tied aliases resolved, every
-    metadata field checked against the tensors. Raises Any4FormatError."""
-    read_metadata(file)  # a too-new version is reported as such, before its digest is checked
-    sealed = integrity.read_file(file, require_digest=False)
-    meta = _check_version(file, sealed.any4)
-    tensors = sealed.tensors
-    if meta["format_version"] >= 2:
-        if not sealed.verified:
-            raise Any4FormatError(
-                f"{file}: format version {meta['format_version']} without a digest"
-            )
-    else:
-        digests = meta.get("sha256")
-        if not isinstance(digests, dict) or set(digests) != set(tensors):
-            keys, listed = set(tensors), set(digests) if isinstance(digests, dict) else set()
-            raise Any4FormatError(
-                f"{file}: tensors do not match the metadata (missing {sorted(listed - keys)[:3]}, "
-                f"unexpected {sorted(keys - listed)[:3]})"
-            )
-        for key, t in tensors.items():
-            if _digest(t) != digests[key]:
+def _check_version(where: str, version: Any, writer: Any = None) -> None:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise Any4FormatError(f"{where}: metadata has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise Any4FormatError(
+            f"{where}: written with any4 file format version {version} (any4 {writer or '?'}); "
+            f"this any4 {_any4_version()} reads versions up to {FORMAT_VERSION}: upgrade any4"
+        )
+    if version < 1:
+        raise Any4FormatError(f"{where}: unknown any4 file format version {version}")
+
+
+_NO_ANY4_METADATA = "__no_any4_metadata__"  # marks a weight file without an any4 header entry
+_LAYER_FIELDS = {"fmt": str, "group_size": int, "shape": list, "bias": bool, "table_dtype": str}
+
+
+def _check_config_layers(directory: str, qc: dict, per_file: dict, file_layers: dict) -> None:
+    """config.json's quantization_config must agree with the weight files' own metadata."""
+    where = os.path.join(directory, CONFIG_NAME)
+    layers = qc.get("layers") or {}
+    if not isinstance(layers, dict):
+        raise Any4FormatError(f"{where}: quantization_config.layers must be an object")
+    every_file_described = not any(m.get(_NO_ANY4_METADATA) for m in per_file.values())
+    for name, info in layers.items():
+        if not isinstance(info, dict):
+            raise Any4FormatError(f"{where}: quantization_config layer {name!r} is not an object")
+        stored = file_layers.get(name)
+        if stored is None:
+            if every_file_described:
                 raise Any4FormatError(
-                    f"{file}: tensor {key!r} does not match its checksum (the file was modified)"
+                    f"{where}: quantization_config lists layer {name!r}, the weights do not"
                 )
+            continue
+        for field in _LAYER_FIELDS:
+            if info.get(field) != stored.get(field):
+                raise Any4FormatError(
+                    f"{where}: layer {name!r} has {field}={info.get(field)!r}, the weights "
+                    f"{stored.get(field)!r} (mixed or edited checkpoint)"
+                )
+    if every_file_described:
+        extra = sorted(set(file_layers) - set(layers))
+        if extra:
+            raise Any4FormatError(
+                f"{where}: quantization_config does not list the stored layers {extra[:3]}"
+            )
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> dict:
+    """The any4 metadata of a file or checkpoint directory (checks format names and versions).
+
+    Returns the header entry of a single file; for a directory, the entries of all its weight
+    files merged (``layers`` of every file, ``files``: {path: that file's entry}), with the
+    per-layer settings of config.json's quantization_config where a file lacks them."""
+    path = os.fspath(path)
+    directory = path if os.path.isdir(path) else None
+    files = checkpoint_files(path) if directory else [path]
+    qc = _hf_quantization_config(directory) if directory else None
+    if qc is not None:
+        _check_version(os.path.join(directory, CONFIG_NAME), qc.get("format_version"))
+    per_file: dict = {}
+    for file in files:
+        meta = _file_metadata(file)
+        if meta is None:
+            if qc is None:
+                raise Any4FormatError(f"{file}: no any4 metadata (not written by any4.save)")
+            meta = {"format": FILE_FORMAT, "format_version": qc["format_version"], "layers": {},
+                    _NO_ANY4_METADATA: True}  # fmt: skip
+        per_file[file] = meta
+    first = per_file[files[0]]
+    merged = {k: v for k, v in first.items() if k not in ("layers", "sha256")}
+    merged["layers"] = {}
+    for meta in per_file.values():
+        merged["layers"].update(meta.get("layers") or {})
+        for key in ("tied", "settings", "extra"):
+            if meta.get(key) and not merged.get(key):
+                merged[key] = meta[key]
+    if qc is not None:
+        _check_config_layers(directory, qc, per_file, merged["layers"])
+        for name, info in (qc.get("layers") or {}).items():
+            merged["layers"].setdefault(name, info)
+        if qc.get("guard") and not merged.get("guard"):
+            merged["guard"] = qc["guard"]
+        merged["quantization_config"] = qc
+    if directory is None:
+        merged["sha256"] = first.get("sha256", {})
+    merged["files"] = per_file
+    merged.setdefault("tied", {})
+    return merged
+
+
+def _read_tensors(meta: dict, device: Union[str, torch.device], *, keep: bool = True) -> dict:
+    """All tensors of the files in ``meta`` (guard dropped, tied aliases restored), each file
+    verified (format 2: its whole-file digest; format 1: per-tensor data checksums) and its
+    layers checked against their metadata (any4.validate: shapes, group sizes, codes in range,
+    finite tables). ``keep=False`` only verifies: one file in memory at a time, meta-device
+    tensors returned."""
+    from safetensors import safe_open
+
+    guard = meta.get("guard")
+    tensors: dict = {}
+    described: set = set()
+    for file, fmeta in meta["files"].items():
+        if fmeta.get(_NO_ANY4_METADATA):
+            warnings.warn(
+                f"any4: {file} carries no any4 digests (written by transformers' own "
+                "save_pretrained?); its tensors are not verified",
+                stacklevel=3,
+            )
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    part = {k: f.get_tensor(k) for k in f.keys()}
+            except Exception as e:
+                raise Any4FormatError(
+                    f"{file}: cannot read tensors, the file is truncated or corrupt ({e})"
+                ) from e
+        else:
+            part = _verified_tensors(file, fmeta)
+            check_metadata(file, fmeta, part)
+            described.update(fmeta.get("layers") or {})
+        if guard is not None and guard in part:
+            g = part.pop(guard)
+            if g.numel() or g.dtype != torch.uint8:
+                raise Any4FormatError(f"{file}: the guard {guard!r} must be an empty uint8 tensor")
+        for key, t in part.items():
+            if key in tensors:
+                raise Any4FormatError(f"{file}: tensor {key!r} is stored twice")
+            tensors[key] = t if keep else t.to("meta")
     tied = meta.get("tied", {})
     if not isinstance(tied, dict):
-        raise Any4FormatError(f"{file}: metadata 'tied' must be an object")
+        raise Any4FormatError("metadata 'tied' must be an object")
     for alias, target in tied.items():
-        if not isinstance(target, str) or target not in sealed.tensors:
-            raise Any4FormatError(f"{file}: tied tensor {alias!r} points to missing {target!r}")
-        if alias in sealed.tensors:
-            raise Any4FormatError(f"{file}: tied tensor {alias!r} is also stored")
-    tensors = dict(tensors)
-    for alias, target in tied.items():
+        if not isinstance(target, str) or target not in tensors:
+            raise Any4FormatError(f"tied tensor {alias!r} points to missing {target!r}")
+        if alias in tensors:
+            raise Any4FormatError(f"tied tensor {alias!r} is also stored")
         tensors[alias] = tensors[target]
-    check_metadata(file, meta, tensors)
-    return meta, tensors
+    rest = {n: i for n, i in (meta.get("layers") or {}).items() if n not in described}
+    if rest and keep:  # layers known only from config.json (files without any4 metadata)
+        check_metadata(next(iter(meta["files"])), dict(meta, layers=rest), tensors)
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
-_LAYER_FIELDS = {"fmt": str, "group_size": int, "shape": list, "bias": bool, "table_dtype": str}
+def _verified_tensors(file: str, fmeta: dict) -> dict:
+    """The tensors of a file with any4 metadata, verified: format 2 by the whole-file digest
+    (any4.integrity), format 1 by its per-tensor checksums of the data."""
+    if fmeta.get("format_version", 0) >= 2:
+        if "digest" not in fmeta:
+            raise Any4FormatError(
+                f"{file}: format version {fmeta.get('format_version')} without a digest"
+            )
+        sealed = integrity.read_file(file)
+        if {k: v for k, v in sealed.any4.items()} != fmeta:
+            raise Any4FormatError(f"{file}: the file changed while it was read")
+        return sealed.tensors
+    sealed = integrity.read_file(file, require_digest=False)
+    digests = fmeta.get("sha256")
+    keys = set(sealed.tensors)
+    listed = set(digests) if isinstance(digests, dict) else set()
+    if not isinstance(digests, dict) or listed != keys:
+        raise Any4FormatError(
+            f"{file}: tensors do not match the metadata (missing {sorted(listed - keys)[:3]}, "
+            f"unexpected {sorted(keys - listed)[:3]})"
+        )
+    for key, t in sealed.tensors.items():
+        if _digest(t) != digests[key]:
+            raise Any4FormatError(
+                f"{file}: tensor {key!r} does not match its checksum (the file was modified)"
+            )
+    return sealed.tensors
 
 
 def check_metadata(file: str, meta: dict, tensors: dict) -> None:
@@ -381,38 +736,73 @@ def check_metadata(file: str, meta: dict, tensors: dict) -> None:
             raise Any4FormatError(f"{where}: {e}") from e
 
 
+def saved_dtype(meta: dict) -> Optional[torch.dtype]:
+    """The float dtype the saved model had (None when not recorded)."""
+    return _DTYPES.get((meta.get("settings") or {}).get("model_dtype", ""))
+
+
+def quant_shell(info: dict, device: Any = None, dtype: Optional[torch.dtype] = None) -> QuantLinear:
+    """An empty QuantLinear for a layer's metadata (``dtype``: the bias dtype)."""
+    N, K = (int(s) for s in info["shape"])
+    return QuantLinear(
+        K,
+        N,
+        bias=bool(info["bias"]),
+        fmt=info["fmt"],
+        group_size=int(info["group_size"]),
+        table_dtype=_DTYPES[info["table_dtype"]],
+        device=device,
+        dtype=dtype,
+    )
+
+
 def load(
     path: Union[str, os.PathLike],
     model: Optional[nn.Module] = None,
     *,
     device: Union[str, torch.device] = "cpu",
+    revision: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    local_files_only: bool = False,
 ) -> Any:
-    """Load what ``any4.save`` wrote.
+    """Load what ``any4.save`` (or ``save_pretrained`` on an any4 model) wrote.
 
     Args:
-        path: a .safetensors file or a directory written by ``any4.save``.
+        path: a .safetensors file, a checkpoint directory (one file or shards with an index), or
+            a Hugging Face hub repo id (through huggingface_hub's cache; ``revision``,
+            ``cache_dir``, ``local_files_only`` are passed on).
         model: a model of the same architecture (e.g. a fresh ``from_config`` transformers
             model, or the float model): its listed Linear layers are replaced by QuantLinear and
-            all tensors loaded (float parameters take the saved dtype). When omitted and ``path``
-            is a directory with a ``config.json``, the transformers model is built from it; when
-            omitted otherwise, a dict {name: QuantizedTensor | Tensor} is returned.
+            all tensors loaded (float parameters take the saved dtype). When omitted and the
+            checkpoint is a directory with a ``config.json``, the transformers model is built
+            from it (format 2: every tensor verified, then ``from_pretrained`` with any4's
+            quantizer, on the meta device, no float weights materialised); when omitted
+            otherwise, a dict {name: QuantizedTensor | Tensor} is returned.
         device: where the tensors go.
     Returns:
         the model (in eval mode), or the dict.
     Raises:
         Any4FormatError (a ValueError) for a truncated, modified, foreign or too-new file.
     """
-    file = _resolve(path)
-    meta, tensors = _read_file(file)
-    _check_readable_copy(path, meta)
-    tensors = {k: v.to(device) for k, v in tensors.items()}
-    layers = meta.get("layers", {})
+    local = resolve(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    meta = read_metadata(local)
+    directory = local if os.path.isdir(local) else None
+    if directory is not None:
+        check_readable_copy(directory, meta)
     if model is None:
-        directory = os.fspath(path) if os.path.isdir(os.fspath(path)) else None
-        if directory is not None and os.path.isfile(os.path.join(directory, "config.json")):
+        if directory is not None and os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+            if "quantization_config" in meta:
+                _read_tensors(
+                    meta, "meta", keep=False
+                )  # verify every file before transformers reads it
+                from .hf import from_pretrained_checkpoint
+
+                return from_pretrained_checkpoint(directory, saved_dtype(meta), device)
             model = _fresh_hf_model(directory)
         else:
-            return _as_state(tensors, layers)
+            return _as_state(_read_tensors(meta, device), meta.get("layers", {}))
+    tensors = _read_tensors(meta, device)
+    layers = meta.get("layers", {})
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for name, info in layers.items():
@@ -423,38 +813,30 @@ def load(
                 f"the model has no layer {name!r} (saved from a different architecture?)"
             ) from e
         N, K = info["shape"]
-        if isinstance(current, nn.Linear):
-            if (current.out_features, current.in_features) != (N, K):
+        features = dense_features(current)
+        if features is not None:
+            if features != (N, K):
                 raise ValueError(
-                    f"{name}: the model's Linear is {current.out_features}x{current.in_features}, saved {N}x{K}"
+                    f"{name}: the model's layer is {features[0]}x{features[1]}, saved {N}x{K}"
                 )
         elif not isinstance(current, QuantLinear):
             raise ValueError(
-                f"{name}: expected an nn.Linear or QuantLinear in the model, found {type(current).__name__}"
+                f"{name}: expected an nn.Linear, Conv1D or QuantLinear in the model, found {type(current).__name__}"
             )
         bias = tensors.get(f"{name}.bias")
-        shell = QuantLinear(
-            K,
-            N,
-            bias=bool(info["bias"]),
-            fmt=info["fmt"],
-            group_size=int(info["group_size"]),
-            table_dtype=_DTYPES[info["table_dtype"]],
-            device=device,
-            dtype=None if bias is None else bias.dtype,
-        )
+        shell = quant_shell(info, device, None if bias is None else bias.dtype)
         set_submodule(model, name, shell)
     # The model takes the saved dtype (non-persistent buffers too, e.g. rotary tables), and each
     # float tensor its saved dtype, so outputs are bit-identical. QuantLinear keeps table dtypes.
-    saved_dtype = _DTYPES.get((meta.get("settings") or {}).get("model_dtype", ""))
-    if saved_dtype is not None and _main_float_dtype(model) != saved_dtype:
-        model.to(saved_dtype)
+    dtype = saved_dtype(meta)
+    if dtype is not None and _main_float_dtype(model) != dtype:
+        model.to(dtype)
     own = dict(model.state_dict(keep_vars=True))
     for key, t in tensors.items():
         cur = own.get(key)
         if cur is not None and cur.is_floating_point() != t.is_floating_point():
             raise Any4FormatError(
-                f"{file}: tensor {key!r} is {t.dtype}, the model's is {cur.dtype} (not the same kind)"
+                f"tensor {key!r} is {t.dtype}, the model's is {cur.dtype} (not the same kind)"
             )
     with torch.no_grad():
         for key, t in tensors.items():
@@ -482,66 +864,76 @@ def load(
     return model.eval()
 
 
-def _check_readable_copy(path: Union[str, os.PathLike], meta: dict) -> None:
-    """A directory's any4.json must describe the weights file (same layers, same digest)."""
-    directory = os.fspath(path)
+def check_readable_copy(directory: str, meta: dict) -> None:
+    """A directory's any4.json must describe its weight files: the same layers, tied tensors and
+    settings, and each file's digest (Any4FormatError otherwise; no any4.json: nothing to do)."""
     copy_path = os.path.join(directory, METADATA_NAME)
-    if not os.path.isdir(directory) or not os.path.isfile(copy_path):
+    if not os.path.isfile(copy_path):
         return
     try:
         with open(copy_path, encoding="utf-8") as fh:
             readable = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise Any4FormatError(f"{copy_path}: not readable JSON ({e})") from e
     if not isinstance(readable, dict):
         raise Any4FormatError(f"{copy_path}: not a JSON object")
     for field in ("format_version", "layers", "tied", "settings"):
-        if readable.get(field) != meta.get(field):
+        if readable.get(field, {}) != meta.get(field, {}):
             raise Any4FormatError(
-                f"{copy_path}: {field!r} differs from the weights file's metadata (mixed or "
+                f"{copy_path}: {field!r} differs from the weight files' metadata (mixed or "
                 "edited checkpoint)"
             )
-    if "digest" in meta:
-        files = readable.get("files")
-        if not isinstance(files, dict) or files.get(WEIGHTS_NAME) != meta["digest"]:
-            raise Any4FormatError(
-                f"{copy_path}: the digest listed for {WEIGHTS_NAME} is not the file's"
-            )
+    listed = readable.get("files")
+    for file, fmeta in meta["files"].items():
+        if "digest" not in fmeta:
+            continue
+        name = os.path.basename(file)
+        if not isinstance(listed, dict) or listed.get(name) != fmeta["digest"]:
+            raise Any4FormatError(f"{copy_path}: the digest listed for {name} is not the file's")
 
 
 def is_checkpoint(path: Union[str, os.PathLike]) -> bool:
-    """True when ``path`` is an any4 file or a directory holding one (any4 metadata present)."""
+    """True when ``path`` is an any4 file or a directory holding an any4 checkpoint (any4.json,
+    an any4 quantization_config in config.json, or weights with any4 metadata)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, METADATA_NAME)):
             return True
-        path = os.path.join(path, WEIGHTS_NAME)
+        try:
+            if _hf_quantization_config(path) is not None:
+                return True
+            files = checkpoint_files(path)
+        except (Any4FormatError, FileNotFoundError):
+            return False
+        path = files[0]
     if not os.path.isfile(path):
         return False
     try:
-        read_metadata(path)
-    except Any4FormatError as e:
-        return "no any4 metadata" not in str(e) and "no header metadata" not in str(e)
-    return True
+        return _file_metadata(path) is not None
+    except Any4FormatError:
+        return True  # any4 metadata that is damaged: still any4's (loading says what is wrong)
 
 
 def verify(path: Union[str, os.PathLike]) -> dict:
-    """Check an any4 checkpoint completely (every safetensors file's digest or checksums, all
-    metadata against the tensors, any4.json against the weights) and hash it.
+    """Check an any4 checkpoint completely (every weight file's digest, or checksums for
+    format 1; all metadata against the tensors; config.json and any4.json against the files)
+    and hash it.
 
-    Returns {"sha256": one hex digest of every file of the directory (or of the file) to pin,
-    "files": [(relative path, sha256)], "weights": {file: its embedded digest or None (v1)}}.
-    Raises Any4FormatError (or FileNotFoundError) when something is wrong.
+    Returns {"sha256": one hex digest of every file of the directory (of the file's bytes for a
+    single file) to pin, "files": [(relative path, sha256)], "weights": {file name: its digest,
+    or None for format 1}}. Raises Any4FormatError (or FileNotFoundError).
     """
     path = os.fspath(path)
-    file = _resolve(path)
-    meta, _ = _read_file(file)
-    _check_readable_copy(path, meta)
-    weights = {os.path.basename(file): meta.get("digest")}
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no any4 file or directory at {path}")
+    meta = read_metadata(path)
+    _read_tensors(meta, "meta", keep=False)
+    weights = {os.path.basename(f): m.get("digest") for f, m in meta["files"].items()}
     if os.path.isdir(path):
+        check_readable_copy(path, meta)
         digest, manifest = integrity.checkpoint_digest(path)
     else:
-        manifest = [(os.path.basename(file), integrity.file_sha256(file))]
+        manifest = [(os.path.basename(path), integrity.file_sha256(path))]
         digest = manifest[0][1]
     return {"sha256": digest, "files": manifest, "weights": weights}
 
@@ -573,6 +965,6 @@ def _fresh_hf_model(directory: str) -> nn.Module:
 
 
 __all__ = [
-    "Any4FormatError", "check_metadata", "is_checkpoint", "load", "read_metadata", "save",
-    "save_hf_config", "save_tokenizer", "verify",
+    "Any4FormatError", "check_metadata", "check_readable_copy", "is_checkpoint", "load",
+    "read_metadata", "save", "save_hf_config", "save_tokenizer", "verify",
 ]  # fmt: skip

@@ -147,19 +147,22 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         fmt: str = "any4",
         group_size: int = 128,
         *,
         table_dtype: Optional[torch.dtype] = None,
         **quantize_kwargs: Any,
     ) -> QuantLinear:
-        """Quantize an ``nn.Linear``'s weight (``any4.quantize`` with ``quantize_kwargs``: stats,
-        weighting, method, n_init, sample_weight, ...). ``table_dtype`` defaults to float16 for an
-        fp16 layer, else bfloat16."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"expected torch.nn.Linear, got {type(linear).__name__}")
+        """Quantize an ``nn.Linear``'s weight [N, K] (or a GPT-2-style ``Conv1D``'s, stored
+        transposed [K, N]) with ``any4.quantize`` and ``quantize_kwargs``: stats, weighting,
+        method, n_init, sample_weight, ... ``table_dtype`` defaults to float16 for an fp16 layer,
+        else bfloat16."""
+        if dense_features(linear) is None:
+            raise TypeError(f"expected torch.nn.Linear or Conv1D, got {type(linear).__name__}")
         w = linear.weight.detach()
+        if is_conv1d(linear):
+            w = w.t()
         if table_dtype is None:
             table_dtype = torch.float16 if w.dtype == torch.float16 else torch.bfloat16
         dtype_name = str(table_dtype).replace("torch.", "")
@@ -324,6 +327,28 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     return model
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """A GPT-2-style ``transformers.pytorch_utils.Conv1D`` (y = x @ W + b, W [in, out]),
+    recognised without importing transformers."""
+    w = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(w, torch.Tensor)
+        and w.ndim == 2
+        and tuple(w.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
+    )
+
+
+def dense_features(module: nn.Module) -> Optional[tuple]:
+    """(out_features, in_features) of a layer QuantLinear can replace (nn.Linear, Conv1D), else
+    None."""
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    if is_conv1d(module):
+        return (int(module.nf), int(module.nx))
+    return None
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted ``name``."""
     parent_name, _, child = name.rpartition(".")
@@ -331,4 +356,4 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-__all__ = ["QuantLinear", "dequantize_model", "set_submodule"]
+__all__ = ["QuantLinear", "dense_features", "dequantize_model", "is_conv1d", "set_submodule"]
