@@ -246,3 +246,62 @@ def test_resealed_dtype_reinterpretation_is_refused(quantized, tmp_path) -> None
     integrity.write_file(bad, tensors, doc)
     with pytest.raises(Any4FormatError, match="embed_tokens.*not the same kind"):
         any4.load(bad, model=tiny_llama())
+
+
+def test_sharded_checkpoint_every_shard_sealed_and_cross_checked(quantized, tmp_path) -> None:
+    """Each shard carries its own digest; any4.json lists them; config.json's layers must match
+    the shards' metadata; any changed byte of any file is refused (also on the from_pretrained
+    route of any4.load)."""
+    import shutil
+
+    from any4 import integrity
+
+    out = tmp_path / "sharded"
+    any4.save(quantized, out, max_shard_size=20_000)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    listed = json.loads((out / "any4.json").read_text())["files"]
+    for name in shards:
+        assert listed[name] == integrity.verify_file(out / name)["digest"]
+    report = any4.io.verify(out)
+    assert report["sha256"] == integrity.checkpoint_digest(out)[0]
+    ids = random_ids(8, seed=2)
+    torch.testing.assert_close(outputs(any4.load(out), ids), outputs(quantized, ids), rtol=0, atol=0)
+
+    def edited(name, edit):
+        d = tmp_path / name
+        if d.exists():
+            shutil.rmtree(d)
+        shutil.copytree(out, d)
+        edit(d)
+        return d
+
+    def flip(d):
+        f = d / shards[1]
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) - 3] ^= 0x01
+        f.write_bytes(bytes(raw))
+
+    def regroup_config(d):
+        cfg = json.loads((d / "config.json").read_text())
+        layer = next(iter(cfg["quantization_config"]["layers"].values()))
+        layer["group_size"] = 16
+        (d / "config.json").write_text(json.dumps(cfg))
+
+    def drop_listed_digest(d):
+        meta = json.loads((d / "any4.json").read_text())
+        meta["files"][shards[0]] = "sha256:" + "0" * 64
+        (d / "any4.json").write_text(json.dumps(meta))
+
+    for name, edit, match in (
+        ("flip", flip, "digest"),
+        ("config", regroup_config, "group_size"),
+        ("listed", drop_listed_digest, "digest listed"),
+    ):
+        d = edited(name, edit)
+        with pytest.raises(Any4FormatError, match=match):
+            any4.io.verify(d)
+        with pytest.raises(Any4FormatError, match=match):
+            any4.load(d)
+        with pytest.raises(Any4FormatError, match=match):
+            any4.load(d, model=tiny_llama())
