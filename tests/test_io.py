@@ -266,7 +266,9 @@ def test_sharded_checkpoint_every_shard_sealed_and_cross_checked(quantized, tmp_
     report = any4.io.verify(out)
     assert report["sha256"] == integrity.checkpoint_digest(out)[0]
     ids = random_ids(8, seed=2)
-    torch.testing.assert_close(outputs(any4.load(out), ids), outputs(quantized, ids), rtol=0, atol=0)
+    torch.testing.assert_close(
+        outputs(any4.load(out), ids), outputs(quantized, ids), rtol=0, atol=0
+    )
 
     def edited(name, edit):
         d = tmp_path / name
