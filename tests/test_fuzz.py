@@ -602,3 +602,68 @@ def test_failed_save_writes_nothing(tmp_path) -> None:
     assert not out.exists() or os.listdir(out) == []
     assert not (tmp_path / "c.safetensors").exists()
     assert [n for n in os.listdir(tmp_path) if n.endswith(".any4-tmp")] == []
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from _tiny import random_ids, tiny_llama
+
+    model = tiny_llama(seed=5)
+    any4.quantize_model(model, "any4", 16, random_ids(32, seed=6), progress=False)
+    d = tmp_path_factory.mktemp("fuzz_ckpt") / "ckpt"
+    any4.save(model, d, max_shard_size=30_000)
+    assert (d / "model.safetensors.index.json").is_file()
+    return d
+
+
+CONFIG_FIELDS = [
+    ("config.json", ("quantization_config", "format_version")),
+    ("config.json", ("quantization_config", "guard")),
+    ("config.json", ("quantization_config", "layers")),
+    ("config.json", ("quantization_config", "layers", "model.layers.0.mlp.up_proj")),
+    ("config.json", ("quantization_config", "layers", "model.layers.0.mlp.up_proj", "group_size")),
+    ("config.json", ("quantization_config", "layers", "model.layers.0.mlp.up_proj", "shape")),
+    ("config.json", ("quantization_config", "layers", "model.layers.1.self_attn.q_proj", "fmt")),
+    ("config.json", ("quantization_config", "quant_method")),
+    ("config.json", ("quantization_config",)),
+    ("model.safetensors.index.json", ("weight_map",)),
+    ("model.safetensors.index.json", ("weight_map", "model.norm.weight")),
+    ("model.safetensors.index.json", ("metadata",)),
+    ("any4.json", ("files",)),
+    ("any4.json", ("layers",)),
+    ("any4.json", ("settings",)),
+    ("any4.json", ("tied",)),
+]
+
+
+@settings(FUZZ, max_examples=40)
+@given(field=st.sampled_from(CONFIG_FIELDS), value=json_values)
+def test_any_json_field_edit_of_a_checkpoint(sharded_dir, tmp_path_factory, field, value) -> None:
+    """config.json, the shard index and any4.json: any edited field is refused with
+    Any4FormatError (or, where harmless, the checkpoint still loads the same tensors)."""
+    import shutil
+
+    from _tiny import tiny_llama
+
+    name, path = field
+    d = tmp_path_factory.mktemp("json") / "ckpt"
+    shutil.copytree(sharded_dir, d)
+    doc = json.loads((d / name).read_text())
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    if node.get(path[-1]) == value:
+        return
+    node[path[-1]] = value
+    (d / name).write_text(json.dumps(doc))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            any4.io.verify(d)
+            model = any4.load(d, model=tiny_llama())
+        except Any4FormatError:
+            return
+    reference = any4.load(sharded_dir, model=tiny_llama())
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)

@@ -429,18 +429,9 @@ def resolve(
 
 def checkpoint_files(directory: str) -> list:
     """The weight files of a checkpoint directory (from the index when sharded)."""
-    index = os.path.join(directory, INDEX_NAME)
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as fh:
-                weight_map = json.load(fh)["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise Any4FormatError(f"{index}: not a readable safetensors index ({e})") from e
-        for n in names:
-            if os.path.basename(n) != n:
-                raise Any4FormatError(f"{index}: shard {n!r} is not a file name in {directory}")
-        return [os.path.join(directory, n) for n in names]
+    weight_map = index_weight_map(directory)
+    if weight_map is not None:
+        return [os.path.join(directory, n) for n in sorted(set(weight_map.values()))]
     file = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(file):
         raise FileNotFoundError(
@@ -448,6 +439,32 @@ def checkpoint_files(directory: str) -> list:
             "model is loaded with transformers (from_pretrained), not any4.load"
         )
     return [file]
+
+
+def index_weight_map(directory: str) -> Optional[dict]:
+    """The checked ``weight_map`` {tensor: shard file name} of a sharded checkpoint's index
+    (None without an index): a non-empty object of names to existing ``.safetensors`` files of
+    the directory."""
+    index = os.path.join(directory, INDEX_NAME)
+    if not os.path.isfile(index):
+        return None
+    try:
+        with open(index, encoding="utf-8") as fh:
+            weight_map = json.load(fh)["weight_map"]
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise Any4FormatError(f"{index}: not a readable safetensors index ({e})") from e
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise Any4FormatError(f"{index}: weight_map must be a non-empty object")
+    for key, name in weight_map.items():
+        if (
+            not isinstance(name, str)
+            or os.path.basename(name) != name
+            or not name.endswith(".safetensors")
+        ):
+            raise Any4FormatError(f"{index}: {key!r} maps to {name!r}, not a shard file name")
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise Any4FormatError(f"{index}: shard {name!r} (of {key!r}) is missing")
+    return weight_map
 
 
 def _hf_quantization_config(directory: str) -> Optional[dict]:
@@ -511,6 +528,11 @@ def _check_config_layers(directory: str, qc: dict, per_file: dict, file_layers: 
     if not isinstance(layers, dict):
         raise Any4FormatError(f"{where}: quantization_config.layers must be an object")
     every_file_described = not any(m.get(_NO_ANY4_METADATA) for m in per_file.values())
+    guards = {m.get("guard") for m in per_file.values() if not m.get(_NO_ANY4_METADATA)}
+    if "guard" in qc and guards and guards != {qc["guard"]}:
+        raise Any4FormatError(
+            f"{where}: quantization_config.guard {qc['guard']!r} is not the weights' {sorted(map(str, guards))}"
+        )
     for name, info in layers.items():
         if not isinstance(info, dict):
             raise Any4FormatError(f"{where}: quantization_config layer {name!r} is not an object")
@@ -574,6 +596,10 @@ def read_metadata(path: Union[str, os.PathLike]) -> dict:
     if directory is None:
         merged["sha256"] = first.get("sha256", {})
     merged["files"] = per_file
+    if directory is not None:
+        weight_map = index_weight_map(directory)
+        if weight_map is not None:
+            merged["weight_map"] = weight_map
     merged.setdefault("tied", {})
     return merged
 
@@ -607,6 +633,15 @@ def _read_tensors(meta: dict, device: Union[str, torch.device], *, keep: bool = 
             part = _verified_tensors(file, fmeta)
             check_metadata(file, fmeta, part)
             described.update(fmeta.get("layers") or {})
+        weight_map = meta.get("weight_map")
+        if weight_map is not None:
+            name = os.path.basename(file)
+            indexed = {k for k, n in weight_map.items() if n == name}
+            if indexed != set(part):
+                raise Any4FormatError(
+                    f"{file}: the index maps {sorted(indexed - set(part))[:3]} to it, which it "
+                    f"does not hold, and not {sorted(set(part) - indexed)[:3]}"
+                )
         if guard is not None and guard in part:
             g = part.pop(guard)
             if g.numel() or g.dtype != torch.uint8:
