@@ -502,6 +502,8 @@ def _file_metadata(file: str) -> Optional[dict]:
     for field in ("layers", "tied", "settings", "extra"):
         if not isinstance(meta.get(field, {}), dict):
             raise Any4FormatError(f"{file}: metadata {field!r} must be an object")
+    if not isinstance(meta.get("guard", ""), str):
+        raise Any4FormatError(f"{file}: metadata 'guard' must be a tensor name")
     return meta
 
 
