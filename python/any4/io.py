@@ -631,6 +631,9 @@ def _read_tensors(meta: dict, device: Union[str, torch.device], *, keep: bool = 
                 raise Any4FormatError(
                     f"{file}: cannot read tensors, the file is truncated or corrupt ({e})"
                 ) from e
+        elif not keep and "digest" in fmeta:
+            part = _verify_streaming(file, fmeta)
+            described.update(fmeta.get("layers") or {})
         else:
             part = _verified_tensors(file, fmeta)
             check_metadata(file, fmeta, part)
@@ -665,6 +668,24 @@ def _read_tensors(meta: dict, device: Union[str, torch.device], *, keep: bool = 
     if rest and keep:  # layers known only from config.json (files without any4 metadata)
         check_metadata(next(iter(meta["files"])), dict(meta, layers=rest), tensors)
     return {k: v.to(device) for k, v in tensors.items()}
+
+
+def _verify_streaming(file: str, fmeta: dict) -> dict:
+    """Verify a sealed file without holding it: the digest streamed, then each layer's tensors
+    read and checked one layer at a time. Returns meta-device tensors of the file's shapes."""
+    from safetensors import safe_open
+
+    if integrity.verify_file(file) != fmeta:
+        raise Any4FormatError(f"{file}: the file changed while it was read")
+    info = integrity.tensor_info(file)
+    layers = fmeta.get("layers") or {}
+    check_metadata(file, dict(fmeta, layers={}), {})
+    with safe_open(file, framework="pt", device="cpu") as f:
+        for name, layer in layers.items():
+            keys = [f"{name}.{p}" for p in ("packed", "lut", "scales", "bias")]
+            parts = {k: f.get_tensor(k) for k in keys if k in info}
+            check_metadata(file, dict(fmeta, layers={name: layer}), parts)
+    return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape) in info.items()}
 
 
 def _verified_tensors(file: str, fmeta: dict) -> dict:
