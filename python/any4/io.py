@@ -850,9 +850,8 @@ def load(
     if model is None:
         if directory is not None and os.path.isfile(os.path.join(directory, CONFIG_NAME)):
             if "quantization_config" in meta:
-                _read_tensors(
-                    meta, "meta", keep=False
-                )  # verify every file before transformers reads it
+                # any4's HF quantizer verifies every file (verify_checkpoint) before transformers
+                # reads it.
                 from .hf import from_pretrained_checkpoint
 
                 return from_pretrained_checkpoint(directory, saved_dtype(meta), device)
@@ -972,6 +971,20 @@ def is_checkpoint(path: Union[str, os.PathLike]) -> bool:
         return True  # any4 metadata that is damaged: still any4's (loading says what is wrong)
 
 
+def verify_checkpoint(path: Union[str, os.PathLike]) -> dict:
+    """Verify a checkpoint (file or directory) without loading it: every weight file's digest
+    (streamed) or format-1 checksums, every layer's metadata against its tensors (one layer in
+    memory at a time), config.json and any4.json against the files. Returns read_metadata's
+    result; raises Any4FormatError. (The HF quantizer runs this before transformers reads a
+    pre-quantized checkpoint.)"""
+    path = os.fspath(path)
+    meta = read_metadata(path)
+    if os.path.isdir(path):
+        check_readable_copy(path, meta)
+    _read_tensors(meta, "meta", keep=False)
+    return meta
+
+
 def verify(path: Union[str, os.PathLike]) -> dict:
     """Check an any4 checkpoint completely (every weight file's digest, or checksums for
     format 1; all metadata against the tensors; config.json and any4.json against the files)
@@ -984,11 +997,9 @@ def verify(path: Union[str, os.PathLike]) -> dict:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no any4 file or directory at {path}")
-    meta = read_metadata(path)
-    _read_tensors(meta, "meta", keep=False)
+    meta = verify_checkpoint(path)
     weights = {os.path.basename(f): m.get("digest") for f, m in meta["files"].items()}
     if os.path.isdir(path):
-        check_readable_copy(path, meta)
         digest, manifest = integrity.checkpoint_digest(path)
     else:
         manifest = [(os.path.basename(path), integrity.file_sha256(path))]
@@ -1024,5 +1035,5 @@ def _fresh_hf_model(directory: str) -> nn.Module:
 
 __all__ = [
     "Any4FormatError", "check_metadata", "check_readable_copy", "is_checkpoint", "load",
-    "read_metadata", "save", "save_hf_config", "save_tokenizer", "verify",
+    "read_metadata", "save", "save_hf_config", "save_tokenizer", "verify", "verify_checkpoint",
 ]  # fmt: skip
