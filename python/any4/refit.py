@@ -91,13 +91,16 @@ class CovarianceCache:
 def refit_layer(q: Any, linear: torch.nn.Linear, entry: tuple, *, zero: bool = False) -> Any:
     """A QuantLinear ``q`` (quantized from ``linear``) with its tables refit to the output error
     (:func:`refit_table`); ``entry``: (H, factors) from a :class:`CovarianceCache`."""
-    from .nn import QuantLinear
+    from .nn import QuantLinear, is_conv1d
 
     H, factors = entry
     qt = QuantizedTensor(
         q.packed, q.lut, q.scales, (q.out_features, q.in_features), q.fmt, q.group_size
     )
-    new, _ = refit_table(linear.weight.detach(), qt, H, zero=zero, factors=factors)
+    w = linear.weight.detach()
+    if is_conv1d(linear):  # GPT-2 Conv1D stores the weight transposed [K, N]
+        w = w.t()
+    new, _ = refit_table(w, qt, H, zero=zero, factors=factors)
     return QuantLinear.from_quantized(new, linear.bias)
 
 
