@@ -3,8 +3,9 @@
 File layout: one ``.safetensors`` file whose header metadata holds, under the key ``"any4"``,
 a JSON document::
 
-    {"format": "any4-safetensors", "format_version": 1, "any4_version": "0.1.0",
-     "layers": {name: {"fmt", "group_size", "shape": [N, K], "bias": bool, "table_dtype"}},
+    {"format": "any4-safetensors", "format_version": 2, "any4_version": "0.1.0",
+     "layers": {name: {"fmt", "group_size", "shape": [N, K], "bias": bool, "table_dtype",
+                       "code_layout"}},
      "tied": {alias: stored_name}, "sha256": {tensor: hex digest}, "settings": {...},
      "extra": {...}}
 
@@ -12,6 +13,11 @@ Each quantized layer ``name`` is stored as ``name.packed``, ``name.lut``, ``name
 ``name.bias``), the keys of a QuantLinear's state dict, so the file is exactly the quantized
 model's state dict; tensors shared by several names (tied embeddings) are stored once. The
 digests let ``load`` refuse a file whose tensor bytes were changed.
+
+``code_layout`` names how ``name.packed`` holds the codes (any4.pack): ``"nibbles"`` (4-bit, two
+per byte), ``"bits3"`` (3-bit, eight per three bytes) or ``"bits2"`` (2-bit, four per byte).
+Format version 2 introduced it and the dense 3/2-bit layouts; a layer without it (every layer of
+a version-1 file) holds nibbles, and 3/2-bit codes stored that way are repacked densely on load.
 
 A directory (``any4 quantize --out DIR``) holds ``model.safetensors``, ``any4.json`` (the same
 metadata, readable), and the Hugging Face ``config.json`` / tokenizer files. Loading into a fresh
@@ -36,10 +42,11 @@ from torch import nn
 
 from .formats import get_format
 from .nn import QuantLinear, set_submodule
+from .pack import CODE_LAYOUTS, LAYOUT_BITS, packed_bytes, repack
 from .quantize import QuantizedTensor
 
 FILE_FORMAT = "any4-safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: dense 3/2-bit codes, per-layer "code_layout"
 WEIGHTS_NAME = "model.safetensors"
 METADATA_NAME = "any4.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -74,6 +81,7 @@ def _collect(obj: Any) -> tuple:
                 "shape": [m.out_features, m.in_features],
                 "bias": m.bias is not None,
                 "table_dtype": str(m.lut.dtype).replace("torch.", ""),
+                "code_layout": CODE_LAYOUTS[get_format(m.fmt).bits],
             }
         tensors = dict(obj.state_dict())
         settings = dict(getattr(obj, "any4_settings", None) or {})
@@ -94,6 +102,7 @@ def _collect(obj: Any) -> tuple:
                     "shape": [int(N), int(K)],
                     "bias": False,
                     "table_dtype": str(value.lut.dtype).replace("torch.", ""),
+                    "code_layout": CODE_LAYOUTS[value.bits],
                 }
                 for part in ("packed", "lut", "scales"):
                     tensors[f"{key}.{part}"] = getattr(value, part)
@@ -272,21 +281,35 @@ def _read_tensors(file: str, meta: dict, device: Union[str, torch.device]) -> di
         if target not in tensors:
             raise Any4FormatError(f"{file}: tied tensor {alias!r} points to missing {target!r}")
         tensors[alias] = tensors[target]
-    _check_layers(file, meta, tensors)
+    for name, stored_bits in _check_layers(file, meta, tensors).items():
+        info = meta["layers"][name]
+        bits = get_format(info["fmt"]).bits
+        if stored_bits != bits:  # 3/2-bit codes in nibbles (version 1): the dense layout
+            key = f"{name}.packed"
+            tensors[key] = repack(tensors[key], int(info["shape"][1]), stored_bits, bits)
     return {k: v.to(device) for k, v in tensors.items()}
 
 
-def _check_layers(file: str, meta: dict, tensors: dict) -> None:
+def _check_layers(file: str, meta: dict, tensors: dict) -> dict:
+    """Checks every layer's tensors against its metadata; returns {layer: stored code bits}."""
+    stored_bits = {}
     for name, info in meta.get("layers", {}).items():
         try:
             f = get_format(info["fmt"])
             N, K = (int(s) for s in info["shape"])
             G = int(info["group_size"])
             dtype = _DTYPES[info["table_dtype"]]
+            layout = info.get("code_layout", CODE_LAYOUTS[4])
+            bits = LAYOUT_BITS[layout]
         except (KeyError, ValueError, TypeError) as e:
             raise Any4FormatError(f"{file}: bad metadata for layer {name!r} ({e})") from e
+        if bits not in (f.bits, 4):
+            raise Any4FormatError(
+                f"{file}: layer {name!r} is {f.name} but its codes are stored as {layout!r}"
+            )
+        stored_bits[name] = bits
         expected = {
-            "packed": ((N, (K + 1) // 2), torch.uint8),
+            "packed": ((N, packed_bytes(K, bits)), torch.uint8),
             "lut": ((N if f.learned else 1, f.levels), dtype),
             "scales": ((N, -(-K // G), 2), dtype),
         }
@@ -298,6 +321,7 @@ def _check_layers(file: str, meta: dict, tensors: dict) -> None:
                 raise Any4FormatError(
                     f"{file}: {name}.{part} is {t.dtype} {tuple(t.shape)}, metadata says {dt} {shape}"
                 )
+    return stored_bits
 
 
 def load(

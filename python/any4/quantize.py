@@ -2,7 +2,8 @@
 
 Every format produces the same three tensors (see :class:`QuantizedTensor`)::
 
-    packed  uint8 [N, ceil(K/2)]      codes, two per byte (any4.pack)
+    packed  uint8 [N, ceil(bits*K/8)] codes, one dense bit stream per row (any4.pack):
+                                       4-bit two per byte, 3-bit 8 per 3 bytes, 2-bit 4 per byte
     lut     [N, 2^bits] or [1, 2^bits] per-row (learned) or shared (fixed) table
     scales  [N, ceil(K/G), 2]          per-group (scale, zero)
 
@@ -23,7 +24,7 @@ from . import _tensor as T
 from ._core import C
 from .formats import Format, get_format
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
-from .pack import pack, unpack
+from .pack import pack, packed_bytes, unpack
 from .stats import DEFAULT_WEIGHTING, ChannelStats, channel_weight
 
 
@@ -31,7 +32,7 @@ from .stats import DEFAULT_WEIGHTING, ChannelStats, channel_weight
 class QuantizedTensor:
     """A quantized [N, K] weight: packed codes, table and group affine (CPU or CUDA tensors)."""
 
-    packed: Any  # uint8 [N, ceil(K/2)]
+    packed: Any  # uint8 [N, ceil(bits*K/8)]
     lut: Any  # [N or 1, 2^bits], dtype
     scales: Any  # [N, ceil(K / group_size), 2], dtype
     shape: tuple  # (N, K)
@@ -48,7 +49,7 @@ class QuantizedTensor:
 
     def codes(self) -> Any:
         """Unpacked codes, uint8 [N, K]."""
-        return unpack(self.packed, self.shape[1])
+        return unpack(self.packed, self.shape[1], self.bits)
 
     def dequantize(self) -> Any:
         return dequantize(self)
@@ -56,6 +57,10 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         """Bytes held by packed codes, table and scales."""
         return sum(T.nbytes(t) for t in (self.packed, self.lut, self.scales))
+
+    def bits_per_weight(self) -> float:
+        """Stored bits (codes, table, scales) per weight: 8 * nbytes() / (N * K)."""
+        return 8.0 * self.nbytes() / (self.shape[0] * self.shape[1])
 
 
 def check_group_size(group_size: int, K: int) -> None:
@@ -158,7 +163,7 @@ def quantize(
         0 if elem is None else elem.ctypes.data, METHODS[method], int(max_iter), int(n_init),
         int(seed), codes.ctypes.data, lut.ctypes.data, scales.ctypes.data,
     )  # fmt: skip
-    packed = pack(codes)
+    packed = pack(codes, f.bits)
     return QuantizedTensor(
         packed=T.from_numpy_like(w, packed),
         lut=T.from_numpy_like(w, lut, dtype),
@@ -177,13 +182,18 @@ def dequantize(qt: QuantizedTensor, dtype: Optional[str] = None) -> Any:
     pb = T.buffer(packed, "packed", dtypes=("uint8",), ndim=2)
     lb = T.buffer(lut, "lut", dtypes=tuple(T.DTYPE_CODE), ndim=2)
     sb = T.buffer(scales, "scales", dtypes=(lb.dtype,), ndim=3)
-    if pb.shape != (N, (K + 1) // 2) or sb.shape[0] != N or sb.shape[2] != 2:
-        raise ValueError("quantized tensor parts do not match its shape")
+    bits = qt.bits
+    if pb.shape != (N, packed_bytes(K, bits)) or sb.shape[0] != N or sb.shape[2] != 2:
+        raise ValueError(
+            f"quantized tensor parts do not match its shape: packed {pb.shape}, {bits}-bit codes "
+            f"of {(N, K)} need {(N, packed_bytes(K, bits))}"
+        )
     out = np.empty((N, K), np.float32)
     C.dequantize(
         pb.ptr,
         N,
         K,
+        bits,
         lb.ptr,
         lb.shape[0],
         lb.shape[1],
