@@ -58,6 +58,7 @@ class QuantizedTensor:
         """Bytes held by packed codes, table and scales."""
         return sum(T.nbytes(t) for t in (self.packed, self.lut, self.scales))
 
+    @property
     def bits_per_weight(self) -> float:
         """Stored bits (codes, table, scales) per weight: 8 * nbytes() / (N * K)."""
         return 8.0 * self.nbytes() / (self.shape[0] * self.shape[1])
