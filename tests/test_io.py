@@ -187,3 +187,86 @@ def test_loaded_model_is_independent_copy(quantized, tmp_path) -> None:
         loaded.model.layers[0].self_attn.q_proj.lut, quantized.model.layers[0].self_attn.q_proj.lut
     )
     assert tiny_config().hidden_size == quantized.config.hidden_size
+
+
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(
+        t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
+
+
+def test_low_bit_layers_dense_on_disk_and_version1_nibbles_still_load(tmp_path) -> None:
+    """3/2-bit layers are stored densely with their code_layout; the same model written the
+    format-version-1 way (codes in nibbles, no code_layout) loads to the same codes, so its
+    outputs (and so its perplexity) are identical."""
+    import numpy as np
+
+    from conftest import unpack_ref
+
+    model = tiny_llama(seed=3)
+    any4.quantize_model(model, "any3", 32, random_ids(64, seed=4), progress=False)
+    lin = tiny_llama(seed=3).model.layers[0].mlp.down_proj
+    model.model.layers[0].mlp.down_proj = QuantLinear.from_linear(lin, "any2", 32)
+    ids = random_ids(33, seed=5, rows=2)
+    expected = outputs(model, ids)
+
+    file = tmp_path / "dense.safetensors"
+    any4.save(model, file)
+    meta = read_metadata(file)
+    assert meta["format_version"] == FORMAT_VERSION == 2
+    layers = meta["layers"]
+    assert layers["model.layers.0.mlp.down_proj"]["code_layout"] == "bits2"
+    assert layers["model.layers.0.self_attn.q_proj"]["code_layout"] == "bits3"
+    with safetensors.safe_open(str(file), framework="pt") as f:
+        for name, info in layers.items():
+            N, K = info["shape"]
+            bits = {"bits3": 3, "bits2": 2}[info["code_layout"]]
+            assert tuple(f.get_tensor(f"{name}.packed").shape) == (N, -(-bits * K // 8))
+    assert torch.equal(outputs(any4.load(file, model=tiny_llama(seed=9)), ids), expected)
+
+    def to_version1(m):
+        m["format_version"] = 1
+        for info in m["layers"].values():
+            del info["code_layout"]
+
+    def to_nibbles(tensors):
+        for name, info in layers.items():
+            N, K = info["shape"]
+            bits = {"bits3": 3, "bits2": 2}[info["code_layout"]]
+            codes = unpack_ref(tensors[f"{name}.packed"].numpy(), K, bits).astype(np.uint8)
+            if K % 2:
+                codes = np.pad(codes, ((0, 0), (0, 1)))
+            tensors[f"{name}.packed"] = torch.from_numpy(codes[:, 0::2] | (codes[:, 1::2] << 4))
+
+    old = tmp_path / "v1.safetensors"
+    any4.save(model, old)
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(old), framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    any4_meta = json.loads(header["any4"])
+    to_version1(any4_meta)
+    to_nibbles(tensors)
+    any4_meta["sha256"] = {k: _digest(t) for k, t in tensors.items()}
+    header["any4"] = json.dumps(any4_meta)
+    save_file(tensors, str(old), metadata=header)
+    assert os.path.getsize(old) > os.path.getsize(file)  # nibbles cost more bytes
+
+    loaded = any4.load(old, model=tiny_llama(seed=9))
+    assert torch.equal(outputs(loaded, ids), expected)
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            back = loaded.get_submodule(name)
+            assert torch.equal(back.packed, m.packed)  # repacked densely on load
+            assert torch.equal(back.dequantize(), m.dequantize())
+    # A stored layout that does not fit the format is refused.
+    _rewrite(
+        file, lambda m: m["layers"]["model.layers.0.mlp.down_proj"].update(code_layout="bits3")
+    )
+    with pytest.raises(Any4FormatError, match="stored as 'bits3'"):
+        any4.load(file, model=tiny_llama(seed=9))
