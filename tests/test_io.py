@@ -129,7 +129,7 @@ def test_truncated_tampered_and_newer_files_fail_clearly(quantized, tmp_path) ->
     raw = bytearray(data)
     raw[-100] ^= 0x5A  # a byte of the tensor data
     flipped.write_bytes(bytes(raw))
-    with pytest.raises(Any4FormatError, match="checksum"):
+    with pytest.raises(Any4FormatError, match="checksum|digest"):
         any4.load(flipped, model=tiny_llama())
 
     newer = tmp_path / "newer.safetensors"
@@ -144,7 +144,7 @@ def test_truncated_tampered_and_newer_files_fail_clearly(quantized, tmp_path) ->
         bad_shape,
         mutate_meta=lambda m: m["layers"]["model.layers.0.mlp.gate_proj"].update(group_size=16),
     )
-    with pytest.raises(Any4FormatError, match="gate_proj"):
+    with pytest.raises(Any4FormatError, match="gate_proj|digest"):  # v2: the digest first
         any4.load(bad_shape, model=tiny_llama())
 
     def swap(tensors):  # replace a tensor with another of the same shape: the digest catches it
@@ -154,7 +154,7 @@ def test_truncated_tampered_and_newer_files_fail_clearly(quantized, tmp_path) ->
     swapped = tmp_path / "swapped.safetensors"
     swapped.write_bytes(data)
     _rewrite(swapped, mutate_tensors=swap)
-    with pytest.raises(Any4FormatError, match="checksum"):
+    with pytest.raises(Any4FormatError, match="checksum|digest"):
         any4.load(swapped, model=tiny_llama())
 
     from safetensors.torch import save_file
@@ -217,16 +217,17 @@ def test_low_bit_layers_dense_on_disk_and_version1_nibbles_still_load(tmp_path) 
     meta = read_metadata(file)
     assert meta["format_version"] == FORMAT_VERSION == 2
     layers = meta["layers"]
-    assert layers["model.layers.0.mlp.down_proj"]["code_layout"] == "bits2"
-    assert layers["model.layers.0.self_attn.q_proj"]["code_layout"] == "bits3"
+    assert layers["model.layers.0.mlp.down_proj"]["code_layout"] == "dense"
+    assert layers["model.layers.0.self_attn.q_proj"]["code_layout"] == "dense"
     with safetensors.safe_open(str(file), framework="pt") as f:
         for name, info in layers.items():
             N, K = info["shape"]
-            bits = {"bits3": 3, "bits2": 2}[info["code_layout"]]
+            bits = int(info["fmt"][-1])
             assert tuple(f.get_tensor(f"{name}.packed").shape) == (N, -(-bits * K // 8))
     assert torch.equal(outputs(any4.load(file, model=tiny_llama(seed=9)), ids), expected)
 
     def to_version1(m):
+        m.pop("digest", None)  # version 1: per-tensor checksums (below)
         m["format_version"] = 1
         for info in m["layers"].values():
             del info["code_layout"]
@@ -234,7 +235,7 @@ def test_low_bit_layers_dense_on_disk_and_version1_nibbles_still_load(tmp_path) 
     def to_nibbles(tensors):
         for name, info in layers.items():
             N, K = info["shape"]
-            bits = {"bits3": 3, "bits2": 2}[info["code_layout"]]
+            bits = int(info["fmt"][-1])
             codes = unpack_ref(tensors[f"{name}.packed"].numpy(), K, bits).astype(np.uint8)
             if K % 2:
                 codes = np.pad(codes, ((0, 0), (0, 1)))
@@ -264,9 +265,14 @@ def test_low_bit_layers_dense_on_disk_and_version1_nibbles_still_load(tmp_path) 
             back = loaded.get_submodule(name)
             assert torch.equal(back.packed, m.packed)  # repacked densely on load
             assert torch.equal(back.dequantize(), m.dequantize())
-    # A stored layout that does not fit the format is refused.
-    _rewrite(
-        file, lambda m: m["layers"]["model.layers.0.mlp.down_proj"].update(code_layout="bits3")
-    )
-    with pytest.raises(Any4FormatError, match="stored as 'bits3'"):
-        any4.load(file, model=tiny_llama(seed=9))
+    # A layout the tensors do not have, or an unknown one, is refused (files resealed).
+    from any4 import integrity
+
+    for layout, error in (("nibble", "metadata says"), ("planes", "unknown code layout")):
+        sealed = integrity.read_file(file)
+        meta = dict(sealed.any4)
+        meta["layers"]["model.layers.0.mlp.down_proj"]["code_layout"] = layout
+        bad = tmp_path / f"{layout}.safetensors"
+        integrity.write_file(bad, sealed.tensors, meta)
+        with pytest.raises(Any4FormatError, match=error):
+            any4.load(bad, model=tiny_llama(seed=9))

@@ -101,3 +101,29 @@ def test_code_bits_inference():
     assert code_bits(3, 2, 4) == 4  # nibble-packed 2-bit codes, K=3: not mistaken for 3-bit
     with pytest.raises(ValueError, match="bytes per row"):
         code_bits(4096, 1000, 8)
+
+
+def test_validate_knows_the_dense_layouts():
+    from any4 import validate as V
+
+    assert V.packed_shape(4096, 3) == V.packed_shape(4096, 3, "dense") == 1536
+    assert V.packed_shape(4096, 2) == 1024 and V.packed_shape(4097, 4) == 2049
+    assert V.packed_shape(4096, 3, "nibble") == 2048
+    with pytest.raises(ValueError, match="unknown code layout"):
+        V.packed_shape(64, 3, "planes")
+    # pad bits past the K codes must be zero (K = 5 3-bit codes use 15 of 16 bits)
+    packed = any4.pack(np.full((2, 5), 7, np.uint8), 3)
+    V.check_codes(packed, 5, 8, 3)
+    bad = packed.copy()
+    bad[1, -1] |= 0x80
+    with pytest.raises(ValueError, match="row 1: the pad bits"):
+        V.check_codes(bad, 5, 8, 3)
+    # a table shorter than the width: codes past it are found in the dense layout too
+    codes = np.zeros((3, 10), np.uint8)
+    codes[2, 7] = 3
+    with pytest.raises(ValueError, match="row 2 holds code 3"):
+        V.check_codes(any4.pack(codes, 2), 10, 3, 2)
+    with pytest.raises(ValueError, match="row 2 holds code 3"):
+        V.check_codes(torch.from_numpy(any4.pack(codes, 2)), 10, 3, 2)
+    assert not V.codes_need_check(4096, 8, 3) and V.codes_need_check(4095, 8, 3)
+    assert V.codes_need_check(4096, 8, 4)  # 3-bit table over nibbles: codes 8..15 possible

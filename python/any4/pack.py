@@ -11,7 +11,7 @@ Why 3-bit is a bit stream and not bit planes: the CPU kernels give each 32-bit l
 consecutive codes (12 bits, gathered for 8 lanes by one byte shuffle) and the table lookup reads
 the low 3 bits directly, so a 2-bit plane + 1-bit plane would only add the instructions that
 merge the planes (cpp/pack.h). This is the storage / interchange layout (save/load, CPU kernels);
-files record it per layer as ``"code_layout"`` (see :data:`CODE_LAYOUTS`).
+files record it per layer as ``"code_layout"`` (see :func:`code_layout`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,15 @@ from ._core import C
 
 CODE_BITS = (2, 3, 4)
 
-# The name a file records for each layout (the v2 checkpoint metadata, per layer); a layer
-# without one holds 4-bit nibbles, which is also how format-version 1 files stored 3/2-bit codes.
-CODE_LAYOUTS = {4: "nibbles", 3: "bits3", 2: "bits2"}
-LAYOUT_BITS = {name: bits for bits, name in CODE_LAYOUTS.items()}
+# How a file records a layer's codes ("code_layout", any4.io): "dense" is this module's layout at
+# the format's width, "nibble" two codes per byte whatever the width (how 3/2-bit codes were
+# stored before the dense layouts; identical to "dense" for 4-bit codes).
+DENSE, NIBBLE = "dense", "nibble"
+
+
+def code_layout(bits: int) -> str:
+    """The ``code_layout`` name of ``bits``-bit codes packed by :func:`pack`."""
+    return NIBBLE if check_bits(bits) == 4 else DENSE
 
 
 def packed_bytes(K: int, bits: int = 4) -> int:
