@@ -13,8 +13,16 @@ Also recorded: the stored bits per weight of each format at K = 4096 and K = 143
 codes + table + scales bytes, times 8, over N * K), as QuantizedTensor.bits_per_weight computes it.
 
     python bench/gemm_cpu_bits.py [--threads 2] [--rounds 8]
+    python bench/gemm_cpu_bits.py --compute-only
 
 Writes bench/results/gemm_cpu_bits.json and bench/results/gemm_cpu_bits.md.
+
+``--compute-only`` measures what the decode costs instead of what memory allows: the CPU time
+of the calling thread (time.thread_time, one any4 thread, so time spent descheduled on a loaded
+machine does not count) per call on a cache-resident 1024 x 4096 weight, the minimum over
+rounds. Where a kernel is compute-bound (a machine whose DRAM outruns its cores), this ratio,
+not the ratio of bytes, bounds any3/any2's speed-up over any4. Writes
+bench/results/gemm_cpu_bits_compute.json and .md.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -94,12 +103,70 @@ def stored_bits(K: int) -> dict:
     return out
 
 
+def compute_cost(rounds: int, calls: int = 5) -> dict:
+    """Minimum thread CPU seconds per call, one any4 thread, cache-resident 1024 x 4096 weights:
+    {M: {fmt: seconds}}."""
+    any4.set_num_threads(1)
+    gen = torch.Generator().manual_seed(1)
+    N, K = 1024, 4096
+    ops = {fmt: operands(bits, N, K, gen) for fmt, bits in FORMATS.items()}
+    out = {}
+    for M in BATCHES:
+        x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+        best = dict.fromkeys(ops, float("inf"))
+        for _ in range(rounds):
+            for fmt, o in ops.items():
+                for _ in range(2):
+                    any4.gemm(x, *o, GROUP)
+                t = time.thread_time()
+                for _ in range(calls):
+                    any4.gemm(x, *o, GROUP)
+                best[fmt] = min(best[fmt], (time.thread_time() - t) / calls)
+        out[M] = best
+    return out
+
+
+def compute_only(args) -> None:
+    info = {
+        "cpu": cpu_model(),
+        "any4": any4.__version__,
+        "any4_cpu_impls": any4.build_info()["cpu_impls"],
+        "load_average_before": load_average(),
+        "command": " ".join(["python", "bench/gemm_cpu_bits.py", *sys.argv[1:]]),
+        "cpu_seconds": compute_cost(args.rounds),
+    }
+    info["load_average_after"] = load_average()
+    lines = [
+        "# any3 / any2 vs any4: CPU time of the kernel (compute cost, not memory)",
+        "",
+        f"`{info['command']}` on {info['cpu']}: thread CPU time per call, 1 thread, bf16 x and "
+        f"tables, G = {GROUP}, 1024 x 4096 weights (cache-resident), minimum of {args.rounds} "
+        f"rounds. Load average before {info['load_average_before']}, after "
+        f"{info['load_average_after']}.",
+        "",
+        "| M | any4 us | any3 us | any2 us | any4 / any3 | any4 / any2 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for M, t in info["cpu_seconds"].items():
+        lines.append(
+            f"| {M} | {t['any4'] * 1e6:.0f} | {t['any3'] * 1e6:.0f} | {t['any2'] * 1e6:.0f} | "
+            f"{t['any4'] / t['any3']:.2f}x | {t['any4'] / t['any2']:.2f}x |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gemm_cpu_bits_compute.json").write_text(json.dumps(info, indent=2))
+    (args.out / "gemm_cpu_bits_compute.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--compute-only", action="store_true", help="the kernels' CPU time only")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.compute_only:
+        return compute_only(args)
     any4.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     llc = last_level_cache_bytes()

@@ -114,6 +114,22 @@ def test_leading_batch_dims(impl):
     assert rel_err(y.reshape(6, 19), x.double().reshape(6, 128).numpy() @ w_ref.T) < TOL["bfloat16"]
 
 
+def exact_operands(rng, N: int, K: int, G: int, L: int, M: int) -> tuple:
+    """Random codes [N, K] < L, per-row integer tables in [-8, 8), scale 2 and integer zeros per
+    group, and x [M, K] (float32) with 3 small integers per row: every product and sum of the
+    gemm is exact, even in bfloat16."""
+    codes = torch.from_numpy(rng.integers(0, L, size=(N, K)).astype(np.uint8))
+    lut = torch.tensor(rng.integers(-8, 8, size=(N, L)).astype(np.float32))
+    zeros = torch.tensor(rng.integers(-3, 4, size=(N, K // G)).astype(np.float32))
+    scales = torch.stack([torch.full((N, K // G), 2.0), zeros], -1)
+    x = torch.zeros(M, K)
+    for m in range(M):
+        x[m, rng.choice(K, 3, replace=False)] = torch.tensor(
+            rng.integers(-4, 5, size=3).astype(np.float32)
+        )
+    return codes, lut, scales, x
+
+
 @impl_params
 @pytest.mark.parametrize("x_dtype", list(DTYPES))
 def test_exact_identity_like(impl, x_dtype):
@@ -137,15 +153,7 @@ def test_exact_identity_like(impl, x_dtype):
         assert torch.equal(y.double(), expected)
     # Per-row tables, power-of-two scales, integer zeros, random codes; x has 3 small integers
     # per row, so |y| <= 3 * 4 * 19 < 256 is exact even in bfloat16.
-    codes = torch.from_numpy(rng.integers(0, 16, size=(N, K)).astype(np.uint8))
-    lut_rows = torch.tensor(rng.integers(-8, 8, size=(N, 16)).astype(np.float32))
-    zeros = torch.tensor(rng.integers(-3, 4, size=(N, K // G)).astype(np.float32))
-    scales = torch.stack([torch.full((N, K // G), 2.0), zeros], -1)
-    x = torch.zeros(7, K)
-    for m in range(7):
-        x[m, rng.choice(K, 3, replace=False)] = torch.tensor(
-            rng.integers(-4, 5, size=3).astype(np.float32)
-        )
+    codes, lut_rows, scales, x = exact_operands(rng, N, K, G, 16, 7)
     x = x.to(DTYPES[x_dtype])
     qt = any4.QuantizedTensor(
         any4.pack(codes), lut_rows.to(torch.bfloat16), scales.to(torch.bfloat16), (N, K), "any4", G
@@ -293,15 +301,7 @@ def test_low_bit_exact(impl, bits, x_dtype):
     N, K, G = 29, 160, 32
     L = 1 << bits
     rng = np.random.default_rng(bits)
-    codes = torch.from_numpy(rng.integers(0, L, size=(N, K)).astype(np.uint8))
-    lut = torch.tensor(rng.integers(-8, 8, size=(N, L)).astype(np.float32))
-    zeros = torch.tensor(rng.integers(-3, 4, size=(N, K // G)).astype(np.float32))
-    scales = torch.stack([torch.full((N, K // G), 2.0), zeros], -1)
-    x = torch.zeros(6, K)
-    for m in range(6):
-        x[m, rng.choice(K, 3, replace=False)] = torch.tensor(
-            rng.integers(-4, 5, size=3).astype(np.float32)
-        )
+    codes, lut, scales, x = exact_operands(rng, N, K, G, L, 6)
     x = x.to(DTYPES[x_dtype])
     fmt = f"any{bits}"
     for table_dtype in DTYPES.values():
