@@ -157,6 +157,22 @@ def float_dirs(tmp_path_factory):
     return out
 
 
+def test_transformers_own_save_pretrained_is_readable(tmp_path) -> None:
+    """Bypassing any4's writer (the class's save_pretrained): no any4 digests, but config.json
+    still carries the layers and the guard, and both readers load it."""
+    model = tiny("llama", seed=8)
+    any4.quantize_model(model, "nf4", 16, progress=False)
+    transformers.PreTrainedModel.save_pretrained(model, tmp_path / "t")
+    qc = json.loads((tmp_path / "t" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "any4" and qc["guard"] and len(qc["layers"]) == 14
+    ids = random_ids(9, seed=1)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "t"), ids),
+                       logits(model, ids))  # fmt: skip
+    with pytest.warns(UserWarning, match="not verified"):
+        assert torch.equal(logits(any4.load(tmp_path / "t", model=tiny("llama")), ids),
+                           logits(model, ids))  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "arch,fmt,options",
     [
@@ -472,3 +488,35 @@ def test_nibble_any3_checkpoint_of_format_2_still_loads(tmp_path) -> None:
         for name, m in model.named_modules():
             if isinstance(m, QuantLinear):
                 assert torch.equal(loaded.get_submodule(name).packed, m.packed)
+
+
+def test_registration_on_import_without_importing_transformers() -> None:
+    code = textwrap.dedent("""
+        import sys
+        import any4
+        assert "transformers" not in sys.modules and "torch" not in sys.modules
+        import transformers.modeling_utils  # imports the quantizer registry: any4 registers
+        from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+        assert AUTO_QUANTIZER_MAPPING["any4"] is any4.Any4HfQuantizer
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_import_any4_without_transformers() -> None:
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["transformers"] = None  # as if not installed: any import of it fails
+        import numpy as np
+        import any4
+        w = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
+        qt = any4.quantize(w, "int4", 16)
+        assert any4.dequantize(qt).shape == (16, 32)
+        try:
+            any4.Any4Config
+        except ImportError:
+            print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -298,7 +298,19 @@ class Any4HfQuantizer(HfQuantizer):
         print("any4: quantized on load: " + quantize_summary(settings))
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple:
-        return None, {}
+        """For transformers' own save_pretrained (any4 models normally use any4.save): the state
+        dict plus the guard tensor, recorded in the quantization_config written after it."""
+        layers = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+        if not layers:
+            return None, {}
+        guard = f"{layers[0]}.weight"
+        self.quantization_config.guard = guard
+        self.quantization_config.layers = {
+            n: io.layer_info(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)
+        }
+        state = dict(model.state_dict())
+        state[guard] = torch.zeros(0, dtype=torch.uint8)
+        return state, {}
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:
         return True

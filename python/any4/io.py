@@ -517,10 +517,11 @@ def read_metadata(path: Union[str, os.PathLike]) -> dict:
         if meta is None:
             if qc is None:
                 raise Any4FormatError(f"{file}: no any4 metadata (not written by any4.save)")
-            meta = {"format": FILE_FORMAT, "format_version": qc["format_version"], "layers": {}}
+            meta = {"format": FILE_FORMAT, "format_version": qc["format_version"], "layers": {},
+                    "unsealed": True}  # fmt: skip
         per_file[file] = meta
     first = per_file[files[0]]
-    merged = {k: v for k, v in first.items() if k not in ("layers", "sha256")}
+    merged = {k: v for k, v in first.items() if k not in ("layers", "sha256", "unsealed")}
     merged["layers"] = {}
     for meta in per_file.values():
         merged["layers"].update(meta.get("layers") or {})
@@ -549,7 +550,7 @@ def _read_tensors(meta: dict, device: Union[str, torch.device], *, keep: bool = 
     tensors: dict = {}
     for file, fmeta in meta["files"].items():
         version = fmeta.get("format_version", FORMAT_VERSION)
-        if "any4_version" not in fmeta:  # no any4 entry: transformers' own save_pretrained
+        if fmeta.get("unsealed"):  # no any4 entry: transformers' own save_pretrained
             warnings.warn(
                 f"any4: {file} carries no any4 metadata or digest (written by transformers' own "
                 "save_pretrained?); its tensors are not verified",
