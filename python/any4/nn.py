@@ -208,14 +208,13 @@ class QuantLinear(nn.Module):
 
     def densify_codes(self) -> None:
         """3/2-bit codes that were loaded in nibbles (checkpoints written before the dense
-        layouts, see any4.io) -> the dense layout: the same codes, repacked, then checked."""
+        layouts, see any4.io) -> the dense layout: the same codes, repacked (check() after)."""
         bits, K = get_format(self.fmt).bits, self.in_features
         width = int(self.packed.shape[1])
         if bits == 4 or width != packed_bytes(K, 4) or width == packed_bytes(K, bits):
             return
         p = self.packed
         self.packed = repack(p.detach().cpu().contiguous(), K, 4, bits).to(p.device)
-        self.check()
 
     # ---- computation --------------------------------------------------------------------------
 
