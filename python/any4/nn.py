@@ -122,8 +122,12 @@ class QuantLinear(nn.Module):
             and tuple(t.shape) == (self.out_features, packed_bytes(self.in_features, 4))
             and tuple(t.shape) != tuple(self.packed.shape)
         ):
+            nibbles = t.cpu().contiguous()
+            V.check_codes(
+                nibbles, self.in_features, 1 << bits
+            )  # nibbles can hold codes past 2^bits
             state_dict = dict(state_dict)
-            state_dict[key] = repack(t.cpu().contiguous(), self.in_features, 4, bits).to(t.device)
+            state_dict[key] = repack(nibbles, self.in_features, 4, bits).to(t.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- construction -------------------------------------------------------------------------
