@@ -26,7 +26,7 @@ from .cuda import cuda_available, cuda_compiled
 from .formats import FORMATS, Format, get_format
 from .gemm import gemm
 from .kmeans import kmeans
-from .pack import pack, unpack
+from .pack import pack, packed_bytes, unpack
 from .pack_gpu import GpuWeight, pack_for_gpu, unpack_from_gpu
 from .quantize import QuantizedTensor, dequantize, quantize
 from .stats import ChannelStats, channel_weight
@@ -86,6 +86,7 @@ def build_info() -> dict:
 __all__ = [
     "FORMATS", "Any4Config", "Any4HfQuantizer", "ChannelStats", "Format", "GpuWeight", "QuantLinear", "QuantizedTensor",
     "build_info", "channel_weight", "cuda_available", "cuda_compiled", "dequantize", "gemm",
-    "get_format", "get_num_threads", "kmeans", "load", "nn", "pack", "pack_for_gpu", "quantize",
+    "get_format", "get_num_threads", "kmeans", "load", "nn", "pack", "pack_for_gpu", "packed_bytes",
+    "quantize",
     "quantize_model", "save", "set_num_threads", "unpack", "unpack_from_gpu",
 ]  # fmt: skip

@@ -61,23 +61,23 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "dequantize",
-      [](uintptr_t packed, int64_t N, int64_t K, uintptr_t lut, int64_t lut_rows, int64_t lut_len,
+      [](uintptr_t packed, int64_t N, int64_t K, int bits, uintptr_t lut, int64_t lut_rows, int64_t lut_len,
          uintptr_t scales, int64_t n_groups, int64_t group_size, int table_dtype, uintptr_t w) {
-        dequantize(ptr<const uint8_t>(packed), N, K, ptr<const void>(lut), lut_rows, lut_len,
+        dequantize(ptr<const uint8_t>(packed), N, K, bits, ptr<const void>(lut), lut_rows, lut_len,
                    ptr<const void>(scales), n_groups, group_size, to_dtype(table_dtype), ptr<float>(w));
       },
       gil());
 
   m.def(
-      "pack_nibbles",
-      [](uintptr_t codes, int64_t N, int64_t K, uintptr_t packed) {
-        pack_nibbles(ptr<const uint8_t>(codes), N, K, ptr<uint8_t>(packed));
+      "pack_codes",
+      [](uintptr_t codes, int64_t N, int64_t K, int bits, uintptr_t packed) {
+        pack_codes(ptr<const uint8_t>(codes), N, K, bits, ptr<uint8_t>(packed));
       },
       gil());
   m.def(
-      "unpack_nibbles",
-      [](uintptr_t packed, int64_t N, int64_t K, uintptr_t codes) {
-        unpack_nibbles(ptr<const uint8_t>(packed), N, K, ptr<uint8_t>(codes));
+      "unpack_codes",
+      [](uintptr_t packed, int64_t N, int64_t K, int bits, uintptr_t codes) {
+        unpack_codes(ptr<const uint8_t>(packed), N, K, bits, ptr<uint8_t>(codes));
       },
       gil());
 
@@ -97,7 +97,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "gemm_cpu",
-      [](uintptr_t x, int x_dtype, int64_t M, int64_t K, uintptr_t packed, int64_t N, uintptr_t lut,
+      [](uintptr_t x, int x_dtype, int64_t M, int64_t K, uintptr_t packed, int bits, int64_t N, uintptr_t lut,
          int64_t lut_rows, int64_t lut_len, uintptr_t scales, int64_t n_groups, int64_t group_size,
          int table_dtype, uintptr_t y, int impl) {
         GemmArgs a;
@@ -106,6 +106,7 @@ PYBIND11_MODULE(_C, m) {
         a.M = M;
         a.K = K;
         a.packed = ptr<const uint8_t>(packed);
+        a.bits = bits;
         a.N = N;
         a.lut = ptr<const void>(lut);
         a.lut_rows = lut_rows;

@@ -229,7 +229,9 @@ class Any4HfQuantizer(HfQuantizer):
                         f"quantized layer of shape {tuple(info['shape'])}"
                     )
                 bias = getattr(current, "bias", None)
-                shell = io.quant_shell(info, "meta", None if bias is None else bias.dtype)
+                shell = io.quant_shell(
+                    info, "meta", None if bias is None else bias.dtype, stored_layout=True
+                )
                 _swap_in(model, name, shell)
             if cfg.guard:
                 ignore = set(model._keys_to_ignore_on_load_unexpected or ())
@@ -275,6 +277,7 @@ class Any4HfQuantizer(HfQuantizer):
             self._record_settings(model)
         for m in model.modules():
             if isinstance(m, QuantLinear):
+                m.densify_codes()  # 3/2-bit codes of an older checkpoint, stored in nibbles
                 m.check()  # loaded tensors: shapes, codes in range, finite (any4.validate)
                 m.prepare_for_device()
         cfg.layers = {
