@@ -6,9 +6,11 @@ from typing import Any, Optional
 
 from . import _tensor as T
 from ._core import C
+from .prefill import gemm_panels, min_batch
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 CPU_IMPLS = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
+PANELS = "panels"  # CPU prefill path (any4.prefill): torch tensors only
 
 
 def infer_group_size(K: int, n_groups: int) -> int:
@@ -149,6 +151,10 @@ def _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out):
         return None
     M = x.numel() // K
     y = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype)
+    if M >= 16 and M >= min_batch(T.dtype_name(x)):
+        return gemm_panels(x.view(M, K), packed_w, lut, scales, group_size, y.view(M, N)).view(
+            y.shape
+        )
     if M:
         C.gemm_cpu(x.data_ptr(), x_code, M, K, packed_w.data_ptr(), N, lut.data_ptr(), lut_rows, lut_len,
                    scales.data_ptr(), n_groups, int(group_size), table_code, y.data_ptr(), -1)  # fmt: skip
@@ -191,8 +197,11 @@ def gemm(
         lut: [N, L] per-row or [1, L] / [L] shared table, L <= 16 (float32/16, bfloat16).
         scales: [N, ceil(K/G), 2] (scale, zero), lut's dtype.
         group_size: G; inferred from K and scales.shape[1] when omitted (see infer_group_size).
-        impl: CPU implementation: "auto" (the best this processor supports), "portable", "avx2",
-            "avx512" or "avx512bf16" (AVX-512 with bf16 dot products for bf16 x and tables).
+        impl: CPU implementation: "auto" (the best this processor supports; for large batches of
+            torch x, the prefill path where measured faster, see any4.prefill), "portable",
+            "avx2", "avx512", "avx512bf16" (AVX-512 with bf16 dot products for bf16 x and
+            tables) or "panels" (the prefill path: bounded decoded weight panels times
+            torch.mm; torch tensors only).
         out: optional preallocated y [..., N] (x's dtype, framework and device, contiguous);
             every element is overwritten and it is returned.
     Returns:
@@ -235,9 +244,11 @@ def gemm(
             return y
         out.copy_(y)
         return out
-    if impl not in CPU_IMPLS:
-        raise ValueError(f"impl must be one of {tuple(CPU_IMPLS)}, got {impl!r}")
-    if not C.cpu_impl_supported(CPU_IMPLS[impl]):
+    if impl not in CPU_IMPLS and impl != PANELS:
+        raise ValueError(f"impl must be one of {(*CPU_IMPLS, PANELS)}, got {impl!r}")
+    if impl == PANELS and not all(T.is_torch(t) for t in (x, packed_w, lut, scales)):
+        raise TypeError('impl="panels" needs torch tensors (it multiplies with torch.mm)')
+    if impl != PANELS and not C.cpu_impl_supported(CPU_IMPLS[impl]):
         raise RuntimeError(f"CPU implementation {impl!r} is not supported on this processor/build")
     x2 = x.reshape(-1, K)
     M = int(x2.shape[0])
@@ -248,7 +259,11 @@ def gemm(
             if not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
         y = x2.new_empty((M, N)) if out is None else out.view(M, N)
-        if M:
+        if M and (
+            impl == PANELS or (impl == "auto" and M >= 16 and M >= min_batch(T.dtype_name(x2)))
+        ):
+            gemm_panels(x2, packed_w, lut, scales, group_size, y)
+        elif M:
             C.gemm_cpu(x2.data_ptr(), T.DTYPE_CODE[T.dtype_name(x2)], M, K, packed_w.data_ptr(), N,
                        lut.data_ptr(), lut_rows, lut_len, scales.data_ptr(), n_groups, group_size,
                        T.DTYPE_CODE[T.dtype_name(lut)], y.data_ptr(), CPU_IMPLS[impl])  # fmt: skip
