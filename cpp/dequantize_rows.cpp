@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "cpu_features.h"
+#include "gemm_cpu_kernel.h"
 #include "pack.h"
 #include "parallel.h"
 
@@ -60,7 +62,7 @@ void decode_rows(const GemmArgs& a, int64_t n0, int64_t n1, Out* w, DType w_dtyp
 
 }  // namespace
 
-void dequantize_rows(const GemmArgs& a, int64_t n0, int64_t n1, void* w, DType w_dtype) {
+void dequantize_rows(const GemmArgs& a, int64_t n0, int64_t n1, void* w, DType w_dtype, CpuImpl impl) {
   ANY4_CHECK(a.N >= 1 && a.K >= 1, "dequantize_rows: bad sizes");
   ANY4_CHECK(a.packed && a.lut && a.scales, "dequantize_rows: null operand");
   ANY4_CHECK(a.lut_rows == 1 || a.lut_rows == a.N, "dequantize_rows: lut must have 1 or N rows");
@@ -68,8 +70,21 @@ void dequantize_rows(const GemmArgs& a, int64_t n0, int64_t n1, void* w, DType w
   ANY4_CHECK(a.group_size >= 1 && a.n_groups == ceil_div(a.K, a.group_size),
              "dequantize_rows: scales do not match K / group_size");
   ANY4_CHECK(0 <= n0 && n0 <= n1 && n1 <= a.N, "dequantize_rows: row range outside [0, N]");
+  ANY4_CHECK(impl == CpuImpl::Auto || impl == CpuImpl::Portable || impl == CpuImpl::Avx2,
+             "dequantize_rows: impl must be auto, portable or avx2");
+  ANY4_CHECK(impl != CpuImpl::Avx2 || cpu_impl_supported(CpuImpl::Avx2),
+             "dequantize_rows: avx2 is not supported on this processor/build");
   if (n0 == n1) return;
   ANY4_CHECK(w != nullptr, "dequantize_rows: null output");
+  const bool even_groups = a.group_size % 2 == 0 || a.n_groups == 1;  // blocks start on a byte
+  if (impl == CpuImpl::Auto) impl = cpu_impl_supported(CpuImpl::Avx2) ? CpuImpl::Avx2 : CpuImpl::Portable;
+#ifdef ANY4_X86_KERNELS
+  if (impl == CpuImpl::Avx2 && even_groups) {
+    parallel_for(n1 - n0, std::max<int64_t>(1, (1 << 15) / a.K),
+                 [&](int64_t b, int64_t e) { gemm_detail::avx2_dequantize_rows(a, n0, b, e, w, w_dtype); });
+    return;
+  }
+#endif
   if (w_dtype == DType::F32) {
     decode_rows(a, n0, n1, static_cast<float*>(w), w_dtype);
   } else {

@@ -14,7 +14,10 @@
 namespace any4 {
 
 // Rows [n0, n1) of the weight described by a (x, M and y are ignored) into w [n1 - n0, K],
-// row-major, dtype w_dtype. Throws std::invalid_argument for bad operands or row ranges.
-void dequantize_rows(const GemmArgs& a, int64_t n0, int64_t n1, void* w, DType w_dtype);
+// row-major, dtype w_dtype. impl: Auto (AVX2 lookups where the processor has them and the group
+// size is even, else portable), Portable, or Avx2 (std::invalid_argument where unsupported).
+// Both give identical values. Throws std::invalid_argument for bad operands or row ranges.
+void dequantize_rows(const GemmArgs& a, int64_t n0, int64_t n1, void* w, DType w_dtype,
+                     CpuImpl impl = CpuImpl::Auto);
 
 }  // namespace any4

@@ -26,27 +26,49 @@ def random_weight(N, K, G, table_dtype, lut_rows=None, lut_len=16, seed=0):
     return any4.pack(codes), lut, scales
 
 
-def decode(packed, lut, scales, K, G, n0, n1, dtype):
+DECODE_IMPLS = pytest.mark.parametrize(
+    "impl",
+    [
+        pytest.param(0, id="portable"),
+        pytest.param(
+            1,
+            id="avx2",
+            marks=pytest.mark.skipif(
+                not any4.build_info()["cpu_impls"]["avx2"], reason="no AVX2 here"
+            ),
+        ),
+    ],
+)
+
+
+def decode(packed, lut, scales, K, G, n0, n1, dtype, impl=-1):
     N = packed.shape[0]
     w = torch.full((n1 - n0, K), float("nan"), dtype=DTYPES[dtype])
     C.dequantize_rows(packed.data_ptr(), N, K, lut.data_ptr(), lut.shape[0], lut.shape[1],
                       scales.data_ptr(), scales.shape[1], G, CODE[str(lut.dtype)[6:]], n0, n1,
-                      w.data_ptr(), CODE[dtype])  # fmt: skip
+                      w.data_ptr(), CODE[dtype], impl)  # fmt: skip
     return w
 
 
+@DECODE_IMPLS
 @pytest.mark.parametrize("table_dtype", list(DTYPES))
 @pytest.mark.parametrize("out_dtype", list(DTYPES))
-@pytest.mark.parametrize("N,K,G,lut_rows", [(37, 200, 64, None), (5, 77, 8, 1), (9, 45, 9, None)])
-def test_dequantize_rows_matches_reference(table_dtype, out_dtype, N, K, G, lut_rows):
+@pytest.mark.parametrize(
+    "N,K,G,lut_rows,lut_len",
+    [(37, 200, 64, None, 16), (5, 77, 8, 1, 16), (9, 45, 9, None, 16), (6, 1000, 24, None, 7),
+     (3, 33, 33, 1, 16), (4, 300, 256, None, 4)],
+)  # fmt: skip
+def test_dequantize_rows_matches_reference(
+    impl, table_dtype, out_dtype, N, K, G, lut_rows, lut_len
+):
     """Every row range, odd K, short last group, odd group size (groups starting on a high
     nibble); equal to the float64 reference rounded once to the output dtype."""
-    packed, lut, scales = random_weight(N, K, G, table_dtype, lut_rows)
+    packed, lut, scales = random_weight(N, K, G, table_dtype, lut_rows, lut_len)
     ref = dequant_ref(packed, lut, scales, K, G)
     # The kernels' value is fma(lut, scale, zero) in fp32; the reference is float64, so compare
     # after rounding both to the output dtype, with one fp32 rounding step of slack.
     for n0, n1 in ((0, N), (1, N - 1), (N - 1, N), (2, 2)):
-        w = decode(packed, lut, scales, K, G, n0, n1, out_dtype)
+        w = decode(packed, lut, scales, K, G, n0, n1, out_dtype, impl)
         assert w.shape == (n1 - n0, K)
         expect = torch.from_numpy(ref[n0:n1]).to(DTYPES[out_dtype]).double()
         assert not torch.isnan(w).any()
@@ -54,10 +76,16 @@ def test_dequantize_rows_matches_reference(table_dtype, out_dtype, N, K, G, lut_
         torch.testing.assert_close(w.double(), expect, rtol=tol, atol=tol)
 
 
-def test_dequantize_rows_is_exactly_the_dequantized_weight():
-    packed, lut, scales = random_weight(23, 130, 64, "bfloat16")
-    qt = any4.QuantizedTensor(packed, lut, scales, (23, 130), "any4", 64)
-    assert torch.equal(decode(packed, lut, scales, 130, 64, 0, 23, "float32"), any4.dequantize(qt))
+@DECODE_IMPLS
+def test_dequantize_rows_is_exactly_the_dequantized_weight(impl):
+    for G in (64, 8, 24):
+        packed, lut, scales = random_weight(23, 130, G, "bfloat16")
+        qt = any4.QuantizedTensor(packed, lut, scales, (23, 130), "any4", G)
+        w = decode(packed, lut, scales, 130, G, 0, 23, "float32", impl)
+        assert torch.equal(w, any4.dequantize(qt))
+        for dt in ("bfloat16", "float16"):  # rounded once: the same as rounding the fp32 value
+            w16 = decode(packed, lut, scales, 130, G, 0, 23, dt, impl)
+            assert torch.equal(w16, w.to(DTYPES[dt]))
 
 
 def test_dequantize_rows_checks_its_range():
@@ -65,7 +93,7 @@ def test_dequantize_rows_checks_its_range():
     for n0, n1 in ((-1, 3), (3, 2), (0, 9)):
         with pytest.raises(ValueError, match="row range"):
             C.dequantize_rows(packed.data_ptr(), 8, 64, lut.data_ptr(), 8, 16, scales.data_ptr(),
-                              2, 32, 0, n0, n1, torch.empty(16, 64).data_ptr(), 0)  # fmt: skip
+                              2, 32, 0, n0, n1, torch.empty(16, 64).data_ptr(), 0, -1)  # fmt: skip
 
 
 def best_kernel() -> str:

@@ -55,8 +55,9 @@ def test_default_process_shares_torch_openmp_team():
     assert (r["n1"], r["n2"], r["n3"], r["after"]) == (1, 2, 3, 3), r
 
 
-def test_env_keeps_the_pool():
-    r = run_fresh(PROBE, ANY4_PARALLEL="pool")
+@pytest.mark.parametrize("env", [{"ANY4_PARALLEL": "pool"}, {"OMP_WAIT_POLICY": "passive"}])
+def test_env_keeps_the_pool(env):
+    r = run_fresh(PROBE, **env)
     assert r["backend"] == "pool"
     assert (r["n3"], r["after"]) == (3, 3)
 

@@ -129,7 +129,7 @@ PYBIND11_MODULE(_C, m) {
       "dequantize_rows",
       [](uintptr_t packed, int64_t N, int64_t K, uintptr_t lut, int64_t lut_rows, int64_t lut_len,
          uintptr_t scales, int64_t n_groups, int64_t group_size, int table_dtype, int64_t n0, int64_t n1,
-         uintptr_t w, int w_dtype) {
+         uintptr_t w, int w_dtype, int impl) {
         GemmArgs a;
         a.K = K;
         a.packed = ptr<const uint8_t>(packed);
@@ -141,7 +141,7 @@ PYBIND11_MODULE(_C, m) {
         a.n_groups = n_groups;
         a.group_size = group_size;
         a.table_dtype = to_dtype(table_dtype);
-        dequantize_rows(a, n0, n1, ptr<void>(w), to_dtype(w_dtype));
+        dequantize_rows(a, n0, n1, ptr<void>(w), to_dtype(w_dtype), static_cast<CpuImpl>(impl));
       },
       gil());
   m.def("cpu_features", [] {

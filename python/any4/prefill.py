@@ -30,7 +30,7 @@ PANEL_BYTES = 8 << 20  # largest decoded panel (float weights of one panel of ro
 # is several times slower than its fp32 one, so bf16 x is multiplied in fp32. AVX-512, AVX512-BF16
 # and AMX have not been measured yet: the fused kernels stay in use there.
 MIN_BATCH: dict = {
-    "avx2": {"float32": (128, "float32"), "bfloat16": (128, "float32")},
+    "avx2": {"float32": (1024, "float32"), "bfloat16": (1024, "float32")},
 }
 
 
@@ -107,7 +107,7 @@ def gemm_panels(x2: Any, packed: Any, lut: Any, scales: Any, group_size: int, y:
         n1 = min(N, n0 + rows)
         C.dequantize_rows(packed.data_ptr(), N, K, lut.data_ptr(), lut_rows, lut_len, scales.data_ptr(),
                           int(scales.shape[1]), int(group_size), T.DTYPE_CODE[T.dtype_name(lut)], n0, n1,
-                          panel.data_ptr(), T.DTYPE_CODE[cdt_name])  # fmt: skip
+                          panel.data_ptr(), T.DTYPE_CODE[cdt_name], -1)  # fmt: skip
         w = panel[: n1 - n0]
         if direct:
             torch.mm(xc, w.t(), out=y)

@@ -10,8 +10,9 @@ ones that pick up any4's chunks. The C++ core does not link torch or OpenMP: it 
 among the libraries already loaded in the process (``cpp/parallel.h``).
 
 Thread count: ``any4.set_num_threads`` (or ``ANY4_NUM_THREADS``) if used, otherwise the OpenMP
-runtime's own setting, i.e. ``torch.set_num_threads``. ``ANY4_PARALLEL=pool`` in the environment
-keeps any4 on its own pool.
+runtime's own setting, i.e. ``torch.set_num_threads``. any4 keeps its own pool when
+``OMP_WAIT_POLICY=PASSIVE`` (torch's workers then sleep right after each op, so they take no
+cores, and waking them would only add latency to every any4 call) or ``ANY4_PARALLEL=pool``.
 
     any4.threads.parallel_backend()    # "pool" or "openmp:/.../torch/lib/libgomp.so.1"
 """
@@ -57,6 +58,9 @@ def use_thread_pool() -> None:
 
 def on_torch_seen(torch: Any) -> None:
     """Called once when any4 first sees torch imported: shares torch's OpenMP team unless
-    ``ANY4_PARALLEL=pool``."""
-    if os.environ.get("ANY4_PARALLEL", "").strip().lower() != "pool":
-        use_torch_openmp(torch)
+    ``ANY4_PARALLEL=pool`` or ``OMP_WAIT_POLICY=PASSIVE``."""
+    if os.environ.get("ANY4_PARALLEL", "").strip().lower() == "pool":
+        return
+    if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
+        return
+    use_torch_openmp(torch)
