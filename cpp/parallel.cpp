@@ -7,7 +7,9 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -20,19 +22,26 @@
 namespace any4 {
 namespace {
 
-// ANY4_NUM_THREADS, or 0 when it is not set (or not a positive number).
+int hardware_threads() {
+  unsigned hw = std::thread::hardware_concurrency();
+  return hw == 0 ? 1 : static_cast<int>(std::min<unsigned>(hw, kMaxThreads));
+}
+
+// ANY4_NUM_THREADS when it is a number in [1, kMaxThreads] (the Python package refuses other
+// values with a clear error before the core is used), else 0.
 int env_threads() {
   if (const char* env = std::getenv("ANY4_NUM_THREADS")) {
-    int v = std::atoi(env);
-    if (v > 0) return v;
+    char* end = nullptr;
+    long v = std::strtol(env, &end, 10);
+    if (end != env && *end == '\0' && v >= 1 && v <= kMaxThreads) return static_cast<int>(v);
   }
   return 0;
 }
 
+// ANY4_NUM_THREADS if valid, else the hardware concurrency (capped).
 int default_threads() {
   if (int v = env_threads()) return v;
-  unsigned hw = std::thread::hardware_concurrency();
-  return hw == 0 ? 1 : static_cast<int>(hw);
+  return hardware_threads();
 }
 
 // Pause hint for spin loops.
@@ -66,13 +75,24 @@ constexpr int kCallerSpinMicros = 50;
 // chunk indices that every participant (caller included) pulls from an atomic counter.
 class Pool {
  public:
-  explicit Pool(int n_workers) { resize(n_workers); }
+  Pool() = default;
   ~Pool() { stop_all(); }
 
+  // Starts exactly n_workers workers. If the system cannot start them all, the ones started are
+  // stopped again (the pool is left empty, so parallel_for still works, on the caller's thread)
+  // and std::runtime_error says so.
   void resize(int n_workers) {
     stop_all();
     stop_ = false;
-    for (int i = 0; i < n_workers; ++i) workers_.emplace_back([this] { loop(); });
+    try {
+      for (int i = 0; i < n_workers; ++i) workers_.emplace_back([this] { loop(); });
+    } catch (const std::system_error& e) {
+      const size_t started = workers_.size();
+      stop_all();
+      throw std::runtime_error("could not start " + std::to_string(n_workers) + " worker threads (started " +
+                               std::to_string(started) + "): " + e.what() +
+                               "; use fewer threads (any4.set_num_threads / ANY4_NUM_THREADS)");
+    }
   }
 
   int workers() const { return static_cast<int>(workers_.size()); }
@@ -164,13 +184,25 @@ class Pool {
 };
 
 int g_threads = default_threads();
-// True once the thread count was chosen (ANY4_NUM_THREADS or set_num_threads); otherwise a shared
-// OpenMP runtime's own setting (e.g. torch.set_num_threads) decides.
+// True once the thread count was chosen (a valid ANY4_NUM_THREADS or set_num_threads); otherwise
+// a shared OpenMP runtime's own setting (e.g. torch.set_num_threads) decides.
 bool g_threads_chosen = env_threads() > 0;
 
+// Started lazily (first parallel region or set_num_threads), so importing starts no thread.
 Pool& pool() {
-  static Pool p(std::max(0, g_threads - 1));
+  static Pool p;
   return p;
+}
+
+// Makes the pool hold n - 1 workers; on failure falls back to one thread and rethrows.
+void ensure_workers(int n) {
+  if (pool().workers() == n - 1) return;
+  try {
+    pool().resize(n - 1);
+  } catch (...) {
+    g_threads = 1;
+    throw;
+  }
 }
 
 // ---------------------------------------------------------------- shared OpenMP runtime
@@ -233,7 +265,7 @@ const OpenMPRuntime* open_runtime(const std::string& path) {
 #endif
 
 int current_threads(const OpenMPRuntime* omp) {
-  if (omp && !g_threads_chosen) return std::max(1, omp->max_threads());
+  if (omp && !g_threads_chosen) return std::max(1, std::min(kMaxThreads, omp->max_threads()));
   return g_threads;
 }
 
@@ -276,10 +308,12 @@ int get_num_threads() {
 }
 
 void set_num_threads(int n) {
-  if (n < 1) n = 1;
+  if (n < 1 || n > kMaxThreads)
+    throw std::invalid_argument("number of threads must be in [1, " + std::to_string(kMaxThreads) +
+                                "], got " + std::to_string(n));
   g_threads = n;
   g_threads_chosen = true;
-  if (!g_openmp.load() && pool().workers() != n - 1) pool().resize(n - 1);
+  if (!g_openmp.load()) ensure_workers(n);
 }
 
 bool use_openmp_runtime(const char* prefer_prefix) {
@@ -301,7 +335,6 @@ bool use_openmp_runtime(const char* prefer_prefix) {
 
 void use_thread_pool() {
   g_openmp.store(nullptr);
-  if (pool().workers() != g_threads - 1) pool().resize(g_threads - 1);
 }
 
 const char* parallel_backend() {
@@ -318,6 +351,13 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   if (threads <= 1 || max_chunks <= 1) {
     fn(0, n);
     return;
+  }
+  if (!omp) {
+    ensure_workers(threads);  // the first region starts the workers (errors: runtime_error)
+    if (g_threads <= 1) {
+      fn(0, n);
+      return;
+    }
   }
   // A few chunks per thread for load balance, never smaller than grain.
   int64_t n_chunks = std::min<int64_t>(max_chunks, static_cast<int64_t>(threads) * 4);

@@ -73,9 +73,33 @@ def test_quantize_then_eval_saved_dir(model_dir, tmp_path, capsys) -> None:
         ]
     )
     assert rc == 0
-    rows = json.loads((tmp_path / "saved_eval.json").read_text())["rows"]
+    result = json.loads((tmp_path / "saved_eval.json").read_text())
+    rows = result["rows"]
     assert len(rows) == 1 and rows[0]["fmt"] == "any4" and math.isfinite(rows[0]["ppl"])
-    assert "any4" in capsys.readouterr().out
+    # the settings recorded in the checkpoint, not this command's defaults (one-pass, no text)
+    info = result["info"]
+    assert info["mode"] == "sequential" and info["group_size"] == 32
+    assert (
+        info["checkpoint_settings"]["calibration_tokens"] == meta["settings"]["calibration_tokens"]
+    )
+    out_text = capsys.readouterr().out
+    assert "mode=sequential" in out_text and "% of the" in out_text
+
+
+def test_quantize_keeps_checkpoint_dtype_and_dtype_option(tmp_path, capsys) -> None:
+    src = tmp_path / "bf16"
+    tiny_llama(seed=2, dtype=torch.bfloat16).save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    for option, expected in (([], torch.bfloat16), (["--dtype", "float32"], torch.float32)):
+        out = tmp_path / f"q{len(option)}"
+        argv = ["quantize", str(src), "--fmt", "int4", "--group-size", "16", "--out", str(out)]
+        assert main(argv + option + ["--max-shard-size", "40KB"]) == 0
+        assert (out / "model.safetensors.index.json").is_file()
+        loaded = any4.load(out)
+        assert loaded.model.norm.weight.dtype == expected
+        assert loaded.model.embed_tokens.weight.dtype == expected
+        text = capsys.readouterr().out
+        assert f"kept in {str(expected).replace('torch.', '')}" in text and "% of the" in text
 
 
 def test_eval_formats_table(model_dir, tmp_path, capsys) -> None:

@@ -97,6 +97,19 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, help="CPU threads for torch and any4")
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _add_dtype_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="dtype of the float model (default auto: the checkpoint's own, e.g. a bf16 model "
+        "stays bf16; float32 for the built-in GGUF model, which is dequantized on load)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -121,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-size", type=_positive_int, default=128, help="group size G (default 128)"
     )
     q.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    q.add_argument(
+        "--max-shard-size",
+        default=None,
+        metavar="SIZE",
+        help="shard the weights into files of at most SIZE (e.g. 2GB) with an index (default: one file)",
+    )
+    _add_dtype_option(q)
     _add_quant_options(q)
 
     e = sub.add_parser(
@@ -150,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--text", metavar="FILE", help="held-out text file (default: CPython's pydoc topics)"
     )
+    _add_dtype_option(e)
     e.add_argument(
         "--seq-len",
         type=_positive_int,
@@ -198,24 +219,41 @@ def _set_threads(n: Optional[int]) -> None:
         any4.set_num_threads(n)
 
 
-def load_float_model(spec: str) -> tuple:
-    """(model, tokenizer) for a model spec (see the module docstring)."""
+def load_float_model(spec: str, dtype: str = "auto") -> tuple:
+    """(model, tokenizer) for a model spec (see the module docstring), in ``dtype`` ("auto": the
+    checkpoint's own dtype; float32 for GGUF files, which are dequantized on load)."""
+    import torch
+
     from .builtin import BUILTIN_ALIASES, load_builtin, load_gguf
 
+    torch_dtype = None if dtype in (None, "auto") else getattr(torch, dtype)
     if spec.lower() in BUILTIN_ALIASES:
-        return load_builtin()
+        return load_builtin(torch_dtype)
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"no GGUF file at {spec}")
-        return load_gguf(spec)
-    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "any4.json")):
+        return load_gguf(spec, torch_dtype)
+    if is_any4_checkpoint(spec):
         raise ValueError(f"{spec} is already quantized by any4; quantize the float model instead")
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec)
-    model = AutoModelForCausalLM.from_pretrained(spec).to(torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype or "auto").eval()
     return model, tokenizer
+
+
+def is_any4_checkpoint(path: str) -> bool:
+    """A directory written by any4 (any4.json, or config.json with an any4 quantization_config)."""
+    if not os.path.isdir(path):
+        return False
+    if os.path.isfile(os.path.join(path, "any4.json")):
+        return True
+    from .io import _hf_quantization_config
+
+    try:
+        return _hf_quantization_config(path) is not None
+    except ValueError:
+        return False
 
 
 def _tokenizer_for(directory: str) -> Any:
@@ -245,7 +283,7 @@ def _quant_options(args: argparse.Namespace) -> dict:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .eval import mean_bits_per_weight
     from .io import save
-    from .model import quantize_model
+    from .model import quantize_model, quantize_summary
 
     _set_threads(args.threads)
     fmt = args.fmt.lower()
@@ -253,22 +291,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     get_format(fmt)  # clear error for an unknown format before loading the model
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, tokenizer = load_float_model(args.model)
+    model, tokenizer = load_float_model(args.model, args.dtype)
     start = time.perf_counter()
     quantize_model(
-        model, fmt, args.group_size, _calibration(args), tokenizer=tokenizer, **_quant_options(args)
-    )
+        model, fmt, args.group_size, _calibration(args), tokenizer=tokenizer, progress=True,
+        **_quant_options(args),
+    )  # fmt: skip
     seconds = time.perf_counter() - start
-    file = save(model, args.out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.out)
+    file = save(model, args.out, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
     bits = mean_bits_per_weight(model)
-    size = os.path.getsize(file) / 2**20
+    size = sum(
+        os.path.getsize(os.path.join(args.out, n))
+        for n in os.listdir(args.out)
+        if n.endswith(".safetensors")
+    )
+    dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point()))
     print(
         f"quantized {args.model} to {fmt} G={args.group_size} in {seconds:.1f} s"
         + (f" ({bits:.3f} bits/weight in the quantized layers)" if bits else "")
+        + f"; float tensors kept in {dtype.replace('torch.', '')}"
     )
-    print(f"saved {file} ({size:.1f} MiB); load with any4.load({args.out!r})")
+    print(quantize_summary(getattr(model, "any4_settings", {}) or {}))
+    print(
+        f"saved {file} ({size / 2**20:.1f} MiB); load with any4.load({args.out!r}) or, after "
+        f"import any4, AutoModelForCausalLM.from_pretrained({args.out!r})"
+    )
     return 0
 
 
@@ -286,16 +333,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
 
     _set_threads(args.threads)
-    is_any4_dir = os.path.isdir(args.model) and os.path.isfile(
-        os.path.join(args.model, "any4.json")
-    )
+    is_any4_dir = is_any4_checkpoint(args.model)
     print(f"loading {args.model} ...", file=sys.stderr)
     if is_any4_dir:
         from .io import load
 
         model, tokenizer = load(args.model), _tokenizer_for(args.model)
+        if args.dtype != "auto":
+            model.to(getattr(__import__("torch"), args.dtype))
     else:
-        model, tokenizer = load_float_model(args.model)
+        model, tokenizer = load_float_model(args.model, args.dtype)
     text = read_text(args.text) if args.text else heldout_text()
     text_name = os.path.basename(args.text) if args.text else heldout_description()
     windows = make_windows(token_ids(text, tokenizer), args.seq_len, args.max_tokens)
@@ -315,6 +362,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         },
         "environment": environment(),
     }
+    if is_any4_dir:  # the settings the checkpoint was quantized with, not this command's defaults
+        recorded = dict(getattr(model, "any4_settings", {}) or {})
+        for key in ("calibration", "mode", "weighting", "method", "table_dtype", "skip"):
+            info.pop(key, None)
+        info["checkpoint_settings"] = recorded
+        info.update({k: recorded.get(k) for k in ("fmt", "group_size", "mode", "weighting",
+                                                  "method", "table_dtype", "skip")})  # fmt: skip
+        info["calibration"] = f"{recorded.get('calibration_tokens', '?')} tokens (as recorded)"
+        if args.calibration:
+            print("note: the model is already quantized; --calibration is ignored", file=sys.stderr)
+        shown = ("fmt", "group_size", "mode", "weighting", "method", "table_dtype",
+                 "calibration_tokens", "quantized_fraction")  # fmt: skip
+        print("checkpoint settings: " + ", ".join(f"{k}={recorded.get(k)}" for k in shown))
     if is_any4_dir:
         if args.fmt:
             print("note: the model is already quantized; --fmt is ignored", file=sys.stderr)
