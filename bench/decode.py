@@ -208,10 +208,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="bench/results/decode")
     ap.add_argument(
         "--parallel",
-        default="default",
-        choices=("default", "pool", "both"),
-        help="where any4's threads run: default (PyTorch's OpenMP team, any4.threads), pool "
-        "(any4's own pool), both (each 4-bit format under both, same run)",
+        default="pool",
+        choices=("pool", "openmp", "both"),
+        help="where any4's threads run (any4.threads): pool (any4's own, the default), openmp "
+        "(PyTorch's OpenMP team), both (each 4-bit format under both, same run)",
     )
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -228,11 +228,11 @@ def main(argv=None) -> None:
                     (fmt, backend)
                     for fmt in args.formats.split(",")
                     for backend in (
-                        ["default"]
-                        if fmt == "bf16" or args.parallel == "default"
-                        else ["pool"]
-                        if args.parallel == "pool"
-                        else ["pool", "default"]
+                        ["pool"]
+                        if fmt == "bf16"
+                        else ["pool", "openmp"]
+                        if args.parallel == "both"
+                        else [args.parallel]
                     )
                 ]
                 for fmt, backend in runs:

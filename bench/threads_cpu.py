@@ -4,8 +4,8 @@ In a model, every matmul follows PyTorch ops (norms, attention, activations) who
 with the default OMP_WAIT_POLICY, keep spinning on the cores afterwards. This measures that
 situation directly: each step runs one parallel PyTorch op (an elementwise op over 256K floats)
 and then the timed matmul, weights rotating from DRAM (> 2x the last-level cache). Candidates:
-any4.gemm (any4 format, G=128) with any4's threads on its own pool ("pool", the behaviour before
-any4.threads) and on PyTorch's OpenMP team ("openmp", the default now), torch's int4 CPU kernel
+any4.gemm (any4 format, G=128) with any4's threads on its own pool ("pool", the default) and
+on PyTorch's OpenMP team ("openmp", ANY4_PARALLEL=openmp, any4.threads), torch's int4 CPU kernel
 (_weight_int4pack_mm_for_cpu) and dense x @ W.T in bf16 and fp32. Round-robin, median of the
 timed matmuls; no environment variables are set (run it without OMP_WAIT_POLICY).
 

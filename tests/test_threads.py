@@ -45,9 +45,15 @@ print(json.dumps({"backend": b0, "n1": n1, "n2": n2, "n3": n3, "after": any4.get
 """
 
 
-@needs_openmp
-def test_default_process_shares_torch_openmp_team():
+def test_default_process_keeps_the_pool():
     r = run_fresh(PROBE)
+    assert r["backend"] == "pool"
+    assert (r["n3"], r["after"]) == (3, 3)
+
+
+@needs_openmp
+def test_env_shares_torch_openmp_team():
+    r = run_fresh(PROBE, ANY4_PARALLEL="openmp")
     assert r["backend"].startswith("openmp:"), r
     lib = os.path.basename(r["backend"])
     assert any(lib.startswith(p) for p in ("libgomp", "libiomp", "libomp")), lib
@@ -55,11 +61,9 @@ def test_default_process_shares_torch_openmp_team():
     assert (r["n1"], r["n2"], r["n3"], r["after"]) == (1, 2, 3, 3), r
 
 
-@pytest.mark.parametrize("env", [{"ANY4_PARALLEL": "pool"}, {"OMP_WAIT_POLICY": "passive"}])
-def test_env_keeps_the_pool(env):
-    r = run_fresh(PROBE, **env)
+def test_passive_workers_keep_the_pool():
+    r = run_fresh(PROBE, ANY4_PARALLEL="openmp", OMP_WAIT_POLICY="passive")
     assert r["backend"] == "pool"
-    assert (r["n3"], r["after"]) == (3, 3)
 
 
 @needs_openmp
@@ -72,7 +76,7 @@ any4.gemm(torch.randn(2, 64), torch.zeros(4, 32, dtype=torch.uint8), torch.zeros
           torch.ones(4, 1, 2))
 print(json.dumps({"before": b0, "after": any4.threads.parallel_backend()}))
 """
-    r = run_fresh(code)
+    r = run_fresh(code, ANY4_PARALLEL="openmp")
     assert r["before"] == "pool" and r["after"].startswith("openmp:"), r
 
 

@@ -58,7 +58,7 @@ from ._hf_hook import install as _install_hf_hook  # noqa: E402
 
 _install_hf_hook()
 
-if "torch" in _sys.modules:  # torch already imported: share its OpenMP team now
+if "torch" in _sys.modules:  # torch already imported: ANY4_PARALLEL=openmp applies now
     from . import _tensor
 
     _tensor._torch()

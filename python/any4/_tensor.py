@@ -29,7 +29,7 @@ def _torch():
         if _TORCH is not None:
             from .threads import on_torch_seen
 
-            on_torch_seen(_TORCH)  # run any4's threads on torch's OpenMP team
+            on_torch_seen(_TORCH)  # ANY4_PARALLEL=openmp: any4's threads on torch's team
     return _TORCH
 
 
