@@ -206,8 +206,10 @@ def main() -> None:
         default=0,
         help="after the sweep, measure the target cases (weights from memory) this many more times",
     )
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes M")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    batches = [int(m) for m in args.batches.split(",")]
     thread_counts = [int(t) for t in str(args.threads).split(",")]
     shapes = SHAPES[:1] if args.quick else SHAPES
     rounds, max_s = (4, 4.0) if args.quick else (8, 8.0)
@@ -242,7 +244,7 @@ def main() -> None:
     # The sweep, then (--repeat) the target cases again: on a shared machine the memory
     # bandwidth available to a batch-1 kernel changes from minute to minute, so one figure per
     # target says little about how reliably it is met.
-    plan = [(N, K, weights, dtype, BATCHES, -1) for N, K, weights in runs for dtype in DTYPES]
+    plan = [(N, K, weights, dtype, batches, -1) for N, K, weights in runs for dtype in DTYPES]
     for rep in range(args.repeat):
         plan += [
             (N, K, "memory", dtype, sorted({M for d, M, *_ in TARGETS if d == str(dtype)[6:]}), rep)
