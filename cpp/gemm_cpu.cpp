@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_features.h"
 #include "gemm_cpu_kernel.h"
 #include "pack.h"
 #include "parallel.h"
@@ -120,23 +121,15 @@ void run_kernel(const gemm_detail::Kernel& k, const GemmArgs& a) {
 }
 #endif
 
-bool cpu_has(const char* what) {
-#if defined(ANY4_X86_KERNELS) && (defined(__x86_64__) || defined(__i386__))
-  __builtin_cpu_init();
-  if (std::string(what) == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (std::string(what) == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (std::string(what) == "avx512bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
-#endif
-  return false;
-}
-
 }  // namespace
 
 bool cpu_impl_supported(CpuImpl impl) {
-  static const bool avx2 = cpu_has("avx2"), avx512 = cpu_has("avx512"), avx512bf16 = cpu_has("avx512bf16");
+#ifdef ANY4_X86_KERNELS
+  const CpuFeatures& f = cpu_features();
+  const bool avx2 = f.avx2, avx512 = f.avx512, avx512bf16 = f.avx512bf16;
+#else
+  const bool avx2 = false, avx512 = false, avx512bf16 = false;
+#endif
   switch (impl) {
     case CpuImpl::Auto:
     case CpuImpl::Portable:

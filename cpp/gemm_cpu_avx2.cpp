@@ -661,7 +661,55 @@ void run_tiles(const GemmArgs& a, int64_t m0, int64_t mb, const void* xbuf, int6
     run_tiles_bits<4>(a, m0, mb, x, t0, t1, s);
 }
 
+// Code bytes [off, off + 8) of a row of P bytes widened to 8 dwords (past the row end: 0).
+inline __m256i load_codes_at(const uint8_t* row, int64_t P, int64_t off) {
+  if (P - off >= 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + off)));
+  alignas(16) unsigned char tmp[16] = {0};
+  if (P > off) std::memcpy(tmp, row + off, static_cast<size_t>(P - off));
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tmp)));
+}
+
 }  // namespace
+
+void avx2_dequantize_rows(const GemmArgs& a, int64_t n0, int64_t r0, int64_t r1, void* w, DType w_dtype) {
+  const int64_t K = a.K, P = (K + 1) / 2, G = a.group_size, es = elem_size(w_dtype);
+  for (int64_t n = n0 + r0; n < n0 + r1; ++n) {
+    const int64_t lr = a.lut_rows == 1 ? 0 : n;
+    const __m256 t_lo = load8_f32(a.lut, a.table_dtype, lr * a.lut_len, imin(8, a.lut_len));
+    const __m256 t_hi = load8_f32(a.lut, a.table_dtype, lr * a.lut_len + 8, imax(0, a.lut_len - 8));
+    const uint8_t* row = a.packed + n * P;
+    unsigned char* out = static_cast<unsigned char*>(w) + (n - n0) * K * es;
+    for (int64_t g = 0; g < a.n_groups; ++g) {
+      // The group's 16 values fma(lut, scale, zero), then pure lookups.
+      const __m256 sz = load8_f32(a.scales, a.table_dtype, (n * a.n_groups + g) * 2, 2);
+      const __m256 s = _mm256_permutevar8x32_ps(sz, _mm256_setzero_si256());
+      const __m256 z = _mm256_permutevar8x32_ps(sz, _mm256_set1_epi32(1));
+      const __m256 d_lo = _mm256_fmadd_ps(t_lo, s, z), d_hi = _mm256_fmadd_ps(t_hi, s, z);
+      const int64_t k_end = imin(K, (g + 1) * G);
+      for (int64_t k0 = g * G; k0 < k_end; k0 += kBlock) {  // k0 even: G is even
+        const __m256i v = load_codes_at(row, P, k0 / 2);
+        const __m256 ev = lookup16(v, d_lo, d_hi), od = lookup16(_mm256_srli_epi32(v, 4), d_lo, d_hi);
+        // Natural order: [e0 o0 e1 o1 | e4 o4 e5 o5] and [e2 o2 e3 o3 | e6 o6 e7 o7], then lanes.
+        const __m256 lo = _mm256_unpacklo_ps(ev, od), hi = _mm256_unpackhi_ps(ev, od);
+        const __m256 first = _mm256_permute2f128_ps(lo, hi, 0x20),
+                     second = _mm256_permute2f128_ps(lo, hi, 0x31);
+        const int64_t count = imin(kBlock, k_end - k0);
+        if (count == kBlock && w_dtype == DType::F32) {
+          float* o = reinterpret_cast<float*>(out) + k0;
+          _mm256_storeu_ps(o, first);
+          _mm256_storeu_ps(o + 8, second);
+        } else if (count == kBlock && w_dtype == DType::BF16) {
+          __m128i* o = reinterpret_cast<__m128i*>(reinterpret_cast<uint16_t*>(out) + k0);
+          _mm_storeu_si128(o, f32_to_bf16_bits(first));
+          _mm_storeu_si128(o + 1, f32_to_bf16_bits(second));
+        } else {
+          store8(out, w_dtype, k0, imin(8, count), first);
+          if (count > 8) store8(out, w_dtype, k0 + 8, count - 8, second);
+        }
+      }
+    }
+  }
+}
 
 Kernel avx2_kernel() {
   Kernel k;

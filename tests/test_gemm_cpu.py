@@ -1,4 +1,5 @@
-"""CPU gemm kernels (portable, AVX2, AVX-512, AVX512-BF16) against a float64 reference.
+"""CPU gemm kernels (portable, AVX2, AVX-512, AVX512-BF16, and the prefill path "panels") against
+a float64 reference.
 
 Every implementation this processor supports is run on fresh random data; the output buffer is
 filled with NaN first (``out=``) so an element the kernel does not write fails the test.
@@ -24,7 +25,8 @@ impl_params = pytest.mark.parametrize(
             i, marks=pytest.mark.skipif(not SUPPORTED[i], reason=f"{i} not supported here")
         )
         for i in IMPLS
-    ],
+    ]
+    + ["panels"],  # decoded weight panels times torch.mm (any4.prefill), on every processor
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -8,6 +8,8 @@
 #include <string>
 
 #include "common.h"
+#include "cpu_features.h"
+#include "dequantize_rows.h"
 #include "emulate_gpu.h"
 #include "gemm_cpu.h"
 #include "kmeans.h"
@@ -36,6 +38,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.attr("max_threads") = kMaxThreads;
+  m.def(
+      "use_openmp_runtime",
+      [](const std::string& prefer_prefix) { return use_openmp_runtime(prefer_prefix.c_str()); },
+      py::arg("prefer_prefix"));
+  m.def("use_thread_pool", &use_thread_pool);
+  m.def("parallel_backend", [] { return std::string(parallel_backend()); });
 
   m.def(
       "quantize",
@@ -119,6 +127,34 @@ PYBIND11_MODULE(_C, m) {
         gemm_cpu(a, static_cast<CpuImpl>(impl));
       },
       gil());
+  m.def(
+      "dequantize_rows",
+      [](uintptr_t packed, int64_t N, int64_t K, uintptr_t lut, int64_t lut_rows, int64_t lut_len,
+         uintptr_t scales, int64_t n_groups, int64_t group_size, int table_dtype, int64_t n0, int64_t n1,
+         uintptr_t w, int w_dtype, int impl) {
+        GemmArgs a;
+        a.K = K;
+        a.packed = ptr<const uint8_t>(packed);
+        a.N = N;
+        a.lut = ptr<const void>(lut);
+        a.lut_rows = lut_rows;
+        a.lut_len = lut_len;
+        a.scales = ptr<const void>(scales);
+        a.n_groups = n_groups;
+        a.group_size = group_size;
+        a.table_dtype = to_dtype(table_dtype);
+        dequantize_rows(a, n0, n1, ptr<void>(w), to_dtype(w_dtype), static_cast<CpuImpl>(impl));
+      },
+      gil());
+  m.def("cpu_features", [] {
+    const CpuFeatures& f = cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2;
+    d["avx512"] = f.avx512;
+    d["avx512bf16"] = f.avx512bf16;
+    d["amx_bf16"] = f.amx_bf16;
+    return d;
+  });
   m.def("best_cpu_impl", [] { return static_cast<int>(best_cpu_impl()); });
   m.def("cpu_impl_supported", [](int impl) { return cpu_impl_supported(static_cast<CpuImpl>(impl)); });
 

@@ -10,12 +10,14 @@ from ._core import C
 from .cuda import gemm_cuda, gemm_gpu
 from .pack import code_bits, to_nibbles_torch
 from .pack_gpu import GpuWeight, unpack_from_gpu
+from .prefill import gemm_panels, min_batch
 from .validate import infer_group_size
 
 __all__ = ["check_operands", "check_out", "gemm", "infer_group_size"]
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 CPU_IMPLS = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
+PANELS = "panels"  # CPU prefill path (any4.prefill): torch tensors only
 
 
 def check_operands(
@@ -144,6 +146,9 @@ def _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out, bits):
         V.check_codes_once(packed_w, K, lut_len, b)
     M = x.numel() // K
     y = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype)
+    if M >= 16 and M >= min_batch(T.dtype_name(x)):
+        codes = to_nibbles_torch(packed_w, K, b)  # the panel decoder reads nibbles
+        return gemm_panels(x.view(M, K), codes, lut, scales, group_size, y.view(M, N)).view(y.shape)
     if M:
         C.gemm_cpu(x.data_ptr(), x_code, M, K, packed_w.data_ptr(), b, N, lut.data_ptr(), lut_rows,
                    lut_len, scales.data_ptr(), n_groups, int(group_size), table_code, y.data_ptr(),
@@ -188,8 +193,11 @@ def gemm(
         lut: [N, L] per-row or [1, L] / [L] shared table, L <= 2^bits (float32/16, bfloat16).
         scales: [N, ceil(K/G), 2] (scale, zero), lut's dtype.
         group_size: G; inferred from K and scales.shape[1] when omitted (see infer_group_size).
-        impl: CPU implementation: "auto" (the best this processor supports), "portable", "avx2",
-            "avx512" or "avx512bf16" (AVX-512 with bf16 dot products for bf16 x and tables).
+        impl: CPU implementation: "auto" (the best this processor supports; for large batches of
+            torch x, the prefill path where measured faster, see any4.prefill), "portable",
+            "avx2", "avx512", "avx512bf16" (AVX-512 with bf16 dot products for bf16 x and
+            tables) or "panels" (the prefill path: bounded decoded weight panels times
+            torch.mm; torch tensors only).
         out: optional preallocated y [..., N] (x's dtype, framework and device, contiguous);
             every element is overwritten and it is returned.
         bits: code width of packed_w (4, 3 or 2); by default inferred from the table length and
@@ -228,9 +236,11 @@ def gemm(
             return y
         out.copy_(y)
         return out
-    if impl not in CPU_IMPLS:
-        raise ValueError(f"impl must be one of {tuple(CPU_IMPLS)}, got {impl!r}")
-    if not C.cpu_impl_supported(CPU_IMPLS[impl]):
+    if impl not in CPU_IMPLS and impl != PANELS:
+        raise ValueError(f"impl must be one of {(*CPU_IMPLS, PANELS)}, got {impl!r}")
+    if impl == PANELS and not all(T.is_torch(t) for t in (x, packed_w, lut, scales)):
+        raise TypeError('impl="panels" needs torch tensors (it multiplies with torch.mm)')
+    if impl != PANELS and not C.cpu_impl_supported(CPU_IMPLS[impl]):
         raise RuntimeError(f"CPU implementation {impl!r} is not supported on this processor/build")
     x2 = x.reshape(-1, K)
     M = int(x2.shape[0])
@@ -241,7 +251,12 @@ def gemm(
             if not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
         y = x2.new_empty((M, N)) if out is None else out.view(M, N)
-        if M:
+        if M and (
+            impl == PANELS or (impl == "auto" and M >= 16 and M >= min_batch(T.dtype_name(x2)))
+        ):
+            # the panel decoder reads nibbles: 3/2-bit codes are widened first (4-bit-sized copy)
+            gemm_panels(x2, to_nibbles_torch(packed_w, K, bits), lut, scales, group_size, y)
+        elif M:
             C.gemm_cpu(x2.data_ptr(), T.DTYPE_CODE[T.dtype_name(x2)], M, K, packed_w.data_ptr(), bits, N,
                        lut.data_ptr(), lut_rows, lut_len, scales.data_ptr(), n_groups, group_size,
                        T.DTYPE_CODE[T.dtype_name(lut)], y.data_ptr(), CPU_IMPLS[impl])  # fmt: skip
