@@ -167,3 +167,28 @@ def test_isa_is_the_best_detected():
     assert set(f) == {"avx2", "avx512", "avx512bf16", "amx_bf16"}
     expect = next((k for k in ("amx_bf16", "avx512bf16", "avx512", "avx2") if f[k]), "portable")
     assert prefill.isa() == expect
+
+
+@pytest.mark.parametrize("bits", [3, 2])
+def test_panels_dense_3_and_2_bit_codes(bits):
+    """Dense 3/2-bit codes (any4.pack(bits=)) through the panels path, forced and by the auto
+    threshold, against the float64 reference; poisoned out= fully overwritten."""
+    g = torch.Generator().manual_seed(10 + bits)
+    N, K, G, M = 37, 200, 40, 19
+    codes = torch.randint(0, 1 << bits, (N, K), generator=g, dtype=torch.uint8)
+    lut = torch.randn(N, 1 << bits, generator=g)
+    scales = torch.stack(
+        [torch.rand(N, K // G, generator=g) + 0.5, torch.randn(N, K // G, generator=g)], -1
+    )
+    packed = any4.pack(codes, bits=bits)
+    x = torch.randn(M, K, generator=g)
+    w = (lut.double().gather(1, codes.long()) * scales[..., 0].double().repeat_interleave(G, 1)
+         + scales[..., 1].double().repeat_interleave(G, 1))  # fmt: skip
+    ref = x.double() @ w.T
+    out = torch.full((M, N), float("nan"))
+    y = any4.gemm(x, packed, lut, scales, group_size=G, impl="panels", out=out)
+    assert y is out and rel_err(y, ref) < 1e-5
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ANY4_PREFILL_MIN_M", "16")
+        y2 = any4.gemm(x, packed, lut, scales, group_size=G)
+    assert rel_err(y2, ref) < 1e-5
