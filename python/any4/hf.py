@@ -206,6 +206,8 @@ class Any4HfQuantizer(HfQuantizer):
                     f"checkpoint written with any4 file format version {cfg.format_version}; this any4 "
                     f"reads versions up to {io.FORMAT_VERSION}: upgrade any4"
                 )
+            if self.checkpoint_dir is not None:
+                io.verify_checkpoint(self.checkpoint_dir)  # digests, metadata, before reading
             for name, info in cfg.layers.items():
                 try:
                     current = model.get_submodule(name)
