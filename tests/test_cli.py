@@ -169,7 +169,14 @@ def test_eval_formats_table(model_dir, tmp_path, capsys) -> None:
     assert (tmp_path / "table.png").stat().st_size > 1000
     md = (tmp_path / "table.md").read_text()
     assert "ppl G=16" in md and "ppl G=32" in md and "| any4 |" in md
+    assert "KLD G=16" in md and "top-1 G=32" in md
     assert "| fp |" in capsys.readouterr().out
+    by = {(r["fmt"], r["group_size"]): r for r in data["rows"]}
+    assert abs(by["fp", None]["kld"]) < 1e-6 and by["fp", None]["top1"] == 1.0
+    for key in [("int4", 16), ("int4", 32), ("any4", 16), ("any4", 32)]:
+        assert 0 < by[key]["kld"] < 5 and 0 < by[key]["top1"] <= 1
+    # coarser groups lose more of the float model's distribution
+    assert by["int4", 32]["kld"] > by["int4", 16]["kld"]
 
 
 def test_eval_windows_are_shared_and_fp_matches_direct(model_dir, tmp_path) -> None:

@@ -381,21 +381,26 @@ def test_any4_config_round_trip_and_errors() -> None:
 
 
 PEAK_RSS = """
-import json, resource, sys, time
+import json, sys, time
 import torch, any4
 from transformers import AutoModelForCausalLM
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(field + ":"))
+
+def reset_peak():  # VmHWM restarts at the current RSS (ru_maxrss would keep the parent's peak)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 path, warmup = sys.argv[1], sys.argv[2]
 AutoModelForCausalLM.from_pretrained(warmup)  # imports and first-call costs, not measured
-before = rss()
+reset_peak()
+before = status("VmRSS")
 start = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(path)
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print(json.dumps({"before": before, "peak": peak, "seconds": seconds}))
 """
 

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 DEFAULT_EVAL_TOKENS = 8192
 DEFAULT_SEQ_LEN = 1024
+DEFAULT_KLD_TOP_K = 128  # = any4.metrics.DEFAULT_TOP_K (not imported: keeps --help free of torch)
 
 
 def _formats_arg(value: str) -> list:
@@ -53,6 +54,13 @@ def _positive_int(value: str) -> int:
     n = int(value)
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return n
+
+
+def _nonnegative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
     return n
 
 
@@ -190,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="gemm",
         help="gemm (default): run the QuantLinear layers (any4.gemm); dequant: dense matmul on "
         "the dequantized weights (same function)",
+    )
+    e.add_argument(
+        "--kld-top-k",
+        type=_nonnegative_int,
+        default=DEFAULT_KLD_TOP_K,
+        metavar="K",
+        help="KL divergence from the float model and top-1 agreement: keep the float model's "
+        f"K most likely tokens per position plus the tail (default {DEFAULT_KLD_TOP_K}; 0: off)",
     )
     e.add_argument(
         "--out",
@@ -368,6 +384,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),
         "calibration": args.calibration or "any4 default text",
+        "kld": (
+            f"mean KL divergence from the float model: its top-{args.kld_top_k} tokens + sampled tail per position"
+            if args.kld_top_k > 0 and not is_any4_dir
+            else "off"
+        ),
         **{
             k: (str(v) if v is not None and not isinstance(v, (int, float, str)) else v)
             for k, v in _quant_options(args).items()
@@ -423,6 +444,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             calibration=_calibration(args),
             kernel=args.kernel,
             quantize_options=_quant_options(args),
+            kld_top_k=args.kld_top_k if args.kld_top_k > 0 else None,
         )
     title = f"Perplexity of {args.model} on {text_name} ({windows.shape[0]} x {windows.shape[1]} tokens)"
     paths = write_results(rows, args.out, info, title)
