@@ -902,8 +902,7 @@ def load(
     if model is None:
         if directory is not None and os.path.isfile(os.path.join(directory, CONFIG_NAME)):
             if "quantization_config" in meta:
-                # any4's HF quantizer verifies every file (verify_checkpoint) before transformers
-                # reads it.
+                _read_tensors(meta, "meta", keep=False)  # verify every file before transformers
                 from .hf import from_pretrained_checkpoint
 
                 return from_pretrained_checkpoint(directory, saved_dtype(meta), device)
@@ -1027,8 +1026,7 @@ def verify_checkpoint(path: Union[str, os.PathLike]) -> dict:
     """Verify a checkpoint (file or directory) without loading it: every weight file's digest
     (streamed) or format-1 checksums, every layer's metadata against its tensors (one layer in
     memory at a time), config.json and any4.json against the files. Returns read_metadata's
-    result; raises Any4FormatError. (The HF quantizer runs this before transformers reads a
-    pre-quantized checkpoint.)"""
+    result; raises Any4FormatError."""
     path = os.fspath(path)
     meta = read_metadata(path)
     if os.path.isdir(path):
