@@ -396,3 +396,18 @@ def test_sharded_checkpoint_every_shard_sealed_and_cross_checked(quantized, tmp_
             any4.load(d)
         with pytest.raises(Any4FormatError, match=match):
             any4.load(d, model=tiny_llama())
+
+
+def test_from_pretrained_verifies_the_checkpoint(quantized, tmp_path) -> None:
+    """transformers' own from_pretrained on an any4 directory goes through any4's quantizer,
+    which verifies every file first: a changed byte is refused, not loaded."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ckpt"
+    any4.save(quantized, out, max_shard_size=30_000)
+    shard = sorted(out.glob("model-*.safetensors"))[-1]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x04
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(Any4FormatError, match="digest"):
+        AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
