@@ -147,8 +147,8 @@ def test_errors_inside_openmp_region_are_raised(restore_backend):
 
     lut, scales, w = qt.lut.contiguous(), qt.scales.contiguous(), torch.empty(N, K)
     with pytest.raises(ValueError, match="out of range"):
-        C.dequantize(qt.packed.data_ptr(), N, K, lut.data_ptr(), 1, 4, scales.data_ptr(), 2, 128, 0,
-                     w.data_ptr())  # fmt: skip
+        C.dequantize(qt.packed.data_ptr(), N, K, 4, lut.data_ptr(), 1, 4, scales.data_ptr(), 2, 128,
+                     0, w.data_ptr())  # fmt: skip
     # The team is still usable afterwards.
     x = torch.randn(3, K)
     good = any4.QuantizedTensor(
