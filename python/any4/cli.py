@@ -122,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--out", required=True, metavar="DIR", help="output directory")
     _add_quant_options(q)
+    s = q.add_argument_group(
+        "streaming (a safetensors checkpoint directory, one decoder block at a time; "
+        "any4.quantize_checkpoint; implied under torchrun)"
+    )
+    s.add_argument("--stream", action="store_true", help="stream MODEL (never hold it in memory)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted --stream run")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    s.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16", "auto"),
+        default="float32",
+        help="dtype the blocks are computed in (default float32; auto: the checkpoint's)",
+    )
 
     e = sub.add_parser(
         "eval",
@@ -243,11 +256,14 @@ def _quant_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .dist import env_world_size
     from .eval import mean_bits_per_weight
     from .io import save
     from .model import quantize_model
 
     _set_threads(args.threads)
+    if args.stream or args.resume or env_world_size() > 1:
+        return cmd_quantize_checkpoint(args)
     fmt = args.fmt.lower()
     from .formats import get_format
 
@@ -269,6 +285,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         + (f" ({bits:.3f} bits/weight in the quantized layers)" if bits else "")
     )
     print(f"saved {file} ({size:.1f} MiB); load with any4.load({args.out!r})")
+    return 0
+
+
+def cmd_quantize_checkpoint(args: argparse.Namespace) -> int:
+    """``any4 quantize SRC --stream``: any4.quantize_checkpoint (also under torchrun)."""
+    from .checkpoint import is_checkpoint_dir, quantize_checkpoint
+
+    if not is_checkpoint_dir(args.model):
+        raise ValueError(
+            f"{args.model} is not a safetensors checkpoint directory (config.json + "
+            "model.safetensors or model.safetensors.index.json), which streaming needs"
+        )
+    options = _quant_options(args)
+    options["table_dtype"] = args.table_dtype
+    summary = quantize_checkpoint(
+        args.model, args.out, args.fmt.lower(), args.group_size, _calibration(args),
+        dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, **options,
+    )  # fmt: skip
+    if summary is not None:
+        print(f"saved {summary['dst']} ({summary['files']} safetensors files)")
     return 0
 
 
@@ -422,7 +458,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
+    except (OSError, ValueError, TypeError, ImportError) as e:
         if os.environ.get("ANY4_DEBUG"):
             raise
         print(f"any4 {args.command}: error: {e}", file=sys.stderr)

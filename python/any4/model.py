@@ -52,6 +52,61 @@ def layer_group_size(group_size: int, in_features: int) -> Optional[int]:
     return group_size if group_size <= in_features else in_features - in_features % 8
 
 
+def check_settings(fmt: str, group_size: int, mode: str, weighting: str, method: str) -> Any:
+    """The Format for ``fmt`` after checking quantize_model's settings (clear ValueErrors)."""
+    f = get_format(fmt)
+    if (
+        not isinstance(group_size, int)
+        or isinstance(group_size, bool)
+        or group_size < 8
+        or group_size % 8
+    ):
+        raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    return f
+
+
+def plan_layers(model: nn.Module, group_size: int, skip: Sequence[str]) -> tuple:
+    """({name: nn.Linear}, {name: group size}) of the layers quantize_model replaces (a layer
+    with in_features < 8 is left in float, with a warning). Works on a meta-device skeleton."""
+    layers = eligible_layers(model, skip)
+    group_sizes = {}
+    for name, lin in list(layers.items()):
+        g = layer_group_size(group_size, lin.in_features)
+        if g is None:
+            warnings.warn(
+                f"any4: {name} has in_features={lin.in_features} < 8; left in float", stacklevel=3
+            )
+            del layers[name]
+        else:
+            group_sizes[name] = g
+    if not layers:
+        warnings.warn(
+            "any4: the model has no eligible nn.Linear layer; nothing was quantized", stacklevel=3
+        )
+    return layers, group_sizes
+
+
+def layer_quantize_kwargs(
+    f: Any, stats: Optional[ChannelStats], needs_stats: bool, options: dict
+) -> dict:
+    """The ``any4.quantize`` keyword arguments for one layer: the k-means ``options`` (weighting,
+    method, n_init, seed) for learned formats, with the layer's ``stats`` when it saw
+    calibration input (else weighting "none"); nothing for fixed formats."""
+    kw = dict(options) if f.learned else {}
+    if needs_stats and stats is not None and stats.count > 0:
+        kw["stats"] = stats
+    elif f.learned:
+        kw["weighting"] = "none"
+        kw.pop("stats", None)
+    return kw
+
+
 def quantize_model(
     model: nn.Module,
     fmt: str = "any4",
@@ -104,49 +159,16 @@ def quantize_model(
         raise TypeError(f"fmt must be a format name, got {type(fmt).__name__}")
     if fmt.lower() in FLOAT_FORMATS:
         return model
-    f = get_format(fmt)
-    if (
-        not isinstance(group_size, int)
-        or isinstance(group_size, bool)
-        or group_size < 8
-        or group_size % 8
-    ):
-        raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    f = check_settings(fmt, group_size, mode, weighting, method)
     if isinstance(skip, str):
         skip = (skip,)
-
-    layers = eligible_layers(model, skip)
-    group_sizes = {}
-    for name, lin in list(layers.items()):
-        g = layer_group_size(group_size, lin.in_features)
-        if g is None:
-            warnings.warn(
-                f"any4: {name} has in_features={lin.in_features} < 8; left in float", stacklevel=2
-            )
-            del layers[name]
-        else:
-            group_sizes[name] = g
-    if not layers:
-        warnings.warn(
-            "any4: the model has no eligible nn.Linear layer; nothing was quantized", stacklevel=2
-        )
+    layers, group_sizes = plan_layers(model, group_size, skip)
 
     needs_stats = f.learned and weighting != "none"
     options = dict(weighting=weighting, method=method, n_init=n_init, seed=seed)
 
     def make(name: str, lin: nn.Linear, stats: Optional[ChannelStats]) -> QuantLinear:
-        kw = dict(options) if f.learned else {}
-        if needs_stats and stats is not None and stats.count > 0:
-            kw["stats"] = stats
-        elif f.learned:
-            kw["weighting"] = "none"
-            kw.pop("stats", None)
+        kw = layer_quantize_kwargs(f, stats, needs_stats, options)
         return QuantLinear.from_linear(
             lin, f.name, group_sizes[name], table_dtype=table_dtype, **kw
         )
@@ -220,4 +242,12 @@ def quantized_layers(model: nn.Module) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-__all__ = ["eligible_layers", "matches_skip", "quantize_model", "quantized_layers"]
+__all__ = [
+    "check_settings",
+    "eligible_layers",
+    "layer_quantize_kwargs",
+    "matches_skip",
+    "plan_layers",
+    "quantize_model",
+    "quantized_layers",
+]
