@@ -7,7 +7,7 @@ The float model is never held: its skeleton is built from ``config.json`` with e
 on the meta device, and the model's own forward pass runs on the calibration sample with each
 decoder block replaced by a stand-in that
 
-1. loads that block's tensors from the shards (``safe_open``, only that block, in ``dtype``),
+1. loads that block's tensors from the shards (only that block's bytes, cast to ``dtype``),
 2. runs the block on the hidden states it is given (with the calibration hooks: one-pass
    records every linear's input statistics on the float block; sequential quantizes each linear
    when its input arrives, so the rest of the block sees the quantized layer),
@@ -33,6 +33,7 @@ after the last completed block.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -60,6 +61,7 @@ from .model import check_settings, layer_quantize_kwargs, plan_layers
 from .nn import QuantLinear
 from .quantize import QuantizedTensor, quantize
 from .safetensors_stream import (
+    TORCH_DTYPES,
     CheckpointError,
     Entry,
     fsync_dir,
@@ -93,7 +95,7 @@ class _StopForward(Exception):
 class SourceCheckpoint:
     """A Hugging Face safetensors checkpoint directory: ``config.json`` and ``model.safetensors``
     or shards with ``model.safetensors.index.json``. Headers are read (and checked) up front;
-    tensors are read one at a time (``safe_open``)."""
+    tensors are read one at a time (only the bytes of that tensor, or of a row range)."""
 
     def __init__(self, directory: str):
         self.directory = os.fspath(directory)
@@ -150,7 +152,6 @@ class SourceCheckpoint:
                     raise CheckpointError(
                         f"{os.path.join(self.directory, name)}: tensor {key!r} listed in {INDEX_NAME} is not in the file"
                     )
-        self._handles: dict = {}
 
     def fingerprint(self) -> list:
         """(file, size, mtime) of the shards: a resumed run checks the source did not change."""
@@ -160,35 +161,42 @@ class SourceCheckpoint:
             out.append([name, st.st_size, st.st_mtime_ns])
         return out
 
-    def _handle(self, path: str) -> Any:
-        h = self._handles.get(path)
-        if h is None:
-            from safetensors import safe_open
-
-            h = safe_open(path, framework="pt")
-            self._handles[path] = h
-        return h
-
     def load(
         self, key: str, dtype: Optional[torch.dtype] = None, rows: Optional[tuple] = None
     ) -> torch.Tensor:
-        """Tensor ``key`` (rows ``rows[0]:rows[1]`` only, when given), cast to ``dtype``."""
+        """Tensor ``key`` (rows ``rows[0]:rows[1]`` only, when given), cast to ``dtype``.
+
+        Read with plain file reads of exactly its bytes, at the offsets of the checked header
+        (a memory map would keep every page read in the process's RSS while mapped)."""
         info = self.tensors.get(key)
         if info is None:
             raise CheckpointError(f"tensor {key!r} is not in the checkpoint {self.directory}")
+        dt = TORCH_DTYPES.get(info.dtype)
+        if dt is None:
+            raise CheckpointError(f"{info.file}: tensor {key!r} has unsupported dtype {info.dtype}")
+        shape = list(info.shape)
+        start, nbytes = info.start, info.nbytes
+        if rows is not None:
+            row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+            r0, r1 = max(0, int(rows[0])), min(shape[0], int(rows[1]))
+            start, nbytes, shape[0] = start + r0 * row_bytes, (r1 - r0) * row_bytes, r1 - r0
+        buf = bytearray(nbytes)
         try:
-            h = self._handle(info.file)
-            t = h.get_slice(key)[rows[0] : rows[1]] if rows is not None else h.get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error types
+            with open(info.file, "rb") as f:
+                f.seek(start)
+                got = f.readinto(buf)
+        except OSError as e:
             raise CheckpointError(f"cannot read tensor {key!r} from {info.file}: {e}") from e
+        if got != nbytes:
+            raise CheckpointError(f"{info.file}: tensor {key!r} is truncated")
+        t = (
+            torch.frombuffer(buf, dtype=dt).reshape(shape)
+            if nbytes
+            else torch.empty(shape, dtype=dt)
+        )
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         return t
-
-    def close(self) -> None:
-        self._handles.clear()
 
 
 # ---- the model skeleton -----------------------------------------------------------------------
@@ -697,10 +705,15 @@ class _Run:
             write_file(path + ".tmp", entries, finish_metadata=self._file_metadata(layers))
             os.replace(path + ".tmp", path)
         except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
+            what = (
+                "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+            )
             raise OSError(
                 e.errno,
-                f"{e.strerror or e} (the finished blocks are kept in {self.partial}: free space and "
-                "run again with --resume)",
+                f"{what} while writing {path} (the finished blocks are kept in {self.partial}: "
+                "free space and run again with --resume)",
             ) from e
         self.times["write"] += time.perf_counter() - t0
 
@@ -1062,7 +1075,6 @@ def quantize_checkpoint(
             print(summary_line(summary), file=sys.stderr)
         return summary
     finally:
-        source.close()
         if owns_group:
             group.close()
 

@@ -12,6 +12,7 @@ a Hugging Face model directory or hub name, or (for eval) a directory written by
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -129,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stream", action="store_true", help="stream MODEL (never hold it in memory)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted --stream run")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    s.add_argument(
+        "--calibration-ids", metavar="FILE", help="calibration token ids (a JSON list of ints)"
+    )
+    s.add_argument("--summary-json", metavar="FILE", help="write the run's summary (JSON) here")
     s.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16", "auto"),
@@ -299,11 +304,18 @@ def cmd_quantize_checkpoint(args: argparse.Namespace) -> int:
         )
     options = _quant_options(args)
     options["table_dtype"] = args.table_dtype
+    calibration = _calibration(args)
+    if args.calibration_ids:
+        with open(args.calibration_ids, encoding="utf-8") as f:
+            calibration = json.load(f)
     summary = quantize_checkpoint(
-        args.model, args.out, args.fmt.lower(), args.group_size, _calibration(args),
+        args.model, args.out, args.fmt.lower(), args.group_size, calibration,
         dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, **options,
     )  # fmt: skip
     if summary is not None:
+        if args.summary_json:
+            with open(args.summary_json, "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
         print(f"saved {summary['dst']} ({summary['files']} safetensors files)")
     return 0
 

@@ -14,6 +14,7 @@ order given (callers sort them), so the same tensors give the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -229,9 +230,9 @@ def write_file(
                 f.write(final)
             f.flush()
             os.fsync(f.fileno())
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"disk full while writing {path}: {e.strerror}") from e
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # no partial file left behind
         raise
     return digests
 
