@@ -7,19 +7,29 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <stdexcept>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
 namespace any4 {
 namespace {
 
+int hardware_threads() {
+  unsigned hw = std::thread::hardware_concurrency();
+  return hw == 0 ? 1 : static_cast<int>(std::min<unsigned>(hw, kMaxThreads));
+}
+
+// ANY4_NUM_THREADS when it is a number in [1, kMaxThreads] (the Python package refuses other
+// values with a clear error before the core is used), else the hardware concurrency (capped).
 int default_threads() {
   if (const char* env = std::getenv("ANY4_NUM_THREADS")) {
-    int v = std::atoi(env);
-    if (v > 0) return v;
+    char* end = nullptr;
+    long v = std::strtol(env, &end, 10);
+    if (end != env && *end == '\0' && v >= 1 && v <= kMaxThreads) return static_cast<int>(v);
   }
-  unsigned hw = std::thread::hardware_concurrency();
-  return hw == 0 ? 1 : static_cast<int>(hw);
+  return hardware_threads();
 }
 
 // Pause hint for spin loops.
@@ -53,13 +63,24 @@ constexpr int kCallerSpinMicros = 50;
 // chunk indices that every participant (caller included) pulls from an atomic counter.
 class Pool {
  public:
-  explicit Pool(int n_workers) { resize(n_workers); }
+  Pool() = default;
   ~Pool() { stop_all(); }
 
+  // Starts exactly n_workers workers. If the system cannot start them all, the ones started are
+  // stopped again (the pool is left empty, so parallel_for still works, on the caller's thread)
+  // and std::runtime_error says so.
   void resize(int n_workers) {
     stop_all();
     stop_ = false;
-    for (int i = 0; i < n_workers; ++i) workers_.emplace_back([this] { loop(); });
+    try {
+      for (int i = 0; i < n_workers; ++i) workers_.emplace_back([this] { loop(); });
+    } catch (const std::system_error& e) {
+      const size_t started = workers_.size();
+      stop_all();
+      throw std::runtime_error("could not start " + std::to_string(n_workers) + " worker threads (started " +
+                               std::to_string(started) + "): " + e.what() +
+                               "; use fewer threads (any4.set_num_threads / ANY4_NUM_THREADS)");
+    }
   }
 
   int workers() const { return static_cast<int>(workers_.size()); }
@@ -152,9 +173,21 @@ class Pool {
 
 int g_threads = default_threads();
 
+// Started lazily (first parallel region or set_num_threads), so importing starts no thread.
 Pool& pool() {
-  static Pool p(std::max(0, g_threads - 1));
+  static Pool p;
   return p;
+}
+
+// Makes the pool hold n - 1 workers; on failure falls back to one thread and rethrows.
+void ensure_workers(int n) {
+  if (pool().workers() == n - 1) return;
+  try {
+    pool().resize(n - 1);
+  } catch (...) {
+    g_threads = 1;
+    throw;
+  }
 }
 
 }  // namespace
@@ -164,9 +197,11 @@ int get_num_threads() {
 }
 
 void set_num_threads(int n) {
-  if (n < 1) n = 1;
+  if (n < 1 || n > kMaxThreads)
+    throw std::invalid_argument("number of threads must be in [1, " + std::to_string(kMaxThreads) +
+                                "], got " + std::to_string(n));
   g_threads = n;
-  if (pool().workers() != n - 1) pool().resize(n - 1);
+  ensure_workers(n);
 }
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
@@ -179,6 +214,11 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
     return;
   }
   // A few chunks per thread for load balance, never smaller than grain.
+  ensure_workers(threads);  // the first region starts the workers (errors: runtime_error)
+  if (g_threads <= 1) {
+    fn(0, n);
+    return;
+  }
   int64_t n_chunks = std::min<int64_t>(max_chunks, static_cast<int64_t>(threads) * 4);
   int64_t chunk = (n + n_chunks - 1) / n_chunks;
   n_chunks = (n + chunk - 1) / chunk;

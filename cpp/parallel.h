@@ -8,9 +8,14 @@
 
 namespace any4 {
 
+// Most threads the pool starts (set_num_threads refuses more; ANY4_NUM_THREADS above is ignored).
+constexpr int kMaxThreads = 1024;
+
 // Number of threads used by parallel_for (default: hardware concurrency, or ANY4_NUM_THREADS).
 int get_num_threads();
-// Set the number of threads (>= 1). Not to be called concurrently with parallel_for.
+// Set the number of threads, in [1, kMaxThreads] (else std::invalid_argument). Starts the workers
+// now; if the system cannot start them, the count falls back to 1 and std::runtime_error is
+// thrown (never a partly started pool). Not to be called concurrently with parallel_for.
 void set_num_threads(int n);
 
 // Calls fn(begin, end) over disjoint chunks covering [0, n); chunks hold at least `grain`

@@ -185,8 +185,10 @@ def test_bad_arguments(float_model, calib) -> None:
         any4.quantize_model(model, "any4", 32, calib, weighting="max", progress=False)
     with pytest.raises(ValueError, match="tokenizer"):
         any4.quantize_model(model, "any4", 32, "text without a tokenizer", progress=False)
-    with pytest.raises(TypeError):
+    with pytest.raises(RuntimeError):  # a float tensor is an example input; an LM wants ids
         any4.quantize_model(model, "any4", 32, torch.randn(5), progress=False)
+    with pytest.raises(TypeError):
+        any4.quantize_model(model, "any4", 32, object(), progress=False)
     with pytest.raises(TypeError):
         any4.quantize_model("not a model", "any4")
     assert not any(

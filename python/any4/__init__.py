@@ -11,11 +11,17 @@ Models (torch):
 
     any4.quantize_model(model, fmt="any4", group_size=128, tokenizer=tok)  # nn.Linear -> QuantLinear
     any4.save(model, "out_dir"); model = any4.load("out_dir")
+
+Hugging Face (after ``import any4``; see any4.hf):
+
+    AutoModelForCausalLM.from_pretrained(name, quantization_config=any4.Any4Config(fmt="any4"))
+    model.save_pretrained("out_dir"); AutoModelForCausalLM.from_pretrained("out_dir")
 """
 
 from __future__ import annotations
 
 from ._core import C as _C
+from ._core import check_thread_count
 from .cuda import cuda_available, cuda_compiled
 from .formats import FORMATS, Format, get_format
 from .gemm import gemm
@@ -33,7 +39,8 @@ def __getattr__(name: str):
     import importlib
 
     lazy = {"nn": ("nn", None), "quantize_model": ("model", "quantize_model"), "save": ("io", "save"),
-            "load": ("io", "load"), "QuantLinear": ("nn", "QuantLinear")}  # fmt: skip
+            "load": ("io", "load"), "QuantLinear": ("nn", "QuantLinear"), "hf": ("hf", None),
+            "Any4Config": ("hf", "Any4Config"), "Any4HfQuantizer": ("hf", "Any4HfQuantizer")}  # fmt: skip
     if name in lazy:
         module_name, attr = lazy[name]
         module = importlib.import_module(f"{__name__}.{module_name}")
@@ -43,6 +50,11 @@ def __getattr__(name: str):
 
 __version__ = "0.1.0"
 
+# transformers (optional): register quant_method "any4" once its quantizer registry is imported.
+from ._hf_hook import install as _install_hf_hook  # noqa: E402
+
+_install_hf_hook()
+
 
 def get_num_threads() -> int:
     """Threads used by the C++ core (default: all cores, or ANY4_NUM_THREADS)."""
@@ -50,10 +62,9 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Set the threads used by the C++ core (>= 1)."""
-    if int(n) < 1:
-        raise ValueError("number of threads must be >= 1")
-    _C.set_num_threads(int(n))
+    """Set the threads used by the C++ core, 1..1024 (ValueError outside; RuntimeError, with
+    one thread kept, when the system cannot start that many)."""
+    _C.set_num_threads(check_thread_count(n))
 
 
 def build_info() -> dict:
@@ -73,7 +84,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "FORMATS", "ChannelStats", "Format", "GpuWeight", "QuantLinear", "QuantizedTensor",
+    "FORMATS", "Any4Config", "Any4HfQuantizer", "ChannelStats", "Format", "GpuWeight", "QuantLinear", "QuantizedTensor",
     "build_info", "channel_weight", "cuda_available", "cuda_compiled", "dequantize", "gemm",
     "get_format", "get_num_threads", "kmeans", "load", "nn", "pack", "pack_for_gpu", "quantize",
     "quantize_model", "save", "set_num_threads", "unpack", "unpack_from_gpu",

@@ -35,6 +35,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.attr("max_threads") = kMaxThreads;
 
   m.def(
       "quantize",

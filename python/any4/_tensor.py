@@ -118,12 +118,24 @@ def empty_like_framework(
 def to_float32_contiguous(t: Any, name: str) -> Any:
     """Float32 C-contiguous CPU copy (or the tensor itself when already so), same framework."""
     check_array(t, name)
+    check_real(t, name)
     if is_torch(t):
         return t.detach().to(device="cpu", dtype=_torch().float32).contiguous()
     return np.ascontiguousarray(t, dtype=np.float32)
 
 
-def to_numpy(t: Any) -> np.ndarray:
+def check_real(t: Any, name: str) -> None:
+    """Refuse complex input (converting it to float would drop the imaginary part)."""
+    if is_torch(t):
+        if t.is_complex():
+            raise TypeError(f"{name} must be real, got {dtype_name(t)}")
+    elif np.iscomplexobj(t):
+        raise TypeError(f"{name} must be real, got {np.asarray(t).dtype}")
+
+
+def to_numpy(t: Any, name: str = "input") -> np.ndarray:
+    """numpy view/copy of a real tensor or array (bfloat16 as float32); complex is refused."""
+    check_real(t, name)
     if is_torch(t):
         torch = _torch()
         t = t.detach().cpu()

@@ -21,7 +21,7 @@ from .stats import ChannelStats
 
 DEFAULT_MAX_TOKENS = 4096
 
-Calibration = Union[None, str, Iterable, torch.Tensor]
+Calibration = Union[None, str, Iterable, torch.Tensor, dict, Callable[[nn.Module], Any]]
 
 
 def default_text() -> str:
@@ -124,6 +124,60 @@ def run_model(model: nn.Module, ids: torch.Tensor, device: Optional[torch.device
         return model(ids)
 
 
+def _is_example_input(item: Any) -> bool:
+    return isinstance(item, dict) or (isinstance(item, torch.Tensor) and item.is_floating_point())
+
+
+def calibration_runner(
+    calibration: Calibration = None,
+    tokenizer: Any = None,
+    max_tokens: Optional[int] = DEFAULT_MAX_TOKENS,
+    seq_len: Optional[int] = None,
+) -> tuple:
+    """(run, n_tokens): ``run(model)`` feeds the calibration sample through ``model`` (no grad);
+    n_tokens counts the token ids or input rows it uses (0 for a callable).
+
+    Besides what ``calibration_ids`` takes (text, texts, token ids), any module can be calibrated
+    with example inputs: a float tensor (``model(x)``), a dict of forward kwargs
+    (``model(**d)``), a list or tuple of them (one forward call each), or a callable ``fn(model)``
+    that runs the model itself.
+    """
+    if callable(calibration) and not isinstance(calibration, (torch.Tensor, nn.Module)):
+        return (lambda model: calibration(model)), 0
+    if isinstance(calibration, nn.Module):
+        raise TypeError("calibration must be data or a callable, got an nn.Module")
+    examples = None
+    if _is_example_input(calibration):
+        examples = [calibration]
+    elif (
+        isinstance(calibration, (list, tuple))
+        and calibration
+        and all(_is_example_input(i) for i in calibration)
+    ):
+        examples = list(calibration)
+    if examples is None:
+        ids = calibration_ids(calibration, tokenizer, max_tokens, seq_len)
+        return (lambda model: run_model(model, ids)), int(ids.numel())
+
+    def rows(item: Any) -> int:
+        t = (
+            item
+            if isinstance(item, torch.Tensor)
+            else next((v for v in item.values() if isinstance(v, torch.Tensor)), None)
+        )
+        return int(t.shape[:-1].numel()) if t is not None and t.ndim > 0 else 0
+
+    def run(model: nn.Module) -> None:
+        with torch.no_grad():
+            for item in examples:
+                if isinstance(item, dict):
+                    model(**item)
+                else:
+                    model(item)
+
+    return run, sum(rows(i) for i in examples)
+
+
 class ActivationRecorder:
     """Forward pre-hooks that feed each named layer's input into a ChannelStats.
 
@@ -166,4 +220,7 @@ class ActivationRecorder:
         return hook
 
 
-__all__ = ["ActivationRecorder", "calibration_ids", "default_text", "read_text", "run_model"]
+__all__ = [
+    "ActivationRecorder", "calibration_ids", "calibration_runner", "default_text", "read_text",
+    "run_model",
+]  # fmt: skip

@@ -355,6 +355,12 @@ class _Job:
             self.layers, self.group_sizes = plan_layers(
                 self.model, settings["group_size"], settings["skip"]
             )
+        odd = [n for n, m in self.layers.items() if not isinstance(m, nn.Linear)]
+        if odd:
+            raise CheckpointError(
+                f"streaming quantizes nn.Linear layers; {odd[0]} is a {type(self.layers[odd[0]]).__name__} "
+                "(quantize this model in memory: any4.quantize_model)"
+            )
         self.needs_stats = self.f.learned and settings["weighting"] != "none"
         self.options = dict(
             weighting=settings["weighting"],
@@ -395,7 +401,7 @@ class _Job:
                     w = weights[name][r0:r1].detach().cpu()
                 else:
                     w = self.src.load(self.weight_key(name), self.dtype, rows=(r0, r1))
-                kw = layer_quantize_kwargs(self.f, stats, self.needs_stats, self.options)
+                kw = layer_quantize_kwargs(self.f.name, stats, **self.options)
                 if "seed" in kw:
                     kw["seed"] = row_slice_seed(kw["seed"], r0)
                 qt = quantize(

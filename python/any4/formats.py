@@ -9,6 +9,7 @@ A format is (bits, table, affine rule):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,6 +36,27 @@ class Format:
     bits: int
     table: Optional[tuple]  # None: learned per row
     absmax: bool
+
+    def __post_init__(self) -> None:
+        # A custom Format reaches C++ code that reads 2^bits table entries: check it here.
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a format needs a name, got {self.name!r}")
+        if isinstance(self.bits, bool) or self.bits not in (2, 3, 4):
+            raise ValueError(f"format {self.name}: bits must be 2, 3 or 4, got {self.bits!r}")
+        if self.table is not None:
+            table = tuple(self.table)
+            if len(table) != 1 << self.bits:
+                raise ValueError(
+                    f"format {self.name}: a {self.bits}-bit table needs {1 << self.bits} "
+                    f"values, got {len(table)}"
+                )
+            try:
+                values = tuple(float(v) for v in table)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"format {self.name}: table values must be real numbers") from e
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"format {self.name}: table values must be finite")
+            object.__setattr__(self, "table", values)
 
     @property
     def levels(self) -> int:

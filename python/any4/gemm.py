@@ -5,32 +5,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from . import _tensor as T
+from . import validate as V
 from ._core import C
+from .validate import infer_group_size  # noqa: F401 (part of this module's API)
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 CPU_IMPLS = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
-
-
-def infer_group_size(K: int, n_groups: int) -> int:
-    """Group size from K and the number of scale groups.
-
-    K divisible by n_groups gives K / n_groups. Otherwise the last group is short and several
-    multiples of 8 may fit (K=576 with 5 groups: 120, 128 or 136); the power of two among them
-    is taken when there is exactly one, else pass ``group_size=`` explicitly.
-    """
-    if n_groups < 1:
-        raise ValueError("scales must have at least one group")
-    if K % n_groups == 0 and (K // n_groups) % 8 == 0:
-        return K // n_groups
-    candidates = [g for g in range(8, K + 8, 8) if -(-K // g) == n_groups]
-    pow2 = [g for g in candidates if g & (g - 1) == 0]
-    if len(candidates) == 1:
-        return candidates[0]
-    if len(pow2) == 1:
-        return pow2[0]
-    raise ValueError(
-        f"cannot infer the group size from K={K} and {n_groups} scale groups; pass group_size="
-    )
 
 
 def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Optional[int]):
@@ -72,10 +52,7 @@ def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Opt
     n_groups = int(scales.shape[1])
     if group_size is None:
         group_size = infer_group_size(K, n_groups)
-    elif group_size <= 0 or -(-K // group_size) != n_groups:
-        raise ValueError(
-            f"group_size={group_size} gives {-(-K // max(group_size, 1))} groups for K={K}, scales have {n_groups}"
-        )
+    group_size = V.group_size(group_size, K, n_groups)
     operands = (x, packed_w, lut, scales)
     if all(T.is_torch(t) and t.is_cpu for t in operands):
         devs = {"cpu"}  # (the common case, without building device objects)
@@ -83,6 +60,8 @@ def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Opt
         devs = {T.device_of(t) for t in operands}
     if len(devs) != 1:
         raise ValueError(f"x, packed_w, lut and scales must be on one device, got {sorted(devs)}")
+    if lut_len < V.MAX_LEVELS or K % 2:
+        V.check_codes_once(packed_w, K, lut_len)  # a code could be out of range: check once
     return K, N, lut_rows, lut_len, n_groups, int(group_size)
 
 
@@ -145,8 +124,16 @@ def _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out):
         if K % n_groups or (K // n_groups) % 8:
             return None
         group_size = K // n_groups
-    elif group_size <= 0 or -(-K // group_size) != n_groups:
+    elif (
+        type(group_size) is not int
+        or group_size <= 0
+        or group_size % 8
+        or group_size > K
+        or -(-K // group_size) != n_groups
+    ):
         return None
+    if lut_len < 16 or K & 1:
+        V.check_codes_once(packed_w, K, lut_len)
     M = x.numel() // K
     y = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype)
     if M:

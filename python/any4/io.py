@@ -1,48 +1,72 @@
 """``any4.save`` / ``any4.load``: quantized models in safetensors with JSON metadata.
 
-File layout: one ``.safetensors`` file whose header metadata holds, under the key ``"any4"``,
-a JSON document::
+Checkpoint format version 2. A directory (``any4.save(model, DIR)``, ``model.save_pretrained``
+on an any4 model, ``any4 quantize --out DIR``) holds:
 
-    {"format": "any4-safetensors", "format_version": 1, "any4_version": "0.1.0",
-     "layers": {name: {"fmt", "group_size", "shape": [N, K], "bias": bool, "table_dtype"}},
-     "tied": {alias: stored_name}, "sha256": {tensor: hex digest}, "settings": {...},
-     "extra": {...}}
+- ``config.json``: the Hugging Face config plus ``"quantization_config"``::
 
-Each quantized layer ``name`` is stored as ``name.packed``, ``name.lut``, ``name.scales`` (and
-``name.bias``), the keys of a QuantLinear's state dict, so the file is exactly the quantized
-model's state dict; tensors shared by several names (tied embeddings) are stored once. The
-digests let ``load`` refuse a file whose tensor bytes were changed.
+      {"quant_method": "any4", "format_version": 2, "fmt", "group_size", "weighting", "method",
+       "mode", "table_dtype", "modules_to_not_convert": [...], "guard": KEY,
+       "layers": {module: {"fmt", "group_size", "shape": [N, K], "bias", "table_dtype", ...}}}
 
-A directory (``any4 quantize --out DIR``) holds ``model.safetensors``, ``any4.json`` (the same
-metadata, readable), and the Hugging Face ``config.json`` / tokenizer files. Loading into a fresh
-transformers model::
+  which ``transformers.AutoModelForCausalLM.from_pretrained(DIR)`` reads after ``import any4``.
+- the weights: ``model.safetensors``, or shards ``model-00001-of-0000N.safetensors`` with
+  ``model.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map"}``), as
+  ``from_pretrained`` reads them. Tensor keys are the quantized model's state dict: each quantized
+  layer ``name`` as ``name.packed`` (uint8), ``name.lut``, ``name.scales`` (and ``name.bias``),
+  every other tensor under its own name and dtype; tensors shared by several names (tied
+  embeddings) are stored once. The *guard* ``KEY`` is ``<first quantized layer>.weight`` stored as
+  an empty uint8 tensor: without any4 registered, transformers 5 only warns about the unknown
+  ``quant_method``, and this size mismatch makes it refuse the checkpoint instead of loading random
+  weights. any4's readers drop it.
+- each safetensors header: ``"format": "pt"`` and ``"any4"``: a JSON document
+  ``{"format": "any4-safetensors", "format_version": 2, "any4_version", "layers": {layers stored in
+  this file}, "tied": {alias: stored}, "sha256": {tensor: digest}, "settings", "extra", "guard"}``.
+  The digests let ``load`` refuse a file whose tensor bytes were changed.
+- ``any4.json`` (the same metadata, readable, with the files and their digests), the tokenizer
+  files and ``generation_config.json`` when available.
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(DIR)
-    model = AutoModelForCausalLM.from_config(config)      # random weights, same architecture
-    any4.load(DIR, model=model)                            # swaps in QuantLinear, loads tensors
-    # or simply: model = any4.load(DIR)
+A single ``.safetensors`` file (``any4.save(model, "m.safetensors")``) is one such file.
+Format-version-1 files and directories (one file, no quantization_config) still load.
+
+Loading::
+
+    model = any4.load(DIR)                 # or a hub repo id (huggingface_hub cache)
+    any4.load(DIR, model=fresh_or_float)   # swaps in QuantLinear, loads tensors
+    # or, after import any4: AutoModelForCausalLM.from_pretrained(DIR)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from .formats import get_format
-from .nn import QuantLinear, set_submodule
+from .nn import QuantLinear, dense_features, set_submodule
 from .quantize import QuantizedTensor
 
 FILE_FORMAT = "any4-safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+QUANT_METHOD = "any4"
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 METADATA_NAME = "any4.json"
+CONFIG_NAME = "config.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 
 
 class Any4FormatError(ValueError):
@@ -60,26 +84,36 @@ def _any4_version() -> str:
     return __version__
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def layer_info(module: QuantLinear) -> dict:
+    """The per-layer metadata of a QuantLinear (``fmt``, ``group_size``, ``shape``, ``bias``,
+    ``table_dtype``)."""
+    return {
+        "fmt": module.fmt,
+        "group_size": module.group_size,
+        "shape": [module.out_features, module.in_features],
+        "bias": module.bias is not None,
+        "table_dtype": _dtype_name(module.lut.dtype),
+    }
+
+
 def _collect(obj: Any) -> tuple:
     """(tensors {key: tensor}, layers {name: info}, settings) from a model or a dict."""
     tensors: dict = {}
     layers: dict = {}
     settings: dict = {}
     if isinstance(obj, nn.Module):
-        quant = {n: m for n, m in obj.named_modules() if isinstance(m, QuantLinear)}
-        for name, m in quant.items():
-            layers[name] = {
-                "fmt": m.fmt,
-                "group_size": m.group_size,
-                "shape": [m.out_features, m.in_features],
-                "bias": m.bias is not None,
-                "table_dtype": str(m.lut.dtype).replace("torch.", ""),
-            }
+        for name, m in obj.named_modules():
+            if isinstance(m, QuantLinear):
+                layers[name] = layer_info(m)
         tensors = dict(obj.state_dict())
         settings = dict(getattr(obj, "any4_settings", None) or {})
         dtype = _main_float_dtype(obj)
         if dtype is not None:
-            settings["model_dtype"] = str(dtype).replace("torch.", "")
+            settings["model_dtype"] = _dtype_name(dtype)
     elif isinstance(obj, dict):
         for key, value in obj.items():
             if not isinstance(key, str):
@@ -93,7 +127,7 @@ def _collect(obj: Any) -> tuple:
                     "group_size": value.group_size,
                     "shape": [int(N), int(K)],
                     "bias": False,
-                    "table_dtype": str(value.lut.dtype).replace("torch.", ""),
+                    "table_dtype": _dtype_name(value.lut.dtype),
                 }
                 for part in ("packed", "lut", "scales"):
                     tensors[f"{key}.{part}"] = getattr(value, part)
@@ -119,74 +153,257 @@ def _main_float_dtype(model: nn.Module) -> Optional[torch.dtype]:
     return max(counts, key=counts.get) if counts else None
 
 
-def save(
-    model_or_state: Union[nn.Module, dict],
-    path: Union[str, os.PathLike],
-    *,
-    extra: Optional[dict] = None,
-) -> str:
-    """Save a quantized model (its state dict) or a dict {name: QuantizedTensor | Tensor}.
-
-    Args:
-        model_or_state: a model holding QuantLinear layers (any other parameters and persistent
-            buffers are saved as they are), or a dict of QuantizedTensor / torch tensors.
-        path: a ``.safetensors`` file, or a directory (created; ``model.safetensors`` plus
-            ``any4.json``, and ``config.json`` when the model has a Hugging Face config).
-        extra: JSON-serialisable user metadata stored alongside.
-    Returns:
-        the path of the .safetensors file written.
-    """
-    from safetensors.torch import save_file
-
-    tensors, layers, settings = _collect(model_or_state)
-    path = os.fspath(path)
-    is_dir = not path.endswith(".safetensors")
-    file = os.path.join(path, WEIGHTS_NAME) if is_dir else path
-    # Store shared tensors (tied embeddings) once.
+def _dedupe(tensors: dict) -> tuple:
+    """({key: cpu tensor} with shared tensors stored once, {alias: stored key})."""
     stored: dict = {}
     tied: dict = {}
     seen: dict = {}
     for key, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{key}: expected a tensor, got {type(t).__name__}")
-        ident = (
-            t.device,
-            t.untyped_storage().data_ptr(),
-            t.storage_offset(),
-            tuple(t.shape),
-            tuple(t.stride()),
-            t.dtype,
-        )
+        if t.device.type == "meta":
+            raise ValueError(f"{key} is on the meta device (not loaded); nothing to save")
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(),
+                 tuple(t.shape), tuple(t.stride()), t.dtype)  # fmt: skip
         if t.numel() and ident in seen:
             tied[key] = seen[ident]
             continue
         seen[ident] = key
         stored[key] = t.detach().to("cpu").contiguous()
-    meta = {
-        "format": FILE_FORMAT,
+    return stored, tied
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes of a shard size: an int, or digits and a unit ("500MB", "2GB", "1GiB")."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    elif isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", size.upper())
+        if m is None:
+            raise ValueError(f"max_shard_size must be bytes or like '500MB' / '2GB', got {size!r}")
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    else:
+        raise TypeError(f"max_shard_size must be an int or a str, got {type(size).__name__}")
+    if n < 1:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return n
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def split_shards(stored: dict, layers: dict, max_shard_size: Optional[Union[int, str]]) -> list:
+    """Lists of keys, one per shard, in state-dict order; a quantized layer's tensors stay in one
+    shard; a shard exceeds ``max_shard_size`` only when one layer or tensor alone does."""
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
+    units: list = []  # [keys of one layer or one tensor]
+    owner_index: dict = {}
+    for key in stored:
+        owner = key.rpartition(".")[0]
+        if owner in layers:
+            if owner not in owner_index:
+                owner_index[owner] = len(units)
+                units.append([])
+            units[owner_index[owner]].append(key)
+        else:
+            units.append([key])
+    shards: list = []
+    size = 0
+    for keys in units:
+        n = sum(_nbytes(stored[k]) for k in keys)
+        if not shards or (limit is not None and size + n > limit and size > 0):
+            shards.append([])
+            size = 0
+        shards[-1].extend(keys)
+        size += n
+    return shards or [[]]
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file in ``path``'s directory, fsync it, rename it to
+    ``path`` (the destination is never seen half-written)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    write_atomic(path, write)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _write_safetensors(path: str, tensors: dict, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def quantization_config(layers: dict, settings: dict, guard: Optional[str] = None) -> dict:
+    """The ``quantization_config`` entry of config.json for a checkpoint (format version 2).
+    Per-layer fields are passed through as they are."""
+
+    def most_common(field: str) -> Any:
+        values = [info.get(field) for info in layers.values()]
+        return max(set(values), key=values.count) if values else None
+
+    qc = {
+        "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
-        "any4_version": _any4_version(),
-        "layers": layers,
-        "tied": tied,
-        "sha256": {k: _digest(t) for k, t in stored.items()},
-        "settings": settings,
-        "extra": extra or {},
+        "fmt": settings.get("fmt") or most_common("fmt"),
+        "group_size": settings.get("group_size") or most_common("group_size"),
+        "weighting": settings.get("weighting"),
+        "method": settings.get("method"),
+        "mode": settings.get("mode"),
+        "table_dtype": settings.get("table_dtype") or most_common("table_dtype"),
+        "modules_to_not_convert": list(settings.get("skip") or []),
+        "layers": {name: dict(info) for name, info in layers.items()},
     }
-    text = json.dumps(meta, sort_keys=True)
+    if guard is not None:
+        qc["guard"] = guard
+    return qc
+
+
+def _hf_config_dict(config: Any, qc: dict) -> str:
+    """config.json text: the model's Hugging Face config with any4's quantization_config (the
+    source's own quantization settings, e.g. GGUF, dropped)."""
+    import copy
+
+    cfg = copy.deepcopy(config)
+    if hasattr(cfg, "quantization_config"):
+        with contextlib.suppress(AttributeError):
+            delattr(cfg, "quantization_config")
+    data = json.loads(cfg.to_json_string(use_diff=True))
+    data["quantization_config"] = qc
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def save(
+    model_or_state: Union[nn.Module, dict],
+    path: Union[str, os.PathLike],
+    *,
+    extra: Optional[dict] = None,
+    max_shard_size: Optional[Union[int, str]] = None,
+    tokenizer: Any = None,
+) -> str:
+    """Save a quantized model (its state dict) or a dict {name: QuantizedTensor | Tensor}.
+
+    Args:
+        model_or_state: a model holding QuantLinear layers (any other parameters and persistent
+            buffers are saved as they are), or a dict of QuantizedTensor / torch tensors.
+        path: a ``.safetensors`` file, or a directory (created): weights, ``any4.json``, and,
+            for a Hugging Face model, ``config.json`` with ``quantization_config`` and
+            ``generation_config.json`` (see the module docstring).
+        extra: JSON-serialisable user metadata stored alongside.
+        max_shard_size: for a directory, the largest weight file (bytes, or "500MB", "2GB");
+            larger checkpoints are sharded with an index. Default: one file.
+        tokenizer: saved into the directory too (``tokenizer.save_pretrained``).
+    Returns:
+        the path of the (first) .safetensors file written.
+    """
+    tensors, layers, settings = _collect(model_or_state)
+    path = os.fspath(path)
+    is_dir = not path.endswith(".safetensors")
+    stored, tied = _dedupe(tensors)
+    if layers and "table_dtype" not in settings:
+        settings["table_dtype"] = quantization_config(layers, {})["table_dtype"]
+    config = getattr(model_or_state, "config", None) if is_dir else None
+    hf_config = config is not None and hasattr(config, "to_json_string")
+    guard = None
+    if hf_config and layers:
+        guard = f"{next(iter(layers))}.weight"
+        if guard in stored:
+            raise ValueError(f"{guard} is both a quantized layer's weight and a tensor")
+        stored[guard] = torch.zeros(0, dtype=torch.uint8)
+    base = {"format": FILE_FORMAT, "format_version": FORMAT_VERSION,
+            "any4_version": _any4_version()}  # fmt: skip
+    shards = split_shards(stored, layers, max_shard_size if is_dir else None)
     if is_dir:
         os.makedirs(path, exist_ok=True)
+        names = (
+            [WEIGHTS_NAME]
+            if len(shards) == 1
+            else [SHARD_NAME.format(index=i + 1, count=len(shards)) for i in range(len(shards))]
+        )
+        files = [os.path.join(path, n) for n in names]
     else:
-        os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
-    save_file(stored, file, metadata={"any4": text})
-    if is_dir:
-        with open(os.path.join(path, METADATA_NAME), "w", encoding="utf-8") as fh:
-            json.dump(
-                {k: v for k, v in meta.items() if k != "sha256"}, fh, indent=2, sort_keys=True
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        names, files = [os.path.basename(path)], [path]
+    file_digests: dict = {}
+    for name, file, keys in zip(names, files, shards):
+        part = {k: stored[k] for k in keys}
+        owners = {k.rpartition(".")[0] for k in keys}
+        meta = dict(base, layers={n: i for n, i in layers.items() if n in owners}, tied=tied,
+                    sha256={k: _digest(t) for k, t in part.items()}, settings=settings,
+                    extra=extra or {})  # fmt: skip
+        if guard is not None:
+            meta["guard"] = guard
+        file_digests[name] = {"sha256": meta["sha256"]}
+        _write_safetensors(file, part, {"format": "pt", "any4": json.dumps(meta, sort_keys=True)})
+    if not is_dir:
+        return files[0]
+    index_file = os.path.join(path, INDEX_NAME)
+    if len(shards) > 1:
+        weight_map = {k: n for n, keys in zip(names, shards) for k in keys}
+        total = sum(_nbytes(t) for t in stored.values())
+        _write_json(index_file, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _remove_stale_weights(path, set(names))
+    summary = dict(base, layers=layers, tied=tied, settings=settings, extra=extra or {},
+                   files=file_digests)  # fmt: skip
+    if guard is not None:
+        summary["guard"] = guard
+    _write_json(os.path.join(path, METADATA_NAME), summary)
+    if hf_config:
+        qc = quantization_config(layers, settings, guard)
+        _write_text(os.path.join(path, CONFIG_NAME), _hf_config_dict(config, qc))
+        generation = getattr(model_or_state, "generation_config", None)
+        if generation is not None and hasattr(generation, "to_json_string"):
+            _write_text(
+                os.path.join(path, "generation_config.json"),
+                generation.to_json_string(use_diff=True),
             )
-        config = getattr(model_or_state, "config", None)
-        if config is not None and hasattr(config, "save_pretrained"):
-            save_hf_config(config, path)
-    return file
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, path)
+    return files[0]
+
+
+def _remove_stale_weights(directory: str, keep: set) -> None:
+    """Drop weight files of an earlier save into the same directory that this one replaced."""
+    for name in os.listdir(directory):
+        stale = name == WEIGHTS_NAME or _SHARD_RE.fullmatch(name) is not None
+        if stale and name not in keep:
+            os.unlink(os.path.join(directory, name))
+    if len(keep) == 1 and os.path.isfile(os.path.join(directory, INDEX_NAME)):
+        os.unlink(os.path.join(directory, INDEX_NAME))
+
+
+def save_tokenizer(tokenizer: Any, directory: str) -> None:
+    """``tokenizer.save_pretrained`` into a temporary directory, then each file moved in
+    atomically."""
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".tokenizer.") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            src = os.path.join(tmp, name)
+            if os.path.isfile(src):
+                with open(src, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(src, os.path.join(directory, name))
 
 
 def save_hf_config(config: Any, directory: str) -> None:
@@ -202,77 +419,195 @@ def save_hf_config(config: Any, directory: str) -> None:
     cfg.save_pretrained(directory)
 
 
-def _resolve(path: Union[str, os.PathLike]) -> str:
+# ---- reading ----------------------------------------------------------------------------------
+
+
+def resolve(
+    path: Union[str, os.PathLike],
+    *,
+    revision: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    local_files_only: bool = False,
+) -> str:
+    """A local file or directory for ``path``: itself when it exists, else a Hugging Face hub
+    repo id resolved through huggingface_hub's cache (downloading unless ``local_files_only`` or
+    ``HF_HUB_OFFLINE=1``)."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(path):
+    if os.path.exists(path):
+        return path
+    if path.endswith(".safetensors") or path.count("/") > 1 or path.startswith((".", os.sep)):
         raise FileNotFoundError(f"no any4 file at {path}")
-    return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise FileNotFoundError(
+            f"no any4 file or directory at {path} (and huggingface_hub is not installed to "
+            "resolve it as a hub repo id)"
+        ) from e
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+    try:
+        return snapshot_download(
+            path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+            allow_patterns=patterns,
+        )  # fmt: skip
+    except Exception as e:  # hub errors: not found, offline without a cached copy, ...
+        raise FileNotFoundError(
+            f"no any4 file or directory at {path}, and not found as a hub repo ({e})"
+        ) from e
 
 
-def read_metadata(path: Union[str, os.PathLike]) -> dict:
-    """The any4 metadata of a file or directory (checks format name and version)."""
+def checkpoint_files(directory: str) -> list:
+    """The weight files of a checkpoint directory (from the index when sharded)."""
+    index = os.path.join(directory, INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as fh:
+                weight_map = json.load(fh)["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise Any4FormatError(f"{index}: not a readable safetensors index ({e})") from e
+        for n in names:
+            if os.path.basename(n) != n:
+                raise Any4FormatError(f"{index}: shard {n!r} is not a file name in {directory}")
+        return [os.path.join(directory, n) for n in names]
+    file = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no any4 file at {file}")
+    return [file]
+
+
+def _hf_quantization_config(directory: str) -> Optional[dict]:
+    file = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as fh:
+            qc = json.load(fh).get("quantization_config")
+    except (ValueError, AttributeError) as e:
+        raise Any4FormatError(f"{file}: not a readable JSON config ({e})") from e
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
+
+
+def _file_metadata(file: str) -> Optional[dict]:
+    """The any4 header entry of one safetensors file (None when it has none)."""
     from safetensors import safe_open
 
-    file = _resolve(path)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no any4 file at {file}")
     try:
         with safe_open(file, framework="pt") as f:
             raw = (f.metadata() or {}).get("any4")
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise Any4FormatError(f"{file}: not a readable safetensors file ({e})") from e
     if raw is None:
-        raise Any4FormatError(f"{file}: no any4 metadata (not written by any4.save)")
+        return None
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise Any4FormatError(f"{file}: corrupt any4 metadata ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT:
         raise Any4FormatError(f"{file}: metadata format is not {FILE_FORMAT!r}")
-    version = meta.get("format_version")
-    if not isinstance(version, int):
-        raise Any4FormatError(f"{file}: metadata has no integer format_version")
-    if version > FORMAT_VERSION:
-        raise Any4FormatError(
-            f"{file}: written with any4 file format version {version} (any4 {meta.get('any4_version', '?')}); "
-            f"this any4 {_any4_version()} reads versions up to {FORMAT_VERSION}: upgrade any4"
-        )
-    if version < 1:
-        raise Any4FormatError(f"{file}: unknown any4 file format version {version}")
+    _check_version(file, meta.get("format_version"), meta.get("any4_version"))
     return meta
 
 
-def _read_tensors(file: str, meta: dict, device: Union[str, torch.device]) -> dict:
+def _check_version(where: str, version: Any, writer: Any = None) -> None:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise Any4FormatError(f"{where}: metadata has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise Any4FormatError(
+            f"{where}: written with any4 file format version {version} (any4 {writer or '?'}); "
+            f"this any4 {_any4_version()} reads versions up to {FORMAT_VERSION}: upgrade any4"
+        )
+    if version < 1:
+        raise Any4FormatError(f"{where}: unknown any4 file format version {version}")
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> dict:
+    """The any4 metadata of a file or checkpoint directory (checks format names and versions).
+
+    Returns the header entry of a single file; for a directory, the entries of all its weight
+    files merged (``layers`` of every file, ``files``: {path: that file's entry}), with the
+    per-layer settings of config.json's quantization_config where a file lacks them."""
+    path = os.fspath(path)
+    directory = path if os.path.isdir(path) else None
+    files = checkpoint_files(path) if directory else [path]
+    qc = _hf_quantization_config(directory) if directory else None
+    if qc is not None:
+        _check_version(os.path.join(directory, CONFIG_NAME), qc.get("format_version"))
+    per_file: dict = {}
+    for file in files:
+        meta = _file_metadata(file)
+        if meta is None:
+            if qc is None:
+                raise Any4FormatError(f"{file}: no any4 metadata (not written by any4.save)")
+            meta = {"format": FILE_FORMAT, "format_version": qc["format_version"], "layers": {}}
+        per_file[file] = meta
+    first = per_file[files[0]]
+    merged = {k: v for k, v in first.items() if k not in ("layers", "sha256")}
+    merged["layers"] = {}
+    for meta in per_file.values():
+        merged["layers"].update(meta.get("layers") or {})
+        for key in ("tied", "settings", "extra"):
+            if meta.get(key) and not merged.get(key):
+                merged[key] = meta[key]
+    if qc is not None:
+        for name, info in (qc.get("layers") or {}).items():
+            merged["layers"].setdefault(name, info)
+        if qc.get("guard") and not merged.get("guard"):
+            merged["guard"] = qc["guard"]
+        merged["quantization_config"] = qc
+    if directory is None:
+        merged["sha256"] = first.get("sha256", {})
+    merged["files"] = per_file
+    merged.setdefault("tied", {})
+    return merged
+
+
+def _read_tensors(meta: dict, device: Union[str, torch.device], *, keep: bool = True) -> dict:
+    """All tensors of the files in ``meta`` (guard dropped, tied aliases restored), each file's
+    tensors checked against its digests and the layers against their metadata. ``keep=False``
+    only verifies: one tensor in memory at a time, meta-device tensors returned."""
     from safetensors import safe_open
 
-    digests = meta.get("sha256", {})
-    tensors = {}
-    try:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            keys = set(f.keys())
-            if keys != set(digests):
-                raise Any4FormatError(
-                    f"{file}: tensors do not match the metadata (missing {sorted(set(digests) - keys)[:3]}, "
-                    f"unexpected {sorted(keys - set(digests))[:3]})"
-                )
-            for key in sorted(keys):
-                tensors[key] = f.get_tensor(key)
-    except Any4FormatError:
-        raise
-    except Exception as e:
-        raise Any4FormatError(
-            f"{file}: cannot read tensors, the file is truncated or corrupt ({e})"
-        ) from e
-    for key, t in tensors.items():
-        if _digest(t) != digests[key]:
+    guard = meta.get("guard")
+    tensors: dict = {}
+    for file, fmeta in meta["files"].items():
+        digests = fmeta.get("sha256")
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                keys = set(f.keys()) - {guard}
+                if digests is None:
+                    warnings.warn(
+                        f"any4: {file} carries no any4 digests (written by transformers' own "
+                        "save_pretrained?); its tensors are not verified",
+                        stacklevel=3,
+                    )
+                elif keys != set(digests) - {guard}:
+                    raise Any4FormatError(
+                        f"{file}: tensors do not match the metadata (missing {sorted(set(digests) - keys)[:3]}, "
+                        f"unexpected {sorted(keys - set(digests))[:3]})"
+                    )
+                for key in sorted(keys):
+                    if key in tensors:
+                        raise Any4FormatError(f"{file}: tensor {key!r} is stored twice")
+                    t = f.get_tensor(key)
+                    if digests is not None and _digest(t) != digests[key]:
+                        raise Any4FormatError(
+                            f"{file}: tensor {key!r} does not match its checksum (the file was modified)"
+                        )
+                    tensors[key] = t if keep else t.to("meta")
+        except Any4FormatError:
+            raise
+        except Exception as e:
             raise Any4FormatError(
-                f"{file}: tensor {key!r} does not match its checksum (the file was modified)"
-            )
+                f"{file}: cannot read tensors, the file is truncated or corrupt ({e})"
+            ) from e
     for alias, target in meta.get("tied", {}).items():
         if target not in tensors:
-            raise Any4FormatError(f"{file}: tied tensor {alias!r} points to missing {target!r}")
+            raise Any4FormatError(f"tied tensor {alias!r} points to missing {target!r}")
         tensors[alias] = tensors[target]
-    _check_layers(file, meta, tensors)
+    _check_layers(next(iter(meta["files"])), meta, tensors)
     return {k: v.to(device) for k, v in tensors.items()}
 
 
@@ -300,37 +635,71 @@ def _check_layers(file: str, meta: dict, tensors: dict) -> None:
                 )
 
 
+def saved_dtype(meta: dict) -> Optional[torch.dtype]:
+    """The float dtype the saved model had (None when not recorded)."""
+    return _DTYPES.get((meta.get("settings") or {}).get("model_dtype", ""))
+
+
+def quant_shell(info: dict, device: Any = None, dtype: Optional[torch.dtype] = None) -> QuantLinear:
+    """An empty QuantLinear for a layer's metadata (``dtype``: the bias dtype)."""
+    N, K = (int(s) for s in info["shape"])
+    return QuantLinear(
+        K,
+        N,
+        bias=bool(info["bias"]),
+        fmt=info["fmt"],
+        group_size=int(info["group_size"]),
+        table_dtype=_DTYPES[info["table_dtype"]],
+        device=device,
+        dtype=dtype,
+    )
+
+
 def load(
     path: Union[str, os.PathLike],
     model: Optional[nn.Module] = None,
     *,
     device: Union[str, torch.device] = "cpu",
+    revision: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    local_files_only: bool = False,
 ) -> Any:
-    """Load what ``any4.save`` wrote.
+    """Load what ``any4.save`` (or ``save_pretrained`` on an any4 model) wrote.
 
     Args:
-        path: a .safetensors file or a directory written by ``any4.save``.
+        path: a .safetensors file, a checkpoint directory (one file or shards with an index), or
+            a Hugging Face hub repo id (through huggingface_hub's cache; ``revision``,
+            ``cache_dir``, ``local_files_only`` are passed on).
         model: a model of the same architecture (e.g. a fresh ``from_config`` transformers
             model, or the float model): its listed Linear layers are replaced by QuantLinear and
-            all tensors loaded (float parameters take the saved dtype). When omitted and ``path``
-            is a directory with a ``config.json``, the transformers model is built from it; when
-            omitted otherwise, a dict {name: QuantizedTensor | Tensor} is returned.
+            all tensors loaded (float parameters take the saved dtype). When omitted and the
+            checkpoint is a directory with a ``config.json``, the transformers model is built
+            from it (format 2: every tensor verified, then ``from_pretrained`` with any4's
+            quantizer, on the meta device, no float weights materialised); when omitted
+            otherwise, a dict {name: QuantizedTensor | Tensor} is returned.
         device: where the tensors go.
     Returns:
         the model (in eval mode), or the dict.
     Raises:
         Any4FormatError (a ValueError) for a truncated, modified, foreign or too-new file.
     """
-    file = _resolve(path)
-    meta = read_metadata(file)
-    tensors = _read_tensors(file, meta, device)
-    layers = meta.get("layers", {})
+    local = resolve(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    meta = read_metadata(local)
+    directory = local if os.path.isdir(local) else None
     if model is None:
-        directory = os.fspath(path) if os.path.isdir(os.fspath(path)) else None
-        if directory is not None and os.path.isfile(os.path.join(directory, "config.json")):
+        if directory is not None and os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+            if "quantization_config" in meta:
+                _read_tensors(
+                    meta, "meta", keep=False
+                )  # verify every file before transformers reads it
+                from .hf import from_pretrained_checkpoint
+
+                return from_pretrained_checkpoint(directory, saved_dtype(meta), device)
             model = _fresh_hf_model(directory)
         else:
-            return _as_state(tensors, layers)
+            return _as_state(_read_tensors(meta, device), meta.get("layers", {}))
+    tensors = _read_tensors(meta, device)
+    layers = meta.get("layers", {})
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for name, info in layers.items():
@@ -341,32 +710,24 @@ def load(
                 f"the model has no layer {name!r} (saved from a different architecture?)"
             ) from e
         N, K = info["shape"]
-        if isinstance(current, nn.Linear):
-            if (current.out_features, current.in_features) != (N, K):
+        features = dense_features(current)
+        if features is not None:
+            if features != (N, K):
                 raise ValueError(
-                    f"{name}: the model's Linear is {current.out_features}x{current.in_features}, saved {N}x{K}"
+                    f"{name}: the model's layer is {features[0]}x{features[1]}, saved {N}x{K}"
                 )
         elif not isinstance(current, QuantLinear):
             raise ValueError(
-                f"{name}: expected an nn.Linear or QuantLinear in the model, found {type(current).__name__}"
+                f"{name}: expected an nn.Linear, Conv1D or QuantLinear in the model, found {type(current).__name__}"
             )
         bias = tensors.get(f"{name}.bias")
-        shell = QuantLinear(
-            K,
-            N,
-            bias=bool(info["bias"]),
-            fmt=info["fmt"],
-            group_size=int(info["group_size"]),
-            table_dtype=_DTYPES[info["table_dtype"]],
-            device=device,
-            dtype=None if bias is None else bias.dtype,
-        )
+        shell = quant_shell(info, device, None if bias is None else bias.dtype)
         set_submodule(model, name, shell)
     # The model takes the saved dtype (non-persistent buffers too, e.g. rotary tables), and each
     # float tensor its saved dtype, so outputs are bit-identical. QuantLinear keeps table dtypes.
-    saved_dtype = _DTYPES.get((meta.get("settings") or {}).get("model_dtype", ""))
-    if saved_dtype is not None and _main_float_dtype(model) != saved_dtype:
-        model.to(saved_dtype)
+    dtype = saved_dtype(meta)
+    if dtype is not None and _main_float_dtype(model) != dtype:
+        model.to(dtype)
     own = dict(model.state_dict(keep_vars=True))
     with torch.no_grad():
         for key, t in tensors.items():

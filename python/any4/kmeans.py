@@ -63,7 +63,7 @@ def kmeans(
     if n_init < 1 or max_iter < 1:
         raise ValueError("n_init and max_iter must be >= 1")
     T.check_array(values, "values")
-    v = np.ascontiguousarray(T.to_numpy(values), dtype=np.float32)
+    v = np.ascontiguousarray(T.to_numpy(values, "values"), dtype=np.float32)
     if v.ndim not in (1, 2):
         raise ValueError(f"values must be 1-D or 2-D, got shape {v.shape}")
     squeeze = v.ndim == 1
@@ -76,7 +76,7 @@ def kmeans(
     wptr = 0
     if weights is not None:
         T.check_array(weights, "weights")
-        w = np.ascontiguousarray(T.to_numpy(weights), dtype=np.float32)
+        w = np.ascontiguousarray(T.to_numpy(weights, "weights"), dtype=np.float32)
         if w.shape != v.shape:
             raise ValueError(f"weights must have the shape of values {v.shape}, got {w.shape}")
         if not np.isfinite(w).all() or (w < 0).any():

@@ -12,21 +12,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import (
-    DEFAULT_MAX_TOKENS,
-    ActivationRecorder,
-    Calibration,
-    calibration_ids,
-    run_model,
-)
+from .calibration import DEFAULT_MAX_TOKENS, ActivationRecorder, Calibration, calibration_runner
 from .formats import get_format
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
-from .nn import QuantLinear, set_submodule
+from .nn import QuantLinear, dense_features, set_submodule
 from .stats import DEFAULT_WEIGHTING, WEIGHTINGS, ChannelStats
 
 FLOAT_FORMATS = ("fp", "none")  # "quantize" to nothing: the model is returned unchanged
 MODES = ("one-pass", "sequential")
 SETTINGS_ATTR = "any4_settings"
+# Functions called with each model quantize_model returns (any4.hf adds one that makes a
+# transformers model save_pretrained-able as an any4 checkpoint).
+POST_QUANTIZE_HOOKS: list = []
 
 
 def matches_skip(name: str, skip: Sequence[str]) -> bool:
@@ -36,20 +33,91 @@ def matches_skip(name: str, skip: Sequence[str]) -> bool:
 
 
 def eligible_layers(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict:
-    """{name: nn.Linear} that quantize_model would replace, in module order."""
+    """{name: nn.Linear or GPT-2 Conv1D} that quantize_model would replace, in module order."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name and not matches_skip(name, skip):
+        if dense_features(module) is not None and name and not matches_skip(name, skip):
             out[name] = module
     return out
 
 
-def layer_group_size(group_size: int, in_features: int) -> Optional[int]:
-    """The group size used for a layer: ``group_size``, or, when the layer's K is smaller, the
-    largest multiple of 8 <= K (a whole row, up to a short tail). None when K < 8."""
-    if in_features < 8:
-        return None
-    return group_size if group_size <= in_features else in_features - in_features % 8
+def expert_parameters(model: nn.Module) -> dict:
+    """{name: parameter} of float weights with 3 or more dimensions outside Linear/Conv1D layers:
+    MoE experts stored as one [E, N, K] tensor (Mixtral, Qwen-MoE in transformers 5), which
+    quantize_model does not quantize yet."""
+    out = {}
+    for mod_name, module in model.named_modules():
+        if dense_features(module) is not None or isinstance(module, QuantLinear):
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        for p_name, p in module.named_parameters(recurse=False):
+            if p.ndim >= 3 and p.is_floating_point():
+                out[f"{mod_name}.{p_name}" if mod_name else p_name] = p
+    return out
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of a model, shared (tied) tensors counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def quantize_summary(settings: dict) -> str:
+    """One line: format, layers and the fraction of parameters quantized (from any4_settings)."""
+    frac = settings.get("quantized_fraction")
+    text = f"{settings.get('fmt')} G={settings.get('group_size')}: {settings.get('layers')} layers"
+    if frac is not None:
+        text += (
+            f", {100 * frac:.1f}% of the {settings.get('total_params'):,} parameters quantized "
+            f"({100 * (1 - frac):.1f}% left in float: embeddings, skipped layers, norms"
+        )
+        if settings.get("expert_params"):
+            text += ", 3-D MoE experts"
+        text += ")"
+    return text
+
+
+def layer_quantize_kwargs(
+    fmt: str,
+    stats: Optional[ChannelStats] = None,
+    *,
+    weighting: str = DEFAULT_WEIGHTING,
+    method: str = DEFAULT_METHOD,
+    n_init: int = DEFAULT_N_INIT,
+    seed: int = 0,
+) -> dict:
+    """The ``any4.quantize`` keyword arguments quantize_model uses for one layer: learned formats
+    get the k-means options and the statistics' sample weights when ``stats`` saw inputs (else
+    weighting "none"); fixed formats get nothing."""
+    kw: dict = {}
+    if get_format(fmt).learned:
+        kw = dict(weighting=weighting, method=method, n_init=n_init, seed=seed)
+        if weighting != "none" and stats is not None and stats.count > 0:
+            kw["stats"] = stats
+        else:
+            kw["weighting"] = "none"
+    return kw
+
+
+def quantize_layer(
+    layer: nn.Module,
+    fmt: str,
+    group_size: int,
+    stats: Optional[ChannelStats] = None,
+    *,
+    table_dtype: Optional[torch.dtype] = None,
+    weighting: str = DEFAULT_WEIGHTING,
+    method: str = DEFAULT_METHOD,
+    n_init: int = DEFAULT_N_INIT,
+    seed: int = 0,
+) -> QuantLinear:
+    """One layer as quantize_model quantizes it (the same call, so both agree bit for bit):
+    learned formats use the statistics' sample weights when ``stats`` saw inputs, else none."""
+    f = get_format(fmt)
+    kw = layer_quantize_kwargs(
+        f.name, stats, weighting=weighting, method=method, n_init=n_init, seed=seed
+    )
+    return QuantLinear.from_linear(layer, f.name, group_size, table_dtype=table_dtype, **kw)
 
 
 def check_settings(fmt: str, group_size: int, mode: str, weighting: str, method: str) -> Any:
@@ -72,15 +140,16 @@ def check_settings(fmt: str, group_size: int, mode: str, weighting: str, method:
 
 
 def plan_layers(model: nn.Module, group_size: int, skip: Sequence[str]) -> tuple:
-    """({name: nn.Linear}, {name: group size}) of the layers quantize_model replaces (a layer
-    with in_features < 8 is left in float, with a warning). Works on a meta-device skeleton."""
+    """({name: layer}, {name: group size}) of the layers quantize_model replaces (a layer with
+    in_features < 8 is left in float, with a warning). Works on a meta-device skeleton."""
     layers = eligible_layers(model, skip)
     group_sizes = {}
     for name, lin in list(layers.items()):
-        g = layer_group_size(group_size, lin.in_features)
+        in_features = dense_features(lin)[1]
+        g = layer_group_size(group_size, in_features)
         if g is None:
             warnings.warn(
-                f"any4: {name} has in_features={lin.in_features} < 8; left in float", stacklevel=3
+                f"any4: {name} has in_features={in_features} < 8; left in float", stacklevel=3
             )
             del layers[name]
         else:
@@ -92,19 +161,12 @@ def plan_layers(model: nn.Module, group_size: int, skip: Sequence[str]) -> tuple
     return layers, group_sizes
 
 
-def layer_quantize_kwargs(
-    f: Any, stats: Optional[ChannelStats], needs_stats: bool, options: dict
-) -> dict:
-    """The ``any4.quantize`` keyword arguments for one layer: the k-means ``options`` (weighting,
-    method, n_init, seed) for learned formats, with the layer's ``stats`` when it saw
-    calibration input (else weighting "none"); nothing for fixed formats."""
-    kw = dict(options) if f.learned else {}
-    if needs_stats and stats is not None and stats.count > 0:
-        kw["stats"] = stats
-    elif f.learned:
-        kw["weighting"] = "none"
-        kw.pop("stats", None)
-    return kw
+def layer_group_size(group_size: int, in_features: int) -> Optional[int]:
+    """The group size used for a layer: ``group_size``, or, when the layer's K is smaller, the
+    largest multiple of 8 <= K (a whole row, up to a short tail). None when K < 8."""
+    if in_features < 8:
+        return None
+    return group_size if group_size <= in_features else in_features - in_features % 8
 
 
 def quantize_model(
@@ -134,7 +196,10 @@ def quantize_model(
             multiple of 8 <= in_features instead; a layer with in_features < 8 is left in float.
         calibration: the sample whose activation statistics weight the k-means of learned
             formats: "default" (the shipped text), a text, a list of texts, or token ids [T] /
-            [B, T]. Unused by fixed formats (int4, nf4, fp4) and by ``weighting="none"``.
+            [B, T]; for any module, example inputs: a float tensor (``model(x)``), a dict of
+            forward kwargs (``model(**d)``), a list of those (one forward each), or a callable
+            ``fn(model)`` that runs it. Unused by fixed formats (int4, nf4, fp4) and by
+            ``weighting="none"``.
         tokenizer: turns calibration text into ids (a Hugging Face tokenizer).
         mode: "one-pass" (all statistics from the float model in one forward pass) or
             "sequential" (each layer's statistics from the model whose earlier layers are
@@ -151,7 +216,9 @@ def quantize_model(
         max_calibration_tokens: the calibration sample is cut to this many tokens.
         progress: show a progress bar.
     Returns:
-        ``model`` itself; ``model.any4_settings`` records the settings and per-layer group sizes.
+        ``model`` itself; ``model.any4_settings`` records the settings, the number of layers and
+        the fraction of parameters quantized (``quantized_fraction``, also printed with
+        ``progress``). MoE experts stored as 3-D tensors stay in float, with a warning.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -162,15 +229,25 @@ def quantize_model(
     f = check_settings(fmt, group_size, mode, weighting, method)
     if isinstance(skip, str):
         skip = (skip,)
+
+    total_params = parameter_count(model)
+    experts = expert_parameters(model)
+    expert_params = sum(p.numel() for p in experts.values())
+    if experts:
+        warnings.warn(
+            f"any4: {len(experts)} MoE expert weight(s) stored as 3-D tensors (e.g. {next(iter(experts))}) "
+            f"are not quantized yet: {expert_params:,} parameters, "
+            f"{100 * expert_params / max(total_params, 1):.1f}% of the model, stay in float",
+            stacklevel=2,
+        )
     layers, group_sizes = plan_layers(model, group_size, skip)
 
     needs_stats = f.learned and weighting != "none"
     options = dict(weighting=weighting, method=method, n_init=n_init, seed=seed)
 
-    def make(name: str, lin: nn.Linear, stats: Optional[ChannelStats]) -> QuantLinear:
-        kw = layer_quantize_kwargs(f, stats, needs_stats, options)
-        return QuantLinear.from_linear(
-            lin, f.name, group_sizes[name], table_dtype=table_dtype, **kw
+    def make(name: str, lin: nn.Module, stats: Optional[ChannelStats]) -> QuantLinear:
+        return quantize_layer(
+            lin, f.name, group_sizes[name], stats, table_dtype=table_dtype, **options
         )
 
     start = time.perf_counter()
@@ -181,8 +258,7 @@ def quantize_model(
     n_tokens = 0
     if needs_stats and layers:
         seq_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        ids = calibration_ids(calibration, tokenizer, max_calibration_tokens, seq_len)
-        n_tokens = int(ids.numel())
+        run, n_tokens = calibration_runner(calibration, tokenizer, max_calibration_tokens, seq_len)
 
         def quantize_now(name: str, module: nn.Module, x: torch.Tensor) -> None:
             if mode != "sequential" or name in done:
@@ -197,7 +273,7 @@ def quantize_model(
             was_training = model.training
             model.eval()
             try:
-                run_model(model, ids)
+                run(model)
             finally:
                 model.train(was_training)
         stats = recorder.stats
@@ -210,10 +286,12 @@ def quantize_model(
             )
     else:
         stats = {}
+    quantized_params = 0
     for name, lin in layers.items():
         if name not in done:
             done[name] = make(name, lin, stats.get(name))
             bar.update(1)
+        quantized_params += done[name].out_features * done[name].in_features
         set_submodule(model, name, done[name])
     bar.close()
 
@@ -226,14 +304,23 @@ def quantize_model(
         "n_init": n_init if f.learned and method == "lloyd" else None,
         "seed": seed,
         "skip": list(skip),
+        "table_dtype": None if table_dtype is None else str(table_dtype).replace("torch.", ""),
         "calibration_tokens": n_tokens,
         "layers": len(layers),
+        "quantized_params": quantized_params,
+        "total_params": total_params,
+        "quantized_fraction": round(quantized_params / max(total_params, 1), 6),
+        "expert_params": expert_params,
         "seconds": round(time.perf_counter() - start, 3),
     }
     try:
         setattr(model, SETTINGS_ATTR, settings)
     except (AttributeError, TypeError):
         pass
+    if progress:
+        tqdm.write("any4: " + quantize_summary(settings))
+    for hook in POST_QUANTIZE_HOOKS:
+        hook(model)
     return model
 
 
@@ -243,11 +330,7 @@ def quantized_layers(model: nn.Module) -> dict:
 
 
 __all__ = [
-    "check_settings",
-    "eligible_layers",
-    "layer_quantize_kwargs",
-    "matches_skip",
-    "plan_layers",
-    "quantize_model",
+    "check_settings", "eligible_layers", "expert_parameters", "layer_quantize_kwargs",
+    "matches_skip", "plan_layers", "quantize_layer", "quantize_model", "quantize_summary",
     "quantized_layers",
-]
+]  # fmt: skip

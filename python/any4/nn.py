@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import ops  # registers torch.ops.any4.gemm (a thin wrapper of any4.gemm)
+from . import validate as V
 from .formats import get_format
 from .quantize import QuantizedTensor, dequantize, quantize
 
@@ -34,6 +35,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    module.check()  # loaded tensors: shapes, dtypes, codes in range, finite (any4.validate)
     module.prepare_for_device()  # loaded storage buffers: rebuild the device form of the weight
 
 
@@ -65,11 +67,14 @@ class QuantLinear(nn.Module):
     ) -> None:
         super().__init__()
         f = get_format(fmt)
+        in_features = V._int(in_features, "in_features")
+        out_features = V._int(out_features, "out_features")
         if in_features < 1 or out_features < 1:
             raise ValueError(
                 f"in_features and out_features must be >= 1, got {in_features}, {out_features}"
             )
-        if group_size < 8 or group_size % 8 or group_size > in_features:
+        group_size = V.group_size(group_size, in_features)
+        if group_size > in_features:
             raise ValueError(
                 f"group_size must be a multiple of 8 in [8, in_features={in_features}], got {group_size}"
             )
@@ -113,6 +118,7 @@ class QuantLinear(nn.Module):
             raise TypeError(f"qt must be an any4.QuantizedTensor, got {type(qt).__name__}")
         if not all(isinstance(t, torch.Tensor) for t in (qt.packed, qt.lut, qt.scales)):
             raise TypeError("from_quantized needs a QuantizedTensor of torch tensors")
+        V.check_quantized(qt)  # shapes, K, group size, codes in range, finite tables/scales
         N, K = qt.shape
         m = cls(
             K,
@@ -141,24 +147,45 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         fmt: str = "any4",
         group_size: int = 128,
         *,
         table_dtype: Optional[torch.dtype] = None,
         **quantize_kwargs: Any,
     ) -> QuantLinear:
-        """Quantize an ``nn.Linear``'s weight (``any4.quantize`` with ``quantize_kwargs``: stats,
-        weighting, method, n_init, sample_weight, ...). ``table_dtype`` defaults to float16 for an
-        fp16 layer, else bfloat16."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"expected torch.nn.Linear, got {type(linear).__name__}")
+        """Quantize an ``nn.Linear``'s weight [N, K] (or a GPT-2-style ``Conv1D``'s, stored
+        transposed [K, N]) with ``any4.quantize`` and ``quantize_kwargs``: stats, weighting,
+        method, n_init, sample_weight, ... ``table_dtype`` defaults to float16 for an fp16 layer,
+        else bfloat16."""
+        if dense_features(linear) is None:
+            raise TypeError(f"expected torch.nn.Linear or Conv1D, got {type(linear).__name__}")
         w = linear.weight.detach()
+        if is_conv1d(linear):
+            w = w.t()
         if table_dtype is None:
             table_dtype = torch.float16 if w.dtype == torch.float16 else torch.bfloat16
         dtype_name = str(table_dtype).replace("torch.", "")
         qt = quantize(w, fmt, group_size, dtype=dtype_name, **quantize_kwargs)
         return cls.from_quantized(qt, linear.bias)
+
+    def check(self) -> None:
+        """Validate the buffers (any4.validate): shapes and dtypes for this layer's K, N, format
+        and group size, codes < the table length, pad nibbles 0, finite table and scales.
+        Run after construction and ``load_state_dict``; raises ValueError / TypeError."""
+        f = get_format(self.fmt)
+        V.check_parts(
+            self.packed, self.lut, self.scales, self.in_features, self.group_size, bits=f.bits,
+            N=self.out_features,
+        )  # fmt: skip
+        if not f.learned and self.lut.shape[0] != 1:
+            raise ValueError(f"format {f.name} has a fixed table: lut must be one row")
+        if self.bias is not None and tuple(self.bias.shape) != (self.out_features,):
+            raise ValueError(
+                f"bias must have shape ({self.out_features},), got {tuple(self.bias.shape)}"
+            )
+        if self.packed.device.type != "meta":
+            V.check_values(self.packed, self.lut, self.scales, self.in_features)
 
     # ---- computation --------------------------------------------------------------------------
 
@@ -300,6 +327,28 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     return model
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """A GPT-2-style ``transformers.pytorch_utils.Conv1D`` (y = x @ W + b, W [in, out]),
+    recognised without importing transformers."""
+    w = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(w, torch.Tensor)
+        and w.ndim == 2
+        and tuple(w.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
+    )
+
+
+def dense_features(module: nn.Module) -> Optional[tuple]:
+    """(out_features, in_features) of a layer QuantLinear can replace (nn.Linear, Conv1D), else
+    None."""
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    if is_conv1d(module):
+        return (int(module.nf), int(module.nx))
+    return None
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted ``name``."""
     parent_name, _, child = name.rpartition(".")
@@ -307,4 +356,4 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-__all__ = ["QuantLinear", "dequantize_model", "set_submodule"]
+__all__ = ["QuantLinear", "dense_features", "dequantize_model", "is_conv1d", "set_submodule"]

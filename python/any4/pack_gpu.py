@@ -111,8 +111,9 @@ def pack_for_gpu(
     Returns:
         GpuWeight on the device of ``packed``.
     """
-    from .gemm import infer_group_size
     from .quantize import QuantizedTensor
+    from .validate import check_values, infer_group_size
+    from .validate import group_size as checked_group_size
 
     torch = _torch()
     if isinstance(packed, QuantizedTensor):
@@ -154,7 +155,7 @@ def pack_for_gpu(
     n_groups = int(scales.shape[1])
     if group_size is None:
         group_size = infer_group_size(K, n_groups)
-    group_size = int(group_size)
+    group_size = checked_group_size(group_size, K, n_groups)
     if group_size < 16 or group_size & (group_size - 1):
         raise ValueError(
             f"the GPU layout needs a power-of-two group size >= 16, got {group_size}; "
@@ -174,6 +175,7 @@ def pack_for_gpu(
     p_cpu = packed.detach().to("cpu").contiguous()
     l_cpu = lut2.detach().to("cpu").contiguous()
     s_cpu = scales.detach().to("cpu").contiguous()
+    check_values(p_cpu, l_cpu, s_cpu, K)  # once, at load time: codes < L, pads 0, finite
     codes = torch.empty(sizes["n_tiles"], sizes["k_chunks"], 32, 16, dtype=torch.uint8)
     sc = torch.empty(sizes["n_tiles"], sizes["n_groups_pad"], 8, 4, dtype=getattr(torch, dtype))
     lt = torch.empty(sizes["N_pad"], 32, dtype=torch.uint8)

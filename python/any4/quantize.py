@@ -130,7 +130,7 @@ def quantize(
         raise ValueError("pass either sample_weight or stats, not both")
     if sample_weight is not None:
         T.check_array(sample_weight, "sample_weight")
-        sw = np.ascontiguousarray(T.to_numpy(sample_weight), dtype=np.float32)
+        sw = np.ascontiguousarray(T.to_numpy(sample_weight, "sample_weight"), dtype=np.float32)
         if sw.shape == (K,):
             chan, power = sw, int(scale_power)
         elif sw.shape == (N, K):
@@ -158,6 +158,7 @@ def quantize(
         0 if elem is None else elem.ctypes.data, METHODS[method], int(max_iter), int(n_init),
         int(seed), codes.ctypes.data, lut.ctypes.data, scales.ctypes.data,
     )  # fmt: skip
+    _check_representable(w32, lut, scales, dtype, f.learned)
     packed = pack(codes)
     return QuantizedTensor(
         packed=T.from_numpy_like(w, packed),
@@ -169,16 +170,41 @@ def quantize(
     )
 
 
+def _check_representable(
+    w32: np.ndarray, lut: np.ndarray, scales: np.ndarray, dtype: str, learned: bool
+) -> None:
+    """The table and scales, rounded to ``dtype``, must be finite (fp16 overflows at 65504):
+    an error naming the first bad row instead of a NaN product later."""
+    for name, t in (("table", lut), ("scales", scales)):
+        bad = ~np.isfinite(t.reshape(t.shape[0], -1))
+        if bad.any():
+            row = int(np.flatnonzero(bad.any(1))[0])
+            if name == "table" and not learned:
+                row_w = "the fixed table"
+            else:
+                row_w = f"|w| of row {row} up to {float(np.abs(w32[row]).max()):.4g}"
+            raise ValueError(
+                f"row {row}: the {name} overflow {dtype} ({row_w}); quantize with "
+                "dtype='bfloat16' or 'float32' (table_dtype for QuantLinear), or rescale the weight"
+            )
+
+
 def dequantize(qt: QuantizedTensor, dtype: Optional[str] = None) -> Any:
     """Float weight [N, K] (float32 unless ``dtype``), computed as lut[code] * scale + zero in
-    float32 (one fused multiply-add, as the kernels do), in qt's framework and device."""
+    float32 (one fused multiply-add, as the kernels do), in qt's framework and device.
+
+    ``qt`` is fully checked first (any4.validate: shapes, group size, codes in range, finite
+    table and scales), so a bad one raises ValueError/TypeError rather than giving garbage."""
+    from .validate import check_quantized
+
+    check_quantized(qt)
     N, K = qt.shape
     packed, lut, scales = (_cpu(t) for t in (qt.packed, qt.lut, qt.scales))
     pb = T.buffer(packed, "packed", dtypes=("uint8",), ndim=2)
-    lb = T.buffer(lut, "lut", dtypes=tuple(T.DTYPE_CODE), ndim=2)
+    lb = T.buffer(
+        lut.reshape(1, -1) if lut.ndim == 1 else lut, "lut", dtypes=tuple(T.DTYPE_CODE), ndim=2
+    )
     sb = T.buffer(scales, "scales", dtypes=(lb.dtype,), ndim=3)
-    if pb.shape != (N, (K + 1) // 2) or sb.shape[0] != N or sb.shape[2] != 2:
-        raise ValueError("quantized tensor parts do not match its shape")
     out = np.empty((N, K), np.float32)
     C.dequantize(
         pb.ptr,
@@ -189,7 +215,7 @@ def dequantize(qt: QuantizedTensor, dtype: Optional[str] = None) -> Any:
         lb.shape[1],
         sb.ptr,
         sb.shape[1],
-        qt.group_size,
+        int(qt.group_size),
         lb.code,
         out.ctypes.data,
     )

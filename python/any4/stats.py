@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ._tensor import to_numpy
+from ._tensor import check_real, to_numpy
 
 # name -> (statistic, power of the group scale): element weight = statistic[k] * scale**power
 WEIGHTINGS = ("mse", "abs_mean", "mean_abs", "rms", "none")
@@ -25,7 +25,12 @@ class ChannelStats:
     extra: dict = field(default_factory=dict)
 
     def update(self, x: Any) -> None:
-        """Accumulate a batch of activations [..., K] (torch or numpy)."""
+        """Accumulate a batch of activations [..., K] (torch or numpy; real, finite).
+
+        Raises ValueError naming the first channel when the batch holds NaN/Inf (or values
+        whose square overflows float64): such statistics would silently poison the weights.
+        """
+        check_real(x, "activations")
         if hasattr(x, "detach"):  # torch: reduce on the tensor's device, in float64
             xd = x.detach().reshape(-1, x.shape[-1]).double()
             s, sa, sq, n = (
@@ -37,6 +42,12 @@ class ChannelStats:
         else:
             xd = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
             s, sa, sq, n = xd.sum(0), np.abs(xd).sum(0), (xd * xd).sum(0), xd.shape[0]
+        finite = np.isfinite(s) & np.isfinite(sa) & np.isfinite(sq)
+        if not finite.all():
+            k = int(np.flatnonzero(~finite)[0])
+            raise ValueError(
+                f"activations of channel {k} hold NaN or Inf (or overflow float64 when squared)"
+            )
         if self.sum is None:
             self.sum, self.sum_abs, self.sum_sq = s, sa, sq
         else:
