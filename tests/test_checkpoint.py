@@ -69,6 +69,10 @@ def _reference(src: str, **kw) -> dict:
 
 def _assert_same_as_reference(out_dir: str, ref: dict, src: str) -> None:
     got = _output_tensors(out_dir)
+    guard = json.loads(open(os.path.join(out_dir, "config.json")).read())["quantization_config"][
+        "guard"
+    ]
+    assert got.pop(guard).numel() == 0  # the empty guard tensor (see any4.io)
     source = {}
     for f in glob.glob(os.path.join(src, "*.safetensors")):
         source.update(load_file(f))
@@ -166,6 +170,29 @@ def test_output_layout_v2(src, tmp_path) -> None:
     assert (dst / "tokenizer.json").is_file() and (dst / "generation_config.json").is_file()
     with pytest.raises(FileExistsError):
         quantize_checkpoint(src, dst, "any4", G, progress=False)
+
+
+def test_any4_load_and_from_pretrained_read_the_output(src, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    dst = str(tmp_path / "out")
+    quantize_checkpoint(src, dst, "any4", G, progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    quantize_model(ref, "any4", G, tokenizer=byte_tokenizer(), progress=False)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(ids).logits
+    ref_state = ref.state_dict()
+    # any4.load builds the model in the saved dtype (bf16, the checkpoint's): the same tensors
+    loaded = any4.load(dst)
+    for key, t in loaded.state_dict().items():
+        assert torch.equal(t.to(ref_state[key].dtype), ref_state[key]), key
+    # from_pretrained in the dtype asked for: the very model quantize_model made
+    model = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32)
+    assert isinstance(model.model.layers[1].mlp.down_proj, any4.QuantLinear)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_row_slice_seed_matches_whole_matrix() -> None:

@@ -362,6 +362,13 @@ class _Job:
                 "(quantize this model in memory: any4.quantize_model)"
             )
         self.needs_stats = self.f.learned and settings["weighting"] != "none"
+        # any4's readers drop the guard, an empty tensor under the first quantized layer's weight
+        # key: transformers without any4 refuses the checkpoint on its size (see any4.io)
+        self.guard = f"{next(iter(self.layers))}.weight" if self.layers else None
+        quantized_weights = {n + ".weight" for n in self.layers}
+        self.tied = {
+            k: v for k, v in sorted(self.keys.items()) if k != v and k not in quantized_weights
+        }
         self.options = dict(
             weighting=settings["weighting"],
             method=settings["method"],
@@ -456,6 +463,12 @@ class _Run:
         self.missing: list = []
         self.layer_info: dict = {}
         self.fingerprint = self._fingerprint()
+        settings = {k: v for k, v in job.settings.items() if not k.startswith("_")}
+        settings["calibration_tokens"] = int(ids.numel()) if ids is not None else 0
+        settings["layers"] = len(job.layers)
+        src_dtype = job.src.config_dict.get("dtype") or job.src.config_dict.get("torch_dtype")
+        settings["model_dtype"] = src_dtype if src_dtype in _DTYPES else settings["dtype"]
+        self.file_settings = settings
         self.state = self._open_state(resume)
         self.done = set(self.state["done"])
         self.resumed_blocks = len(self.done)
@@ -681,9 +694,14 @@ class _Run:
                 "format_version": FORMAT_VERSION,
                 "any4_version": __version__,
                 "layers": layers,
+                "tied": self.job.tied,
                 "sha256": dict(sorted(digests.items())),
+                "settings": self.file_settings,
+                "extra": {},
             }
-            return {"format": "pt", "any4": json.dumps(doc, separators=(",", ":"))}
+            if self.job.guard is not None:
+                doc["guard"] = self.job.guard
+            return {"format": "pt", "any4": json.dumps(doc, sort_keys=True)}
 
         return finish
 
@@ -703,6 +721,8 @@ class _Run:
         for name, q in quantized.items():
             for part in ("packed", "lut", "scales"):
                 entries.append(Entry.of(f"{name}.{part}", getattr(q, part)))
+            if job.guard == name + ".weight":
+                entries.append(Entry.of(job.guard, torch.zeros(0, dtype=torch.uint8)))
         return sorted(entries, key=lambda e: e.key)
 
     def _write(self, path: str, entries: list, layers: dict) -> None:
@@ -865,7 +885,7 @@ class _Run:
             for key, info in infos.items():
                 weight_map[key] = new
                 total_size += info.nbytes
-            files[new] = {"layers": sorted(doc.get("layers", {})), "sha256": doc.get("sha256", {})}
+            files[new] = {"sha256": doc.get("sha256", {})}
             os.replace(path, os.path.join(self.partial, new))
         write_json(
             os.path.join(self.partial, INDEX_NAME),
@@ -888,27 +908,26 @@ class _Run:
             "modules_to_not_convert": list(s["skip"]),
             "layers": layers,
         }
+        if job.guard is not None:
+            qconfig["guard"] = job.guard
         config = dict(job.src.config_dict)
         config["quantization_config"] = qconfig
         write_json(os.path.join(self.partial, "config.json"), config)
         from . import __version__
 
-        settings = {k: v for k, v in s.items() if not k.startswith("_")}
-        settings["calibration_tokens"] = (
-            int(self.ids.numel()) if self.ids is not None and job.needs_stats else 0
-        )
-        settings["layers"] = len(job.layers)
-        write_json(
-            os.path.join(self.partial, "any4.json"),
-            {
-                "format": "any4-safetensors",
-                "format_version": FORMAT_VERSION,
-                "any4_version": __version__,
-                "settings": settings,
-                "layers": layers,
-                "files": files,
-            },
-        )
+        summary = {
+            "format": "any4-safetensors",
+            "format_version": FORMAT_VERSION,
+            "any4_version": __version__,
+            "layers": layers,
+            "tied": job.tied,
+            "settings": self.file_settings,
+            "extra": {},
+            "files": files,
+        }
+        if job.guard is not None:
+            summary["guard"] = job.guard
+        write_json(os.path.join(self.partial, "any4.json"), summary)
         for name in EXTRA_FILES:
             path = os.path.join(job.src.directory, name)
             if os.path.isfile(path):
