@@ -164,6 +164,13 @@ def test_output_layout_v2(src, tmp_path) -> None:
                 )
                 assert doc["sha256"][key] == hashlib.sha256(raw).hexdigest()
             assert all(index["weight_map"][k + ".packed"] == f for k in doc["layers"])
+    from any4.integrity import verify_file
+
+    for f in files:  # sealed: one digest over every byte (any4.integrity)
+        assert (
+            verify_file(dst / f)["digest"]
+            == json.loads((dst / "any4.json").read_text())["files"][f]["digest"]
+        )
     meta = json.loads((dst / "any4.json").read_text())
     assert meta["format_version"] == 2 and set(meta["files"]) == set(files)
     assert meta["settings"]["calibration_tokens"] > 100

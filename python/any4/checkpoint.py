@@ -56,6 +56,7 @@ from .calibration import (
     run_model,
 )
 from .dist import Group, local_world_size, row_ranges, row_slice_seed, threads_per_rank
+from .integrity import metadata_text, seal_file
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT
 from .model import check_settings, layer_quantize_kwargs, plan_layers
 from .nn import QuantLinear
@@ -701,7 +702,7 @@ class _Run:
             }
             if self.job.guard is not None:
                 doc["guard"] = self.job.guard
-            return {"format": "pt", "any4": json.dumps(doc, sort_keys=True)}
+            return {"format": "pt", "any4": metadata_text(doc)}  # digest: the seal placeholder
 
         return finish
 
@@ -729,6 +730,7 @@ class _Run:
         t0 = time.perf_counter()
         try:
             write_file(path + ".tmp", entries, finish_metadata=self._file_metadata(layers))
+            seal_file(path + ".tmp")  # one sha256 over the whole file (any4.integrity)
             os.replace(path + ".tmp", path)
         except OSError as e:
             with contextlib.suppress(OSError):
@@ -885,7 +887,7 @@ class _Run:
             for key, info in infos.items():
                 weight_map[key] = new
                 total_size += info.nbytes
-            files[new] = {"sha256": doc.get("sha256", {})}
+            files[new] = {"digest": doc.get("digest"), "sha256": doc.get("sha256", {})}
             os.replace(path, os.path.join(self.partial, new))
         write_json(
             os.path.join(self.partial, INDEX_NAME),
