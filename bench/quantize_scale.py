@@ -103,8 +103,8 @@ def calibration_ids_file(path: str) -> str:
 def run_quantize(src: str, dst: str, procs: int, ids_file: str, extra: list) -> dict:
     """One streaming run in fresh processes; returns its summary (from --summary-json)."""
     summary = dst + ".summary.json"
-    base = ["-m", "any4", "quantize", src, "--stream", "--out", dst, "--overwrite",
-            "--calibration-ids", ids_file, "--summary-json", summary, *extra]  # fmt: skip
+    base = ["-m", "any4", "quantize", src, "--stream", "--out", dst, "--overwrite", "--dtype",
+            "float32", "--calibration-ids", ids_file, "--summary-json", summary, *extra]  # fmt: skip
     if procs == 1:
         cmd = [sys.executable, *base]
     else:
