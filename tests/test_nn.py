@@ -160,6 +160,7 @@ def test_dequantize_model_replaces_quantlinear() -> None:
     assert rel_err(dense(x), y.double()) < 1e-5
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(
     not any4.cuda_available(), reason="needs a CUDA device and the any4 CUDA kernels"
 )

@@ -80,6 +80,9 @@ def load_gguf(path: str, dtype: Any = None) -> tuple:
     kwargs = dict(gguf_file=name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # GGUF weights are dequantized on load: a plain float model now
+        quantizer.remove_quantization_config(model)  # (so save_pretrained works)
     model = model.to(dtype or torch.float32)
     model.eval()
     return model, tokenizer

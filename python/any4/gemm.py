@@ -7,7 +7,11 @@ from typing import Any, Optional
 from . import _tensor as T
 from . import validate as V
 from ._core import C
-from .validate import infer_group_size  # noqa: F401 (part of this module's API)
+from .cuda import gemm_cuda, gemm_gpu
+from .pack_gpu import GpuWeight, unpack_from_gpu
+from .validate import infer_group_size
+
+__all__ = ["check_operands", "check_out", "gemm", "infer_group_size"]
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 CPU_IMPLS = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
@@ -185,22 +189,16 @@ def gemm(
     Returns:
         y [..., N] in x's dtype, framework and device.
     """
-    from .pack_gpu import GpuWeight
-
     if isinstance(packed_w, GpuWeight):
         if lut is not None or scales is not None:
             raise TypeError("a GpuWeight carries its own lut and scales: call gemm(x, w)")
         if T.is_torch(x) and x.device.type == "cuda":
-            from .cuda import gemm_gpu
-
-            return gemm_gpu(x, packed_w)
+            return gemm_gpu(x, packed_w, out=out)
         if T.device_of(packed_w.codes) != T.device_of(x):
             raise ValueError(
                 f"x and the GPU weight must be on one device, got x on {T.device_of(x)} and the "
                 f"weight on {T.device_of(packed_w.codes)}"
             )
-        from .pack_gpu import unpack_from_gpu
-
         group_size = packed_w.group_size
         packed_w, lut, scales = unpack_from_gpu(packed_w)  # CPU x: the storage layout
     if lut is None or scales is None:
@@ -215,8 +213,6 @@ def gemm(
     if out is not None:
         check_out(out, x, lead + (N,))
     if T.device_of(x) != "cpu":
-        from .cuda import gemm_cuda
-
         y = gemm_cuda(x, packed_w, lut, scales, group_size)
         if out is None:
             return y

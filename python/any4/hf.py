@@ -206,6 +206,8 @@ class Any4HfQuantizer(HfQuantizer):
                     f"checkpoint written with any4 file format version {cfg.format_version}; this any4 "
                     f"reads versions up to {io.FORMAT_VERSION}: upgrade any4"
                 )
+            if self.checkpoint_dir is not None:
+                io.verify_checkpoint(self.checkpoint_dir)  # digests, metadata, before reading
             for name, info in cfg.layers.items():
                 try:
                     current = model.get_submodule(name)
@@ -221,7 +223,7 @@ class Any4HfQuantizer(HfQuantizer):
                     )
                 bias = getattr(current, "bias", None)
                 shell = io.quant_shell(info, "meta", None if bias is None else bias.dtype)
-                set_submodule(model, name, shell)
+                _swap_in(model, name, shell)
             if cfg.guard:
                 ignore = set(model._keys_to_ignore_on_load_unexpected or ())
                 model._keys_to_ignore_on_load_unexpected = ignore | {re.escape(cfg.guard) + "$"}
@@ -266,6 +268,7 @@ class Any4HfQuantizer(HfQuantizer):
             self._record_settings(model)
         for m in model.modules():
             if isinstance(m, QuantLinear):
+                m.check()  # loaded tensors: shapes, codes in range, finite (any4.validate)
                 m.prepare_for_device()
         cfg.layers = {
             n: io.layer_info(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)
@@ -295,7 +298,19 @@ class Any4HfQuantizer(HfQuantizer):
         print("any4: quantized on load: " + quantize_summary(settings))
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple:
-        return None, {}
+        """For transformers' own save_pretrained (any4 models normally use any4.save): the state
+        dict plus the guard tensor, recorded in the quantization_config written after it."""
+        layers = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+        if not layers:
+            return None, {}
+        guard = f"{layers[0]}.weight"
+        self.quantization_config.guard = guard
+        self.quantization_config.layers = {
+            n: io.layer_info(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)
+        }
+        state = dict(model.state_dict())
+        state[guard] = torch.zeros(0, dtype=torch.uint8)
+        return state, {}
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:
         return True
@@ -332,15 +347,25 @@ def _quantize_op(quantizer: Any4HfQuantizer) -> Any:
                 table_dtype=options["table_dtype"], weighting=cfg.weighting, method=cfg.method,
                 n_init=cfg.n_init, seed=cfg.seed,
             )  # fmt: skip
-            q._is_hf_initialized = True
             for t in list(q.buffers()) + list(q.parameters()):
                 t._is_hf_initialized = True
-            set_submodule(model, name, q)
+            _swap_in(model, name, q)
             if missing_keys is not None:
                 missing_keys.discard(full_layer_name)
             return {}
 
     return Any4Quantize(quantizer)
+
+
+def _swap_in(model: nn.Module, name: str, layer: QuantLinear) -> None:
+    """Put ``layer`` at ``name``, marked as initialized for transformers together with its parent:
+    weight initialization of missing keys (e.g. a tied lm_head) must not run on it, and some
+    parents' schemes read their children's ``.weight`` (GPT-2 scales ``mlp.c_proj.weight``)."""
+    set_submodule(model, name, layer)
+    layer._is_hf_initialized = True
+    parent = name.rpartition(".")[0]
+    if parent:
+        model.get_submodule(parent)._is_hf_initialized = True
 
 
 def _checkpoint_tokenizer(model: nn.Module) -> Any:

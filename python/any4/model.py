@@ -16,6 +16,7 @@ from .calibration import DEFAULT_MAX_TOKENS, ActivationRecorder, Calibration, ca
 from .formats import get_format
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
 from .nn import QuantLinear, dense_features, set_submodule
+from .refit import DEFAULT_REFIT, REFITS, CovarianceCache, refit_layer
 from .stats import DEFAULT_WEIGHTING, WEIGHTINGS, ChannelStats
 
 FLOAT_FORMATS = ("fp", "none")  # "quantize" to nothing: the model is returned unchanged
@@ -185,6 +186,7 @@ def quantize_model(
     skip: Sequence[str] = ("lm_head",),
     max_calibration_tokens: Optional[int] = DEFAULT_MAX_TOKENS,
     progress: bool = True,
+    refit: str = DEFAULT_REFIT,
 ) -> nn.Module:
     """Replace every eligible ``nn.Linear`` of ``model`` (in place) by a ``QuantLinear``.
 
@@ -215,6 +217,11 @@ def quantize_model(
         skip: layer-name patterns left in float (see matches_skip); default ("lm_head",).
         max_calibration_tokens: the calibration sample is cut to this many tokens.
         progress: show a progress bar.
+        refit: learned formats only: "none" (default), "lut" or "lut+zero": after k-means,
+            refit each row's table (and group zeros) to the output error with the full input
+            covariance of the calibration sample (any4.refit). Each layer's covariance is
+            built from its input when the layer is reached and dropped once it is quantized;
+            like sequential mode, this uses the layer's first call of the calibration run.
     Returns:
         ``model`` itself; ``model.any4_settings`` records the settings, the number of layers and
         the fraction of parameters quantized (``quantized_fraction``, also printed with
@@ -227,6 +234,8 @@ def quantize_model(
     if fmt.lower() in FLOAT_FORMATS:
         return model
     f = check_settings(fmt, group_size, mode, weighting, method)
+    if refit not in REFITS:
+        raise ValueError(f"refit must be one of {REFITS}, got {refit!r}")
     if isinstance(skip, str):
         skip = (skip,)
 
@@ -242,13 +251,21 @@ def quantize_model(
         )
     layers, group_sizes = plan_layers(model, group_size, skip)
 
-    needs_stats = f.learned and weighting != "none"
+    needs_stats = f.learned and (weighting != "none" or refit != "none")
+    in_hook = mode == "sequential" or (f.learned and refit != "none")
     options = dict(weighting=weighting, method=method, n_init=n_init, seed=seed)
 
-    def make(name: str, lin: nn.Module, stats: Optional[ChannelStats]) -> QuantLinear:
-        return quantize_layer(
+    def make(
+        name: str, lin: nn.Module, stats: Optional[ChannelStats], x: Optional[torch.Tensor] = None
+    ) -> QuantLinear:
+        q = quantize_layer(
             lin, f.name, group_sizes[name], stats, table_dtype=table_dtype, **options
         )
+        if x is not None:
+            q = refit_layer(q, lin, refit_cache(x), zero=refit == "lut+zero")
+        return q
+
+    refit_cache = CovarianceCache()
 
     start = time.perf_counter()
     bar = tqdm(
@@ -261,11 +278,12 @@ def quantize_model(
         run, n_tokens = calibration_runner(calibration, tokenizer, max_calibration_tokens, seq_len)
 
         def quantize_now(name: str, module: nn.Module, x: torch.Tensor) -> None:
-            if mode != "sequential" or name in done:
+            if not in_hook or name in done:
                 return
-            q = make(name, module, recorder.stats[name])
-            with torch.no_grad():  # the rest of this pass sees the quantized layer
-                module.weight.data = q.dequantize(module.weight.dtype).to(module.weight.device)
+            q = make(name, module, recorder.stats[name], x if refit != "none" else None)
+            if mode == "sequential":
+                with torch.no_grad():  # the rest of this pass sees the quantized layer
+                    module.weight.data = q.dequantize(module.weight.dtype).to(module.weight.device)
             done[name] = q
             bar.update(1)
 
@@ -304,6 +322,7 @@ def quantize_model(
         "n_init": n_init if f.learned and method == "lloyd" else None,
         "seed": seed,
         "skip": list(skip),
+        "refit": refit if f.learned else None,
         "table_dtype": None if table_dtype is None else str(table_dtype).replace("torch.", ""),
         "calibration_tokens": n_tokens,
         "layers": len(layers),
