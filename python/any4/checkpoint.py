@@ -841,6 +841,12 @@ class _Run:
                 k for k, p in model.named_parameters(remove_duplicate=False) if p is emb.weight
             )
             uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+            vocab = job.src.tensors[job.keys[key]].shape[0]
+            if int(uniq[0]) < 0 or int(uniq[-1]) >= vocab:
+                raise ValueError(
+                    f"calibration token ids must lie in [0, {vocab}) (the embedding {key}), got "
+                    f"{int(uniq[0])}..{int(uniq[-1])}"
+                )
             t0 = time.perf_counter()
             rows, run_start = [], 0
             u = uniq.tolist()
