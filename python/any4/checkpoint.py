@@ -324,6 +324,25 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def _release_memory() -> None:
+    """Give the heap pages freed with a block back to the OS (glibc keeps them otherwise, and
+    the heap, fragmented by the block's many-megabyte temporaries, grows block after block)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -670,6 +689,8 @@ class _Run:
         out, quantized = self._process(names, modules, call)
         self._write_block(index, prefix, quantized)
         self._free(block)
+        del modules, quantized
+        _release_memory()
         kind = "tuple" if isinstance(out, tuple) else "tensor"
         carry = out[0] if isinstance(out, tuple) else out
         self._commit_block(index, carry, kind)
@@ -893,7 +914,7 @@ class _Run:
             for key, info in infos.items():
                 weight_map[key] = new
                 total_size += info.nbytes
-            files[new] = {"digest": doc.get("digest"), "sha256": doc.get("sha256", {})}
+            files[new] = doc.get("digest")  # the file's seal (any4.integrity), as any4.io lists it
             os.replace(path, os.path.join(self.partial, new))
         write_json(
             os.path.join(self.partial, INDEX_NAME),
