@@ -108,22 +108,22 @@ def _inject(codes: torch.Tensor, L: int, draw_pos, value: int) -> torch.Tensor:
     value=st.integers(0, 15),
 )
 def test_codes_out_of_range_are_refused_everywhere(seed, bits, N, K, pos, value) -> None:
+    """3/2-bit codes in nibbles (how files stored them before the dense layouts) can hold 8..15:
+    every entry point that takes nibble rows refuses a code past the table; the dense layout
+    (any4.pack(codes, bits), what QuantizedTensor holds) cannot even hold one."""
     L = 1 << bits
     G = 16
     codes, packed, lut, scales = _operands(seed, N, K, G, L, torch.bfloat16)
     codes = _inject(codes, L, pos, value)
-    packed = any4.pack(codes)
+    packed = any4.pack(codes)  # nibbles
     bad = value >= L
-    qt = any4.QuantizedTensor(packed, lut, scales, (N, K), f"any{bits}", G)
     x = torch.randn(2, K).bfloat16()
     entry_points = {
         "gemm": lambda: any4.gemm(x, packed, lut, scales, G),
-        "dequantize": lambda: any4.dequantize(qt),
-        "from_quantized": lambda: QuantLinear.from_quantized(qt),
         "load_state_dict": lambda: QuantLinear(
             K, N, bias=False, fmt=f"any{bits}", group_size=G
         ).load_state_dict({"packed": packed, "lut": lut, "scales": scales}),
-        "pack_for_gpu": lambda: any4.pack_for_gpu(qt),
+        "pack_for_gpu": lambda: any4.pack_for_gpu(packed, lut, scales, K, G),
     }
     for _name, call in entry_points.items():
         if bad:
@@ -131,10 +131,18 @@ def test_codes_out_of_range_are_refused_everywhere(seed, bits, N, K, pos, value)
                 call()
         else:
             call()
-    if not bad:
-        y = any4.gemm(x, packed, lut, scales, G)
-        ref = x.double().numpy() @ dequant_ref(packed, lut, scales, K, G).T
-        assert rel_err(y, ref) < TOL["bfloat16"]
+    if bad:
+        with pytest.raises(ValueError, match=f"< {L}"):
+            any4.pack(codes, bits)
+        return
+    qt = any4.QuantizedTensor(any4.pack(codes, bits), lut, scales, (N, K), f"any{bits}", G)
+    QuantLinear.from_quantized(qt)
+    any4.pack_for_gpu(qt)
+    ref_w = dequant_ref(packed, lut, scales, K, G)
+    np.testing.assert_allclose(any4.dequantize(qt).double().numpy(), ref_w, rtol=1e-6, atol=1e-9)
+    ref = x.double().numpy() @ ref_w.T
+    for p in (packed, qt.packed):  # nibbles and dense: the same product
+        assert rel_err(any4.gemm(x, p, lut, scales, G), ref) < TOL["bfloat16"]
 
 
 def test_codes_changed_in_place_after_a_good_call_are_caught() -> None:

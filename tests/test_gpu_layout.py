@@ -336,3 +336,19 @@ def test_gemm_accepts_gpu_weight_on_cpu(rng):
     assert torch.equal(any4.gemm(x, w), any4.gemm(x, qt.packed, qt.lut, qt.scales))
     with pytest.raises(TypeError, match="own lut"):
         any4.gemm(x, w, qt.lut, qt.scales)
+
+
+@pytest.mark.parametrize("fmt", ["any3", "any2", "int3"])
+def test_dense_low_bit_codes_widen_for_the_gpu_and_come_back(fmt):
+    """3/2-bit codes in their dense layout go into the (4-bit) GPU layout and come back out of
+    unpack_from_gpu in the layout they came in; the nibble form of the same codes packs to the
+    same GPU weight."""
+    qt = any4.quantize(torch.randn(21, 200), fmt, group_size=64, dtype="bfloat16")
+    bits = qt.bits
+    w = any4.pack_for_gpu(qt)
+    nibbles = any4.pack(any4.unpack(qt.packed, 200, bits))
+    w2 = any4.pack_for_gpu(nibbles, qt.lut, qt.scales, 200, 64)
+    assert w.storage_bits == bits and w2.storage_bits == 4
+    assert torch.equal(w.codes, w2.codes)
+    packed, lut, scales = any4.unpack_from_gpu(w)
+    assert torch.equal(packed, qt.packed) and torch.equal(any4.unpack_from_gpu(w2)[0], nibbles)

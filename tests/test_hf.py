@@ -450,6 +450,51 @@ def test_prequantized_load_peak_memory_below_float_size(tmp_path) -> None:
     assert added < 0.5 * float_bytes, (added, float_bytes, checkpoint)
 
 
+def test_nibble_any3_checkpoint_of_format_2_still_loads(tmp_path) -> None:
+    """A format-2 directory whose 3-bit layers hold nibbles and no code_layout (what any4 wrote
+    before the dense layouts) loads through any4.load and from_pretrained to the same codes, so
+    the same logits; the current writer stores them densely."""
+    import numpy as np
+
+    from any4 import integrity
+    from conftest import unpack_ref
+
+    model = tiny_llama(seed=6)
+    any4.quantize_model(model, "any3", 16, random_ids(64, seed=4), progress=False)
+    d = tmp_path / "old"
+    any4.save(model, d)
+    qc = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert {info["code_layout"] for info in qc["layers"].values()} == {"dense"}
+    sealed = integrity.read_file(d / "model.safetensors")
+    tensors, meta = dict(sealed.tensors), dict(sealed.any4)
+    for name, info in meta["layers"].items():
+        N, K = info["shape"]
+        codes = unpack_ref(tensors[f"{name}.packed"].numpy(), K, 3).astype(np.uint8)
+        codes = np.pad(codes, ((0, 0), (0, K % 2)))
+        tensors[f"{name}.packed"] = torch.from_numpy(codes[:, 0::2] | (codes[:, 1::2] << 4))
+        del info["code_layout"]
+    extra = {k: v for k, v in sealed.metadata.items() if k not in ("any4", "format")}
+    digest = integrity.write_file(d / "model.safetensors", tensors, meta, metadata=extra)
+    for info in qc["layers"].values():
+        del info["code_layout"]
+    config = json.loads((d / "config.json").read_text())
+    config["quantization_config"] = qc
+    (d / "config.json").write_text(json.dumps(config))
+    summary = json.loads((d / "any4.json").read_text())
+    summary["files"] = {"model.safetensors": digest}
+    for info in summary.get("layers", {}).values():
+        info.pop("code_layout", None)
+    (d / "any4.json").write_text(json.dumps(summary))
+
+    ids = random_ids(13, seed=2)
+    expected = logits(model, ids)
+    for loaded in (any4.load(d), AutoModelForCausalLM.from_pretrained(d)):
+        assert torch.equal(logits(loaded, ids), expected)
+        for name, m in model.named_modules():
+            if isinstance(m, QuantLinear):
+                assert torch.equal(loaded.get_submodule(name).packed, m.packed)
+
+
 def test_registration_on_import_without_importing_transformers() -> None:
     code = textwrap.dedent("""
         import sys

@@ -230,6 +230,95 @@ def test_loaded_model_is_independent_copy(quantized, tmp_path) -> None:
     assert tiny_config().hidden_size == quantized.config.hidden_size
 
 
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(
+        t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
+
+
+def test_low_bit_layers_dense_on_disk_and_version1_nibbles_still_load(tmp_path) -> None:
+    """3/2-bit layers are stored densely with their code_layout; the same model written the
+    format-version-1 way (codes in nibbles, no code_layout) loads to the same codes, so its
+    outputs (and so its perplexity) are identical."""
+    import numpy as np
+
+    from conftest import unpack_ref
+
+    model = tiny_llama(seed=3)
+    any4.quantize_model(model, "any3", 32, random_ids(64, seed=4), progress=False)
+    lin = tiny_llama(seed=3).model.layers[0].mlp.down_proj
+    model.model.layers[0].mlp.down_proj = QuantLinear.from_linear(lin, "any2", 32)
+    ids = random_ids(33, seed=5, rows=2)
+    expected = outputs(model, ids)
+
+    file = tmp_path / "dense.safetensors"
+    any4.save(model, file)
+    meta = read_metadata(file)
+    assert meta["format_version"] == FORMAT_VERSION == 2
+    layers = meta["layers"]
+    assert layers["model.layers.0.mlp.down_proj"]["code_layout"] == "dense"
+    assert layers["model.layers.0.self_attn.q_proj"]["code_layout"] == "dense"
+    with safetensors.safe_open(str(file), framework="pt") as f:
+        for name, info in layers.items():
+            N, K = info["shape"]
+            bits = int(info["fmt"][-1])
+            assert tuple(f.get_tensor(f"{name}.packed").shape) == (N, -(-bits * K // 8))
+    assert torch.equal(outputs(any4.load(file, model=tiny_llama(seed=9)), ids), expected)
+
+    def to_version1(m):
+        m.pop("digest", None)  # version 1: per-tensor checksums (below)
+        m["format_version"] = 1
+        for info in m["layers"].values():
+            del info["code_layout"]
+
+    def to_nibbles(tensors):
+        for name, info in layers.items():
+            N, K = info["shape"]
+            bits = int(info["fmt"][-1])
+            codes = unpack_ref(tensors[f"{name}.packed"].numpy(), K, bits).astype(np.uint8)
+            if K % 2:
+                codes = np.pad(codes, ((0, 0), (0, 1)))
+            tensors[f"{name}.packed"] = torch.from_numpy(codes[:, 0::2] | (codes[:, 1::2] << 4))
+
+    old = tmp_path / "v1.safetensors"
+    any4.save(model, old)
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(old), framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    any4_meta = json.loads(header["any4"])
+    to_version1(any4_meta)
+    to_nibbles(tensors)
+    any4_meta["sha256"] = {k: _digest(t) for k, t in tensors.items()}
+    header["any4"] = json.dumps(any4_meta)
+    save_file(tensors, str(old), metadata=header)
+    assert os.path.getsize(old) > os.path.getsize(file)  # nibbles cost more bytes
+
+    loaded = any4.load(old, model=tiny_llama(seed=9))
+    assert torch.equal(outputs(loaded, ids), expected)
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            back = loaded.get_submodule(name)
+            assert torch.equal(back.packed, m.packed)  # repacked densely on load
+            assert torch.equal(back.dequantize(), m.dequantize())
+    # A layout the tensors do not have, or an unknown one, is refused (files resealed).
+    from any4 import integrity
+
+    for layout, error in (("nibble", "bytes per row"), ("planes", "unknown code layout")):
+        sealed = integrity.read_file(file)
+        meta = dict(sealed.any4)
+        meta["layers"]["model.layers.0.mlp.down_proj"]["code_layout"] = layout
+        bad = tmp_path / f"{layout}.safetensors"
+        integrity.write_file(bad, sealed.tensors, meta)
+        with pytest.raises(Any4FormatError, match=error):
+            any4.load(bad, model=tiny_llama(seed=9))
+
+
 def test_resealed_dtype_reinterpretation_is_refused(quantized, tmp_path) -> None:
     """A writer that stored float32 weights as int32 (same bytes) and sealed the file: the digest
     is valid, but the model's float parameter refuses an integer tensor."""

@@ -8,6 +8,8 @@
 #include <string>
 
 #include "common.h"
+#include "cpu_features.h"
+#include "dequantize_rows.h"
 #include "emulate_gpu.h"
 #include "gemm_cpu.h"
 #include "kmeans.h"
@@ -36,6 +38,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.attr("max_threads") = kMaxThreads;
+  m.def(
+      "use_openmp_runtime",
+      [](const std::string& prefer_prefix) { return use_openmp_runtime(prefer_prefix.c_str()); },
+      py::arg("prefer_prefix"));
+  m.def("use_thread_pool", &use_thread_pool);
+  m.def("parallel_backend", [] { return std::string(parallel_backend()); });
 
   m.def(
       "quantize",
@@ -61,23 +69,23 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "dequantize",
-      [](uintptr_t packed, int64_t N, int64_t K, uintptr_t lut, int64_t lut_rows, int64_t lut_len,
+      [](uintptr_t packed, int64_t N, int64_t K, int bits, uintptr_t lut, int64_t lut_rows, int64_t lut_len,
          uintptr_t scales, int64_t n_groups, int64_t group_size, int table_dtype, uintptr_t w) {
-        dequantize(ptr<const uint8_t>(packed), N, K, ptr<const void>(lut), lut_rows, lut_len,
+        dequantize(ptr<const uint8_t>(packed), N, K, bits, ptr<const void>(lut), lut_rows, lut_len,
                    ptr<const void>(scales), n_groups, group_size, to_dtype(table_dtype), ptr<float>(w));
       },
       gil());
 
   m.def(
-      "pack_nibbles",
-      [](uintptr_t codes, int64_t N, int64_t K, uintptr_t packed) {
-        pack_nibbles(ptr<const uint8_t>(codes), N, K, ptr<uint8_t>(packed));
+      "pack_codes",
+      [](uintptr_t codes, int64_t N, int64_t K, int bits, uintptr_t packed) {
+        pack_codes(ptr<const uint8_t>(codes), N, K, bits, ptr<uint8_t>(packed));
       },
       gil());
   m.def(
-      "unpack_nibbles",
-      [](uintptr_t packed, int64_t N, int64_t K, uintptr_t codes) {
-        unpack_nibbles(ptr<const uint8_t>(packed), N, K, ptr<uint8_t>(codes));
+      "unpack_codes",
+      [](uintptr_t packed, int64_t N, int64_t K, int bits, uintptr_t codes) {
+        unpack_codes(ptr<const uint8_t>(packed), N, K, bits, ptr<uint8_t>(codes));
       },
       gil());
 
@@ -97,7 +105,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "gemm_cpu",
-      [](uintptr_t x, int x_dtype, int64_t M, int64_t K, uintptr_t packed, int64_t N, uintptr_t lut,
+      [](uintptr_t x, int x_dtype, int64_t M, int64_t K, uintptr_t packed, int bits, int64_t N, uintptr_t lut,
          int64_t lut_rows, int64_t lut_len, uintptr_t scales, int64_t n_groups, int64_t group_size,
          int table_dtype, uintptr_t y, int impl) {
         GemmArgs a;
@@ -106,6 +114,7 @@ PYBIND11_MODULE(_C, m) {
         a.M = M;
         a.K = K;
         a.packed = ptr<const uint8_t>(packed);
+        a.bits = bits;
         a.N = N;
         a.lut = ptr<const void>(lut);
         a.lut_rows = lut_rows;
@@ -118,6 +127,34 @@ PYBIND11_MODULE(_C, m) {
         gemm_cpu(a, static_cast<CpuImpl>(impl));
       },
       gil());
+  m.def(
+      "dequantize_rows",
+      [](uintptr_t packed, int64_t N, int64_t K, uintptr_t lut, int64_t lut_rows, int64_t lut_len,
+         uintptr_t scales, int64_t n_groups, int64_t group_size, int table_dtype, int64_t n0, int64_t n1,
+         uintptr_t w, int w_dtype, int impl) {
+        GemmArgs a;
+        a.K = K;
+        a.packed = ptr<const uint8_t>(packed);
+        a.N = N;
+        a.lut = ptr<const void>(lut);
+        a.lut_rows = lut_rows;
+        a.lut_len = lut_len;
+        a.scales = ptr<const void>(scales);
+        a.n_groups = n_groups;
+        a.group_size = group_size;
+        a.table_dtype = to_dtype(table_dtype);
+        dequantize_rows(a, n0, n1, ptr<void>(w), to_dtype(w_dtype), static_cast<CpuImpl>(impl));
+      },
+      gil());
+  m.def("cpu_features", [] {
+    const CpuFeatures& f = cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2;
+    d["avx512"] = f.avx512;
+    d["avx512bf16"] = f.avx512bf16;
+    d["amx_bf16"] = f.amx_bf16;
+    return d;
+  });
   m.def("best_cpu_impl", [] { return static_cast<int>(best_cpu_impl()); });
   m.def("cpu_impl_supported", [](int impl) { return cpu_impl_supported(static_cast<CpuImpl>(impl)); });
 

@@ -7,7 +7,8 @@ on an any4 model, ``any4 quantize --out DIR``) holds:
 
       {"quant_method": "any4", "format_version": 2, "fmt", "group_size", "weighting", "method",
        "mode", "table_dtype", "modules_to_not_convert": [...], "guard": KEY,
-       "layers": {module: {"fmt", "group_size", "shape": [N, K], "bias", "table_dtype", ...}}}
+       "layers": {module: {"fmt", "group_size", "shape": [N, K], "bias", "table_dtype",
+                           "code_layout"}}}
 
   which ``transformers.AutoModelForCausalLM.from_pretrained(DIR)`` reads after ``import any4``.
 - the weights: ``model.safetensors``, or shards ``model-00001-of-0000N.safetensors`` with
@@ -35,6 +36,13 @@ A single ``.safetensors`` file (``any4.save(model, "m.safetensors")``) is one su
 Format-version-1 files and directories (one file, no quantization_config, per-tensor ``sha256``
 digests of the data only) still load.
 
+``code_layout`` says how ``name.packed`` holds the codes (any4.pack): ``"dense"``, one bit stream
+per row at the format's width (uint8 [N, ceil(bits*K/8)]: 3-bit codes eight per three bytes,
+2-bit four per byte), or ``"nibble"``, two codes per byte whatever the width ([N, ceil(K/2)]; the
+two are the same for 4-bit codes). A layer without it holds nibbles: that is how format-version-1
+files and the first format-version-2 writers stored 3/2-bit codes; ``load`` repacks them densely
+(the same codes, so the same outputs).
+
 Loading::
 
     model = any4.load(DIR)                 # or a hub repo id (huggingface_hub cache)
@@ -60,6 +68,7 @@ from . import validate as V
 from .formats import get_format
 from .integrity import Any4FormatError
 from .nn import QuantLinear, dense_features, set_submodule
+from .pack import code_layout, repack
 from .quantize import QuantizedTensor
 
 FILE_FORMAT = "any4-safetensors"
@@ -93,13 +102,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def layer_info(module: QuantLinear) -> dict:
     """The per-layer metadata of a QuantLinear (``fmt``, ``group_size``, ``shape``, ``bias``,
-    ``table_dtype``)."""
+    ``table_dtype``, ``code_layout``)."""
     return {
         "fmt": module.fmt,
         "group_size": module.group_size,
         "shape": [module.out_features, module.in_features],
         "bias": module.bias is not None,
         "table_dtype": _dtype_name(module.lut.dtype),
+        "code_layout": code_layout(get_format(module.fmt).bits),
     }
 
 
@@ -131,6 +141,7 @@ def _collect(obj: Any) -> tuple:
                     "shape": [int(N), int(K)],
                     "bias": False,
                     "table_dtype": _dtype_name(value.lut.dtype),
+                    "code_layout": code_layout(value.bits),
                 }
                 for part in ("packed", "lut", "scales"):
                     tensors[f"{key}.{part}"] = getattr(value, part)
@@ -667,6 +678,7 @@ def _read_tensors(meta: dict, device: Union[str, torch.device], *, keep: bool = 
     rest = {n: i for n, i in (meta.get("layers") or {}).items() if n not in described}
     if rest and keep:  # layers known only from config.json (files without any4 metadata)
         check_metadata(next(iter(meta["files"])), dict(meta, layers=rest), tensors)
+    _densify_codes(meta.get("layers") or {}, tensors)
     return {k: v.to(device) for k, v in tensors.items()}
 
 
@@ -781,17 +793,44 @@ def check_metadata(file: str, meta: dict, tensors: dict) -> None:
             V.group_size(info["group_size"], K)
             if info["group_size"] > K:
                 raise ValueError(f"group_size {info['group_size']} is larger than K={K}")
+            layout = _stored_layout(info)
             rows = V.check_parts(
                 parts["packed"], lut, parts["scales"], K, info["group_size"], bits=f.bits,
-                layout=info.get("code_layout"), N=N,
+                layout=layout, N=N,
             )[2]  # fmt: skip
             if rows != (N if f.learned else 1):
                 raise ValueError(
                     f"lut has {rows} rows, format {f.name} needs {N if f.learned else 1}"
                 )
-            V.check_values(parts["packed"], lut, parts["scales"], K)
+            V.check_values(
+                parts["packed"], lut, parts["scales"], K, 4 if layout == "nibble" else f.bits
+            )
         except (ValueError, TypeError) as e:
             raise Any4FormatError(f"{where}: {e}") from e
+
+
+def _stored_layout(info: dict) -> str:
+    """A layer's ``code_layout``: "dense" or "nibble" (absent: "nibble", the older files)."""
+    layout = info.get("code_layout", "nibble")
+    if layout not in ("dense", "nibble"):
+        raise ValueError(f"unknown code layout {layout!r}; known: 'dense', 'nibble'")
+    return layout
+
+
+def _densify_codes(layers: dict, tensors: dict) -> None:
+    """3/2-bit codes stored in nibbles (layers without a dense code_layout) -> the dense layout,
+    in place in ``tensors`` (the same codes; meta tensors just take the dense shape)."""
+    for name, info in layers.items():
+        bits = get_format(info["fmt"]).bits
+        key = f"{name}.packed"
+        if bits == 4 or _stored_layout(info) != "nibble" or key not in tensors:
+            continue
+        t, K = tensors[key], int(info["shape"][1])
+        tensors[key] = (
+            torch.empty(t.shape[0], V.packed_shape(K, bits), dtype=t.dtype, device="meta")
+            if t.device.type == "meta"
+            else repack(t, K, 4, bits)
+        )
 
 
 def saved_dtype(meta: dict) -> Optional[torch.dtype]:
@@ -799,10 +838,18 @@ def saved_dtype(meta: dict) -> Optional[torch.dtype]:
     return _DTYPES.get((meta.get("settings") or {}).get("model_dtype", ""))
 
 
-def quant_shell(info: dict, device: Any = None, dtype: Optional[torch.dtype] = None) -> QuantLinear:
-    """An empty QuantLinear for a layer's metadata (``dtype``: the bias dtype)."""
+def quant_shell(
+    info: dict,
+    device: Any = None,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    stored_layout: bool = False,
+) -> QuantLinear:
+    """An empty QuantLinear for a layer's metadata (``dtype``: the bias dtype). ``stored_layout``:
+    its ``packed`` buffer has the file's shape (3/2-bit codes in nibbles for a layer without a
+    dense ``code_layout``; ``QuantLinear.densify_codes`` after loading), else the dense one."""
     N, K = (int(s) for s in info["shape"])
-    return QuantLinear(
+    shell = QuantLinear(
         K,
         N,
         bias=bool(info["bias"]),
@@ -812,6 +859,11 @@ def quant_shell(info: dict, device: Any = None, dtype: Optional[torch.dtype] = N
         device=device,
         dtype=dtype,
     )
+    bits = get_format(info["fmt"]).bits
+    if stored_layout and bits != 4 and info.get("code_layout", "nibble") == "nibble":
+        width = V.packed_shape(K, bits, "nibble")
+        shell.packed = torch.zeros(N, width, dtype=torch.uint8, device=device)
+    return shell
 
 
 def load(
@@ -850,8 +902,7 @@ def load(
     if model is None:
         if directory is not None and os.path.isfile(os.path.join(directory, CONFIG_NAME)):
             if "quantization_config" in meta:
-                # any4's HF quantizer verifies every file (verify_checkpoint) before transformers
-                # reads it.
+                _read_tensors(meta, "meta", keep=False)  # verify every file before transformers
                 from .hf import from_pretrained_checkpoint
 
                 return from_pretrained_checkpoint(directory, saved_dtype(meta), device)
@@ -975,8 +1026,7 @@ def verify_checkpoint(path: Union[str, os.PathLike]) -> dict:
     """Verify a checkpoint (file or directory) without loading it: every weight file's digest
     (streamed) or format-1 checksums, every layer's metadata against its tensors (one layer in
     memory at a time), config.json and any4.json against the files. Returns read_metadata's
-    result; raises Any4FormatError. (The HF quantizer runs this before transformers reads a
-    pre-quantized checkpoint.)"""
+    result; raises Any4FormatError."""
     path = os.fspath(path)
     meta = read_metadata(path)
     if os.path.isdir(path):

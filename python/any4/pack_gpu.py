@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from . import _tensor as T
 from ._core import C
+from .pack import code_bits, pack, unpack
 from .quantize import QuantizedTensor
 from .validate import check_values, infer_group_size
 from .validate import group_size as checked_group_size
@@ -58,6 +59,7 @@ class GpuWeight:
     lut_len: int  # L = 2^bits entries used per row
     lut_shared: bool  # the table was one row for all (fixed formats)
     arith_neg2: int  # >= 0: the table is c + offset (int formats), the kernel's Arith constant
+    storage_bits: int = 4  # code width of the storage layout it was packed from (pack.py)
 
     @property
     def dtype(self) -> str:
@@ -112,8 +114,10 @@ def pack_for_gpu(
     """Repack a quantized weight into the GPU layout (done once, at load time).
 
     Args:
-        packed: uint8 [N, ceil(K/2)] codes (torch tensor, CPU or CUDA), or a QuantizedTensor
-            (then lut, scales, K and group_size come from it).
+        packed: uint8 [N, ceil(bits*K/8)] codes (torch tensor, CPU or CUDA), or a
+            QuantizedTensor (then lut, scales, K and group_size come from it). 3- and 2-bit codes
+            are widened to nibbles here: the GPU layout and kernels hold 4-bit codes, so on the
+            GPU a 3/2-bit weight costs what a 4-bit one does.
         lut: [N, L] or [1, L] / [L] table, L <= 16 (float32, float16 or bfloat16).
         scales: [N, ceil(K/G), 2] (scale, zero), lut's dtype.
         K: number of input features (needed: an odd K and K+1 pack to the same bytes).
@@ -143,9 +147,9 @@ def pack_for_gpu(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     device = packed.device
     K = int(K)
-    if packed.dtype != torch.uint8 or packed.ndim != 2 or int(packed.shape[1]) != (K + 1) // 2:
+    if packed.dtype != torch.uint8 or packed.ndim != 2:
         raise ValueError(
-            f"packed must be uint8 [N, ceil(K/2)={(K + 1) // 2}], got {packed.dtype} {tuple(packed.shape)}"
+            f"packed must be uint8 [N, ceil(bits*K/8)], got {packed.dtype} {tuple(packed.shape)}"
         )
     N = int(packed.shape[0])
     lut2 = _lut_2d(lut)
@@ -154,6 +158,7 @@ def pack_for_gpu(
     lut_rows, lut_len = (int(s) for s in lut2.shape)
     if lut_rows not in (1, N) or not 1 <= lut_len <= 16:
         raise ValueError(f"lut must be [1, L] or [N={N}, L] with L <= 16, got {tuple(lut.shape)}")
+    bits = code_bits(K, int(packed.shape[1]), lut_len, name="packed")
     table_dtype = T.dtype_name(lut2)
     if table_dtype not in T.DTYPE_CODE or T.dtype_name(scales) != table_dtype:
         raise TypeError(
@@ -184,7 +189,9 @@ def pack_for_gpu(
     p_cpu = packed.detach().to("cpu").contiguous()
     l_cpu = lut2.detach().to("cpu").contiguous()
     s_cpu = scales.detach().to("cpu").contiguous()
-    check_values(p_cpu, l_cpu, s_cpu, K)  # once, at load time: codes < L, pads 0, finite
+    check_values(p_cpu, l_cpu, s_cpu, K, bits)  # once, at load time: codes < L, pads 0, finite
+    if bits != 4:  # the GPU layout holds nibbles
+        p_cpu = pack(unpack(p_cpu, K, bits), 4)
     codes = torch.empty(sizes["n_tiles"], sizes["k_chunks"], 32, 16, dtype=torch.uint8)
     sc = torch.empty(sizes["n_tiles"], sizes["n_groups_pad"], 8, 4, dtype=getattr(torch, dtype))
     lt = torch.empty(sizes["N_pad"], 32, dtype=torch.uint8)
@@ -196,13 +203,14 @@ def pack_for_gpu(
     neg2 = C.gpu_arith_constant(
         l_cpu.data_ptr(), lut_rows, lut_len, T.DTYPE_CODE[table_dtype], T.DTYPE_CODE[dtype]
     )
-    w = GpuWeight(codes, sc, lt, (N, K), group_size, lut_len, lut_rows == 1, int(neg2))
+    w = GpuWeight(codes, sc, lt, (N, K), group_size, lut_len, lut_rows == 1, int(neg2), bits)
     return w if device.type == "cpu" else w.to(device)
 
 
 def unpack_from_gpu(w: GpuWeight) -> tuple:
-    """Exact inverse of :func:`pack_for_gpu`: (packed uint8 [N, ceil(K/2)], lut [1 or N, L],
-    scales [N, ceil(K/G), 2]) as CPU tensors, tables in the GPU weight's dtype."""
+    """Exact inverse of :func:`pack_for_gpu`: (packed uint8 [N, ceil(bits*K/8)], lut [1 or N, L],
+    scales [N, ceil(K/G), 2]) as CPU tensors, tables in the GPU weight's dtype; the codes in the
+    storage layout they were packed from (``w.storage_bits``)."""
     torch = _torch()
     N, K = w.shape
     sizes = C.gpu_pack_sizes(N, K, w.group_size)
@@ -222,6 +230,8 @@ def unpack_from_gpu(w: GpuWeight) -> tuple:
         codes.data_ptr(), sc.data_ptr(), lt.data_ptr(), N, K, w.group_size, lut_rows, w.lut_len,
         packed.data_ptr(), scales.data_ptr(), lut.data_ptr(),
     )  # fmt: skip
+    if w.storage_bits != 4:
+        packed = pack(unpack(packed, K, 4), w.storage_bits)
     return packed, lut, scales
 
 
