@@ -43,7 +43,8 @@ def __getattr__(name: str):
 
     lazy = {"nn": ("nn", None), "quantize_model": ("model", "quantize_model"), "save": ("io", "save"),
             "load": ("io", "load"), "QuantLinear": ("nn", "QuantLinear"), "hf": ("hf", None),
-            "Any4Config": ("hf", "Any4Config"), "Any4HfQuantizer": ("hf", "Any4HfQuantizer")}  # fmt: skip
+            "Any4Config": ("hf", "Any4Config"), "Any4HfQuantizer": ("hf", "Any4HfQuantizer"),
+            "quantize_checkpoint": ("checkpoint", "quantize_checkpoint")}  # fmt: skip
     if name in lazy:
         module_name, attr = lazy[name]
         module = importlib.import_module(f"{__name__}.{module_name}")
@@ -100,5 +101,6 @@ __all__ = [
     "FORMATS", "Any4Config", "Any4HfQuantizer", "ChannelStats", "Format", "GpuWeight", "QuantLinear", "QuantizedTensor",
     "build_info", "channel_weight", "cuda_available", "cuda_compiled", "dequantize", "gemm",
     "get_format", "get_num_threads", "kmeans", "load", "nn", "pack", "pack_for_gpu", "packed_bytes",
-    "quantize", "quantize_model", "save", "set_num_threads", "threads", "unpack", "unpack_from_gpu",
+    "quantize", "quantize_checkpoint", "quantize_model", "save", "set_num_threads", "threads",
+    "unpack", "unpack_from_gpu",
 ]  # fmt: skip

@@ -102,14 +102,16 @@ def calibration_ids(
     return ids
 
 
-def run_model(model: nn.Module, ids: torch.Tensor) -> Any:
+def run_model(model: nn.Module, ids: torch.Tensor, device: Optional[torch.device] = None) -> Any:
     """One no-grad forward pass of ``model`` on ``ids`` [B, T] (a Hugging Face causal LM is
-    called with ``input_ids=``, no cache, and only the last position's logits)."""
+    called with ``input_ids=``, no cache, and only the last position's logits). ``ids`` go to
+    ``device`` (default: the device of the model's first parameter)."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         params = {}
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids = ids.to(device)
     with torch.no_grad():
         if "input_ids" in params:

@@ -13,6 +13,7 @@ a Hugging Face model directory or hub name, or (for eval) a directory written by
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -151,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_dtype_option(q)
     _add_quant_options(q)
+    s = q.add_argument_group(
+        "streaming (a safetensors checkpoint directory, one decoder block at a time; "
+        "any4.quantize_checkpoint; implied under torchrun)"
+    )
+    s.add_argument("--stream", action="store_true", help="stream MODEL (never hold it in memory)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted --stream run")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    s.add_argument(
+        "--calibration-ids", metavar="FILE", help="calibration token ids (a JSON list of ints)"
+    )
+    s.add_argument("--summary-json", metavar="FILE", help="write the run's summary (JSON) here")
 
     e = sub.add_parser(
         "eval",
@@ -309,11 +321,14 @@ def _quant_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .dist import env_world_size
     from .eval import mean_bits_per_weight
     from .io import save
     from .model import quantize_model, quantize_summary
 
     _set_threads(args.threads)
+    if args.stream or args.resume or env_world_size() > 1:
+        return cmd_quantize_checkpoint(args)
     fmt = args.fmt.lower()
     from .formats import get_format
 
@@ -344,6 +359,33 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"saved {file} ({size / 2**20:.1f} MiB); load with any4.load({args.out!r}) or, after "
         f"import any4, AutoModelForCausalLM.from_pretrained({args.out!r})"
     )
+    return 0
+
+
+def cmd_quantize_checkpoint(args: argparse.Namespace) -> int:
+    """``any4 quantize SRC --stream``: any4.quantize_checkpoint (also under torchrun)."""
+    from .checkpoint import is_checkpoint_dir, quantize_checkpoint
+
+    if not is_checkpoint_dir(args.model):
+        raise ValueError(
+            f"{args.model} is not a safetensors checkpoint directory (config.json + "
+            "model.safetensors or model.safetensors.index.json), which streaming needs"
+        )
+    options = _quant_options(args)
+    options["table_dtype"] = args.table_dtype
+    calibration = _calibration(args)
+    if args.calibration_ids:
+        with open(args.calibration_ids, encoding="utf-8") as f:
+            calibration = json.load(f)
+    summary = quantize_checkpoint(
+        args.model, args.out, args.fmt.lower(), args.group_size, calibration,
+        dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, **options,
+    )  # fmt: skip
+    if summary is not None:
+        if args.summary_json:
+            with open(args.summary_json, "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
+        print(f"saved {summary['dst']} ({summary['files']} safetensors files)")
     return 0
 
 

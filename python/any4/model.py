@@ -78,6 +78,28 @@ def quantize_summary(settings: dict) -> str:
     return text
 
 
+def layer_quantize_kwargs(
+    fmt: str,
+    stats: Optional[ChannelStats] = None,
+    *,
+    weighting: str = DEFAULT_WEIGHTING,
+    method: str = DEFAULT_METHOD,
+    n_init: int = DEFAULT_N_INIT,
+    seed: int = 0,
+) -> dict:
+    """The ``any4.quantize`` keyword arguments quantize_model uses for one layer: learned formats
+    get the k-means options and the statistics' sample weights when ``stats`` saw inputs (else
+    weighting "none"); fixed formats get nothing."""
+    kw: dict = {}
+    if get_format(fmt).learned:
+        kw = dict(weighting=weighting, method=method, n_init=n_init, seed=seed)
+        if weighting != "none" and stats is not None and stats.count > 0:
+            kw["stats"] = stats
+        else:
+            kw["weighting"] = "none"
+    return kw
+
+
 def quantize_layer(
     layer: nn.Module,
     fmt: str,
@@ -93,14 +115,51 @@ def quantize_layer(
     """One layer as quantize_model quantizes it (the same call, so both agree bit for bit):
     learned formats use the statistics' sample weights when ``stats`` saw inputs, else none."""
     f = get_format(fmt)
-    kw: dict = {}
-    if f.learned:
-        kw = dict(weighting=weighting, method=method, n_init=n_init, seed=seed)
-        if weighting != "none" and stats is not None and stats.count > 0:
-            kw["stats"] = stats
-        else:
-            kw["weighting"] = "none"
+    kw = layer_quantize_kwargs(
+        f.name, stats, weighting=weighting, method=method, n_init=n_init, seed=seed
+    )
     return QuantLinear.from_linear(layer, f.name, group_size, table_dtype=table_dtype, **kw)
+
+
+def check_settings(fmt: str, group_size: int, mode: str, weighting: str, method: str) -> Any:
+    """The Format for ``fmt`` after checking quantize_model's settings (clear ValueErrors)."""
+    f = get_format(fmt)
+    if (
+        not isinstance(group_size, int)
+        or isinstance(group_size, bool)
+        or group_size < 8
+        or group_size % 8
+    ):
+        raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    return f
+
+
+def plan_layers(model: nn.Module, group_size: int, skip: Sequence[str]) -> tuple:
+    """({name: layer}, {name: group size}) of the layers quantize_model replaces (a layer with
+    in_features < 8 is left in float, with a warning). Works on a meta-device skeleton."""
+    layers = eligible_layers(model, skip)
+    group_sizes = {}
+    for name, lin in list(layers.items()):
+        in_features = dense_features(lin)[1]
+        g = layer_group_size(group_size, in_features)
+        if g is None:
+            warnings.warn(
+                f"any4: {name} has in_features={in_features} < 8; left in float", stacklevel=3
+            )
+            del layers[name]
+        else:
+            group_sizes[name] = g
+    if not layers:
+        warnings.warn(
+            "any4: the model has no eligible nn.Linear layer; nothing was quantized", stacklevel=3
+        )
+    return layers, group_sizes
 
 
 def layer_group_size(group_size: int, in_features: int) -> Optional[int]:
@@ -174,20 +233,7 @@ def quantize_model(
         raise TypeError(f"fmt must be a format name, got {type(fmt).__name__}")
     if fmt.lower() in FLOAT_FORMATS:
         return model
-    f = get_format(fmt)
-    if (
-        not isinstance(group_size, int)
-        or isinstance(group_size, bool)
-        or group_size < 8
-        or group_size % 8
-    ):
-        raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    f = check_settings(fmt, group_size, mode, weighting, method)
     if refit not in REFITS:
         raise ValueError(f"refit must be one of {REFITS}, got {refit!r}")
     if isinstance(skip, str):
@@ -203,22 +249,7 @@ def quantize_model(
             f"{100 * expert_params / max(total_params, 1):.1f}% of the model, stay in float",
             stacklevel=2,
         )
-    layers = eligible_layers(model, skip)
-    group_sizes = {}
-    for name, lin in list(layers.items()):
-        in_features = dense_features(lin)[1]
-        g = layer_group_size(group_size, in_features)
-        if g is None:
-            warnings.warn(
-                f"any4: {name} has in_features={in_features} < 8; left in float", stacklevel=2
-            )
-            del layers[name]
-        else:
-            group_sizes[name] = g
-    if not layers:
-        warnings.warn(
-            "any4: the model has no eligible nn.Linear layer; nothing was quantized", stacklevel=2
-        )
+    layers, group_sizes = plan_layers(model, group_size, skip)
 
     needs_stats = f.learned and (weighting != "none" or refit != "none")
     in_hook = mode == "sequential" or (f.learned and refit != "none")
@@ -318,6 +349,7 @@ def quantized_layers(model: nn.Module) -> dict:
 
 
 __all__ = [
-    "eligible_layers", "expert_parameters", "matches_skip", "quantize_layer", "quantize_model",
-    "quantize_summary", "quantized_layers",
+    "check_settings", "eligible_layers", "expert_parameters", "layer_quantize_kwargs",
+    "matches_skip", "plan_layers", "quantize_layer", "quantize_model", "quantize_summary",
+    "quantized_layers",
 ]  # fmt: skip

@@ -12,6 +12,7 @@ from ._tensor import check_real, to_numpy
 # name -> (statistic, power of the group scale): element weight = statistic[k] * scale**power
 WEIGHTINGS = ("mse", "abs_mean", "mean_abs", "rms", "none")
 DEFAULT_WEIGHTING = "mse"
+CHUNK_ELEMENTS = 1 << 16  # activations per float64 chunk in ChannelStats.update (512 KiB)
 
 
 @dataclass
@@ -29,16 +30,25 @@ class ChannelStats:
 
         Raises ValueError naming the first channel when the batch holds NaN/Inf (or values
         whose square overflows float64): such statistics would silently poison the weights.
+
+        The float64 sums are taken over chunks of rows (about CHUNK_ELEMENTS values each), so
+        the float64 temporaries stay small whatever the batch: whole-activation float64 copies
+        made the heap of a quantize_model run grow to ~4 GB on the built-in model.
         """
         check_real(x, "activations")
         if hasattr(x, "detach"):  # torch: reduce on the tensor's device, in float64
-            xd = x.detach().reshape(-1, x.shape[-1]).double()
-            s, sa, sq, n = (
-                xd.sum(0).cpu().numpy(),
-                xd.abs().sum(0).cpu().numpy(),
-                (xd * xd).sum(0).cpu().numpy(),
-                xd.shape[0],
-            )
+            import torch
+
+            xf = x.detach().reshape(-1, x.shape[-1])
+            n, k = xf.shape
+            s, sa, sq = (torch.zeros(k, dtype=torch.float64, device=xf.device) for _ in range(3))
+            step = max(1, CHUNK_ELEMENTS // max(k, 1))
+            for i in range(0, n, step):
+                c = xf[i : i + step].double()
+                s += c.sum(0)
+                sa += c.abs().sum(0)
+                sq += (c * c).sum(0)
+            s, sa, sq = (t.cpu().numpy() for t in (s, sa, sq))
         else:
             xd = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
             s, sa, sq, n = xd.sum(0), np.abs(xd).sum(0), (xd * xd).sum(0), xd.shape[0]

@@ -1,0 +1,161 @@
+"""Split quantization work across processes with ``torch.distributed`` (SPEC §11).
+
+Started by ``torchrun`` (which sets RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, ...)::
+
+    torchrun --nproc_per_node=2 -m any4 quantize SRC --out DST
+
+Multi-node: start the same command on every node with torchrun's rendezvous, e.g. on each of
+2 nodes with 8 processes each::
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \\
+        --rdzv-endpoint=HOST0:29500 --rdzv-id=any4-job -m any4 quantize SRC --out DST
+
+SRC must be readable at the same path on every node (shared file system); only global rank 0
+writes DST. Rank 0 drives the model's calibration forward pass block by block; for each linear
+layer every rank quantizes a contiguous share of its rows (k-means is per row) and the shares are
+gathered on rank 0, which writes the files, so the output is byte-identical to one process.
+
+Backends: ``gloo`` on CPU, ``nccl`` when CUDA is used (the default group); the small control
+messages and the gathered quantized rows always travel through a gloo group on the CPU, since
+the quantizer itself runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, Optional
+
+import torch
+
+_GOLDEN = 0x9E3779B97F4A7C15  # the per-row seed step of the C++ core (cpp/kmeans.cpp)
+DEFAULT_TIMEOUT_S = 4 * 3600  # a rank waits this long for the others (a 70B block is slow)
+
+
+def row_slice_seed(seed: int, row0: int) -> int:
+    """The k-means base seed that makes rows ``row0:`` of a matrix, quantized on their own, use
+    the same per-row seeds as in the whole matrix (row r's seed mixes ``seed + C*(r+1)``)."""
+    return (int(seed) + _GOLDEN * int(row0)) % (1 << 64)
+
+
+def row_ranges(n_rows: int, world: int) -> list:
+    """[(start, stop)] contiguous near-equal row shares of ``n_rows`` for ``world`` ranks."""
+    base, extra = divmod(int(n_rows), int(world))
+    out, start = [], 0
+    for r in range(world):
+        stop = start + base + (1 if r < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE set by torchrun (1 when not launched by it)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+class Group:
+    """The processes of one quantization job: rank, world size, and the few collectives the
+    streaming quantizer needs (CPU objects through gloo). ``Group.single()`` is one process."""
+
+    def __init__(self, rank: int = 0, world: int = 1, cpu_group: Any = None, owns: bool = False):
+        self.rank = int(rank)
+        self.world = int(world)
+        self._cpu_group = cpu_group
+        self._owns = owns
+
+    @classmethod
+    def single(cls) -> Group:
+        return cls()
+
+    @classmethod
+    def from_env(cls, device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> Group:
+        """Join the torchrun job (env:// rendezvous), or one process when WORLD_SIZE is unset/1.
+
+        The default group uses nccl when ``device`` is CUDA, else gloo."""
+        if env_world_size() <= 1:
+            return cls.single()
+        try:
+            import torch.distributed as dist
+        except ImportError as e:  # pragma: no cover - torch builds without distributed
+            raise RuntimeError("this torch build has no torch.distributed") from e
+        if not dist.is_available():
+            raise RuntimeError("this torch build has no torch.distributed")
+        timeout = datetime.timedelta(seconds=timeout_s)
+        owns = False
+        if not dist.is_initialized():
+            use_nccl = str(device).startswith("cuda") and torch.cuda.is_available()
+            if use_nccl:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend="nccl" if use_nccl else "gloo", timeout=timeout)
+            owns = True
+        cpu_group = None
+        if dist.get_backend() != "gloo":
+            cpu_group = dist.new_group(backend="gloo", timeout=timeout)
+        return cls(dist.get_rank(), dist.get_world_size(), cpu_group, owns)
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=self._cpu_group)
+        return box[0]
+
+    def gather(self, obj: Any) -> Optional[list]:
+        """[obj of rank 0, obj of rank 1, ...] on rank 0; None elsewhere."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0, group=self._cpu_group)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier(group=self._cpu_group)
+
+    def close(self) -> None:
+        if self._owns:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self._owns = False
+
+
+def local_world_size() -> int:
+    """Processes of this job on this node (LOCAL_WORLD_SIZE set by torchrun; 1 without it)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
+
+
+def threads_per_rank() -> int:
+    """CPU threads for the C++ quantizer of one rank: this node's cores shared by its ranks."""
+    local = local_world_size()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // local)
+
+
+__all__ = [
+    "Group",
+    "env_world_size",
+    "local_world_size",
+    "row_ranges",
+    "row_slice_seed",
+    "threads_per_rank",
+]
