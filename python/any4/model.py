@@ -227,7 +227,9 @@ def quantize_model(
     def make(
         name: str, lin: nn.Module, stats: Optional[ChannelStats], x: Optional[torch.Tensor] = None
     ) -> QuantLinear:
-        q = quantize_layer(lin, f.name, group_sizes[name], stats, table_dtype=table_dtype, **options)
+        q = quantize_layer(
+            lin, f.name, group_sizes[name], stats, table_dtype=table_dtype, **options
+        )
         if x is not None:
             q = refit_layer(q, lin, refit_cache(x), zero=refit == "lut+zero")
         return q
