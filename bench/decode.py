@@ -27,6 +27,7 @@ import sys
 import time
 
 import torch
+from machine import describe, header
 from torch import nn
 
 import any4
@@ -205,6 +206,13 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="bench/results/decode")
+    ap.add_argument(
+        "--parallel",
+        default="pool",
+        choices=("pool", "openmp", "both"),
+        help="where any4's threads run (any4.threads): pool (any4's own, the default), openmp "
+        "(PyTorch's OpenMP team), both (each 4-bit format under both, same run)",
+    )
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     modes = args.modes or (
@@ -216,8 +224,23 @@ def main(argv=None) -> None:
         for mode in modes.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
                 base = None
-                for fmt in args.formats.split(","):
+                runs = [
+                    (fmt, backend)
+                    for fmt in args.formats.split(",")
+                    for backend in (
+                        ["pool"]
+                        if fmt == "bf16"
+                        else ["pool", "openmp"]
+                        if args.parallel == "both"
+                        else [args.parallel]
+                    )
+                ]
+                for fmt, backend in runs:
                     torch._dynamo.reset()
+                    if backend == "pool":
+                        any4.threads.use_thread_pool()
+                    else:
+                        any4.threads.use_torch_openmp(torch)
                     try:
                         ms = fn(args, device, fmt, mode, batch)
                         err = None
@@ -230,6 +253,9 @@ def main(argv=None) -> None:
                         mode=mode,
                         batch=batch,
                         fmt=fmt,
+                        parallel=any4.threads.parallel_backend().split(":")[0]
+                        if fmt != "bf16"
+                        else "-",
                         ms_per_token=ms,
                         speedup_vs_bf16=(base / ms) if base and ms == ms else None,
                         error=err,
@@ -249,6 +275,8 @@ def main(argv=None) -> None:
         group_size=args.group_size,
     )
     if device.type == "cpu":
+        info["machine"] = describe()
+    if device.type == "cpu":
         try:
             info["device"] = [
                 ln.split(":", 1)[1].strip()
@@ -267,13 +295,17 @@ def main(argv=None) -> None:
         policy = info["omp_wait_policy"]
         prefix = f"OMP_WAIT_POLICY={policy} " if policy else ""
         f.write(f"Command: `{prefix}python bench/decode.py {' '.join(sys.argv[1:])}`\n\n")
+        if "machine" in info:
+            f.write(f"Machine: {header(info['machine'])}.\n\n")
         f.write(
-            "| workload | mode | batch | format | ms/token | speed-up vs bf16 |\n|---|---|---|---|---|---|\n"
+            "| workload | mode | batch | format | any4 threads | ms/token | speed-up vs bf16 |\n"
+            "|---|---|---|---|---|---|---|\n"
         )
         for r in rows:
             sp = f"{r['speedup_vs_bf16']:.2f}x" if r["speedup_vs_bf16"] else (r["error"] or "")
             f.write(
-                f"| {r['workload']} | {r['mode']} | {r['batch']} | {r['fmt']} | {r['ms_per_token']:.2f} | {sp} |\n"
+                f"| {r['workload']} | {r['mode']} | {r['batch']} | {r['fmt']} | {r['parallel']} | "
+                f"{r['ms_per_token']:.2f} | {sp} |\n"
             )
     print(open(args.out + ".md").read())
 

@@ -4,11 +4,12 @@ Compared, per shape N x K (SPEC §7), batch M and activation dtype (bf16, fp32):
   any4.gemm with the any4 (per-row table), nf4 and int4 (shared table) formats, group size 128;
   torch.ops.aten._weight_int4pack_mm_for_cpu (PyTorch's int4 CPU kernel; weights from
   _convert_weight_to_int4pack_for_cpu, scale/zero [K/G, N, 2] in x's dtype, G = 128);
-  torch x @ W.T with a dense W in x's dtype.
-Both libraries use the same number of threads (torch.set_num_threads == any4.set_num_threads).
+  torch x @ W.T with a dense W in bf16 and in fp32 (x converted), for every M and x dtype.
+Batches M 1, 4, 16 (decode) and 64, 512 (prefill; any4.gemm's impl="auto" takes the prefill path
+of any4.prefill where it was measured faster). Both libraries use the same number of threads (torch.set_num_threads == any4.set_num_threads).
 
-Two regimes. "memory": weights rotate over copies totalling more than 3x the last-level cache,
-so every call reads its weights from DRAM, as a layer of a real model would (a batch-1 kernel is
+Two regimes. "memory": weights rotate over copies totalling 3x the last-level cache (read from
+sysfs, all instances; at least 96 MiB: bench/machine.py), so every call reads its weights from DRAM, as a layer of a real model would (a batch-1 kernel is
 then bound by memory bandwidth). "cache": one copy reused, for shapes whose weights fit in the
 last-level cache; there the kernels' own speed shows.
 
@@ -34,20 +35,20 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from machine import describe, header, load_average, rotation_bytes
 
 import any4
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
-BATCHES = [1, 4, 16]
+BATCHES = [1, 4, 16, 64, 512]
 GROUP = 128
-ROTATE_BYTES = 96 << 20  # > 3x a 32 MiB last-level cache
+ROTATE_BYTES = rotation_bytes()  # 3x this machine's last-level cache (>= 96 MiB)
 CACHE_RESIDENT_BYTES = 16 << 20  # "cache" regime only for shapes whose int4 weights fit easily
 FORMATS = ("any4", "nf4", "int4")
 DTYPES = (torch.bfloat16, torch.float32)
@@ -55,23 +56,6 @@ WARM_SECONDS = 0.04  # untimed back-to-back calls per turn (see time_round_robin
 TIMED_SECONDS = 0.02  # timed back-to-back calls per turn ...
 TIMED_CALLS = 4  # ... and at least this many
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list:
-    try:
-        return [float(v) for v in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def copies_for(nbytes: int, rotate: bool) -> int:
@@ -149,13 +133,16 @@ def candidates(N: int, K: int, dtype: torch.dtype, gen: torch.Generator, rotate:
         nbytes,
     )
 
-    nbytes = N * K * torch.tensor([], dtype=dtype).element_size()
-    ops = [(torch.randn(N, K, generator=gen).to(dtype),) for _ in range(copies_for(nbytes, rotate))]
-    out[f"torch x @ W.T ({str(dtype).replace('torch.', '')})"] = (
-        ops,
-        lambda x, o: x @ o[0].T,
-        nbytes,
-    )
+    for dense in (torch.bfloat16, torch.float32):
+        nbytes = N * K * torch.tensor([], dtype=dense).element_size()
+        ops = [
+            (torch.randn(N, K, generator=gen).to(dense),) for _ in range(copies_for(nbytes, rotate))
+        ]
+        out[f"torch x @ W.T ({str(dense).replace('torch.', '')})"] = (
+            ops,
+            lambda x, o: (x.to(o[0].dtype) @ o[0].T).to(x.dtype),
+            nbytes,
+        )
     return out
 
 
@@ -219,15 +206,20 @@ def main() -> None:
         default=0,
         help="after the sweep, measure the target cases (weights from memory) this many more times",
     )
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes M")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    batches = [int(m) for m in args.batches.split(",")]
     thread_counts = [int(t) for t in str(args.threads).split(",")]
     shapes = SHAPES[:1] if args.quick else SHAPES
     rounds, max_s = (4, 4.0) if args.quick else (8, 8.0)
     gen = torch.Generator().manual_seed(0)
 
+    machine = describe()
+    print(header(machine), flush=True)
     info = {
-        "cpu": cpu_model(),
+        "machine": machine,
+        "cpu": machine["cpu"],
         "threads": thread_counts,
         "torch": torch.__version__,
         "any4": any4.__version__,
@@ -252,7 +244,7 @@ def main() -> None:
     # The sweep, then (--repeat) the target cases again: on a shared machine the memory
     # bandwidth available to a batch-1 kernel changes from minute to minute, so one figure per
     # target says little about how reliably it is met.
-    plan = [(N, K, weights, dtype, BATCHES, -1) for N, K, weights in runs for dtype in DTYPES]
+    plan = [(N, K, weights, dtype, batches, -1) for N, K, weights in runs for dtype in DTYPES]
     for rep in range(args.repeat):
         plan += [
             (N, K, "memory", dtype, sorted({M for d, M, *_ in TARGETS if d == str(dtype)[6:]}), rep)
@@ -274,16 +266,22 @@ def main() -> None:
                 "ms_min": {n: t * 1e3 for n, t in best.items()},
                    "gbps": {n: (cands[n][2] + io) / t / 1e9 for n, t in med.items()}}  # fmt: skip
             ti = med["torch int4"]
-            dense = next(n for n in med if n.startswith("torch x @ W.T"))
+            dense = f"torch x @ W.T ({row['x_dtype']})"  # dense in x's own dtype
             row["speedup_vs_torch_int4"] = {f: ti / med[f"any4.gemm {f}"] for f in FORMATS}
             row["speedup_vs_torch_dense"] = {f: med[dense] / med[f"any4.gemm {f}"] for f in FORMATS}
+            for d in ("bfloat16", "float32"):
+                row[f"speedup_vs_torch_{d}"] = {
+                    f: med[f"torch x @ W.T ({d})"] / med[f"any4.gemm {f}"] for f in FORMATS
+                }
             if rep >= 0:
                 row["repeat"] = rep
             (rows if rep < 0 else repeats).append(row)
             print(("" if rep < 0 else f"repeat {rep}: ") + f"t={threads} {weights:<6} {N:>5}x{K:<5} M={M:<2} x={row['x_dtype']:<8} "
                   + "  ".join(f"{n} {t * 1e3:.3f}ms" for n, t in med.items())
                   + "  | any4/int4 vs torch int4: "
-                  + " ".join(f"{row['speedup_vs_torch_int4'][f]:.2f}x" for f in ("any4", "int4")), flush=True)  # fmt: skip
+                  + " ".join(f"{row['speedup_vs_torch_int4'][f]:.2f}x" for f in ("any4", "int4"))
+                  + f"; any4 vs dense bf16 {row['speedup_vs_torch_bfloat16']['any4']:.2f}x"
+                  + f", fp32 {row['speedup_vs_torch_float32']['any4']:.2f}x", flush=True)  # fmt: skip
         del cands
     info["load_average_after"] = load_average()
     info["results"] = rows
@@ -348,7 +346,9 @@ def markdown(info: dict) -> str:
         "",
         f"CPU: {info['cpu']}; threads: {info['threads']} (each: the same for torch and any4); torch {info['torch']}; "
         f"group size {info['group_size']}. Command: `{info.get('command', 'python bench/gemm_cpu_vs_torch.py')}`.",
-        "Weights from **memory**: rotated over copies > 96 MiB, every call reads them from DRAM "
+        (f"Machine: {header(info['machine'])}." if "machine" in info else ""),
+        f"Weights from **memory**: rotated over copies > {info.get('machine', {}).get('rotation_bytes', 96 << 20) >> 20} "
+        "MiB, every call reads them from DRAM "
         "(what a layer of a real model does); weights in **cache**: one copy reused (shapes that "
         "fit in the last-level cache), the kernels' own speed.",
         "Memory bandwidth in the same run: "
@@ -380,18 +380,19 @@ def markdown(info: dict) -> str:
         lines += [
             f"## {threads} thread{'s' if threads > 1 else ''}, weights in {weights}, x {dtype}",
             "",
-            "| N x K | M | any4 | nf4 | int4 | torch int4 | torch dense | any4 GB/s | any4 / torch int4 | "
-            "int4 / torch int4 | any4 / torch dense |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| N x K | M | any4 | nf4 | int4 | torch int4 | torch bf16 | torch fp32 | any4 GB/s | "
+            "any4 / torch int4 | int4 / torch int4 | any4 / torch bf16 | any4 / torch fp32 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             ms = r["ms"]
-            dense = next(n for n in ms if n.startswith("torch x @ W.T"))
             lines.append(
                 f"| {r['N']}x{r['K']} | {r['M']} | {ms['any4.gemm any4']:.3f} | {ms['any4.gemm nf4']:.3f} | "
-                f"{ms['any4.gemm int4']:.3f} | {ms['torch int4']:.3f} | {ms[dense]:.3f} | "
+                f"{ms['any4.gemm int4']:.3f} | {ms['torch int4']:.3f} | {ms['torch x @ W.T (bfloat16)']:.3f} | "
+                f"{ms['torch x @ W.T (float32)']:.3f} | "
                 f"{r['gbps']['any4.gemm any4']:.1f} | {r['speedup_vs_torch_int4']['any4']:.2f}x | "
-                f"{r['speedup_vs_torch_int4']['int4']:.2f}x | {r['speedup_vs_torch_dense']['any4']:.2f}x |"
+                f"{r['speedup_vs_torch_int4']['int4']:.2f}x | {r['speedup_vs_torch_bfloat16']['any4']:.2f}x | "
+                f"{r['speedup_vs_torch_float32']['any4']:.2f}x |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -22,9 +22,19 @@ struct EmulateGpuArgs {
   int num_sms = 108;                 // multiprocessors assumed by the grid plan (split-K choice)
   int blocks_per_sm = 4;             // resident blocks per multiprocessor assumed by the plan
   int64_t force_splits = 0;          // > 0: use this many K splits
+  int split_waves = 2;               // waves the split-K plan may fill (gpu::make_tc_plan)
+  int stage_chunks = 2;              // chunks per pipeline stage: 2 or 4 (the kernel variants)
   uint16_t* y = nullptr;             // [M, N] bf16 / fp16
 };
 
 void emulate_gpu_gemm(const EmulateGpuArgs& args);
+
+// CPU emulation of the dequantize kernel of the M > 64 path (cuda/gemm_tc.cu, dequant_tc_kernel):
+// every lane of every (16-row tile, 64-k chunk) warp dequantizes its codes with the gemm's own
+// dequantizer and stores them at the positions given by layout.cuh (dequant_row_half /
+// dequant_word). w_out: [N, K_pad] compute-dtype bit patterns (K_pad = 64 * ceil(K / 64); columns
+// >= K are padding: code 0 with the last group's scale, not necessarily 0 -- use [:, :K]). Same operands as
+// emulate_gpu_gemm (x, M and y unused).
+void emulate_gpu_dequant(const EmulateGpuArgs& args, uint16_t* w_out);
 
 }  // namespace any4

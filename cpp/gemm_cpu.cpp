@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_features.h"
 #include "gemm_cpu_kernel.h"
 #include "pack.h"
 #include "parallel.h"
@@ -22,7 +23,10 @@ static void validate(const GemmArgs& a) {
   ANY4_CHECK(a.x != nullptr || a.M == 0, "gemm: x is null");
   ANY4_CHECK(a.packed && a.lut && a.scales && (a.y || a.M == 0), "gemm: null operand");
   ANY4_CHECK(a.lut_rows == 1 || a.lut_rows == a.N, "gemm: lut must have 1 or N rows");
-  ANY4_CHECK(a.lut_len >= 1 && a.lut_len <= 16, "gemm: lut must have 1..16 entries per row");
+  ANY4_CHECK(a.bits >= 2 && a.bits <= 4, "gemm: code bits must be 2, 3 or 4");
+  ANY4_CHECK(a.lut_len >= 1 && a.lut_len <= (1 << a.bits), "gemm: lut must have 1..2^bits entries per row (" +
+                                                               std::to_string(1 << a.bits) + " for " +
+                                                               std::to_string(a.bits) + "-bit codes)");
   ANY4_CHECK(a.group_size >= 1 && a.n_groups == ceil_div(a.K, a.group_size),
              "gemm: scales do not match K / group_size");
 }
@@ -30,7 +34,7 @@ static void validate(const GemmArgs& a) {
 // ---------------------------------------------------------------- portable reference path
 // Decode one weight row to fp32 once, reuse it for all M rows of x.
 static void gemm_portable(const GemmArgs& a) {
-  const int64_t M = a.M, K = a.K, N = a.N, P = packed_cols(K);
+  const int64_t M = a.M, K = a.K, N = a.N, P = packed_cols(K, a.bits);
   std::vector<float> xf(static_cast<size_t>(M * K));
   for (int64_t i = 0; i < M * K; ++i) xf[i] = load_as_f32(a.x, a.x_dtype, i);
   parallel_for(N, 8, [&](int64_t b, int64_t e) {
@@ -46,7 +50,7 @@ static void gemm_portable(const GemmArgs& a) {
         float z = load_as_f32(a.scales, a.table_dtype, (n * a.n_groups + g) * 2 + 1);
         int64_t k1 = std::min(K, (g + 1) * a.group_size);
         for (int64_t k = g * a.group_size; k < k1; ++k)
-          wrow[k] = std::fma(t[(pr[k >> 1] >> ((k & 1) * 4)) & 0xf], s, z);
+          wrow[k] = std::fma(t[unpack_code(pr, P, k, a.bits)], s, z);
       }
       for (int64_t m = 0; m < M; ++m) {
         const float* xr = xf.data() + m * K;
@@ -117,23 +121,15 @@ void run_kernel(const gemm_detail::Kernel& k, const GemmArgs& a) {
 }
 #endif
 
-bool cpu_has(const char* what) {
-#if defined(ANY4_X86_KERNELS) && (defined(__x86_64__) || defined(__i386__))
-  __builtin_cpu_init();
-  if (std::string(what) == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (std::string(what) == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (std::string(what) == "avx512bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
-#endif
-  return false;
-}
-
 }  // namespace
 
 bool cpu_impl_supported(CpuImpl impl) {
-  static const bool avx2 = cpu_has("avx2"), avx512 = cpu_has("avx512"), avx512bf16 = cpu_has("avx512bf16");
+#ifdef ANY4_X86_KERNELS
+  const CpuFeatures& f = cpu_features();
+  const bool avx2 = f.avx2, avx512 = f.avx512, avx512bf16 = f.avx512bf16;
+#else
+  const bool avx2 = false, avx512 = false, avx512bf16 = false;
+#endif
   switch (impl) {
     case CpuImpl::Auto:
     case CpuImpl::Portable:
@@ -163,6 +159,10 @@ void gemm_cpu(const GemmArgs& a, CpuImpl impl) {
   // The vector kernels assume groups of whole 8-element runs (SPEC: group sizes are multiples
   // of 8); anything else is still computed, by the portable path.
   if (a.group_size % 8 != 0 && a.n_groups > 1) impl = CpuImpl::Portable;
+  // 3- and 2-bit codes decode in blocks of 32: smaller groups that do not divide into them
+  // (8, 16, 24) take the portable path; the AVX-512 levels run the AVX2 kernel (gemm_cpu.h).
+  if (a.bits != 4 && a.n_groups > 1 && a.group_size % 32 != 0 && a.group_size < 32) impl = CpuImpl::Portable;
+  if (a.bits != 4 && impl != CpuImpl::Portable) impl = CpuImpl::Avx2;
 #ifdef ANY4_X86_KERNELS
   switch (impl) {
     case CpuImpl::Avx512Bf16:

@@ -26,9 +26,10 @@ struct GemmArgs {
   const void* x = nullptr;  // [M, K] row-major, x_dtype
   DType x_dtype = DType::F32;
   int64_t M = 0, K = 0;
-  const uint8_t* packed = nullptr;  // [N, ceil(K/2)] nibbles (pack.h)
+  const uint8_t* packed = nullptr;  // [N, ceil(bits*K/8)] packed codes (pack.h)
+  int bits = 4;                     // code width: 4, 3 or 2
   int64_t N = 0;
-  const void* lut = nullptr;  // [lut_rows, lut_len], table_dtype; lut_rows is 1 or N; lut_len <= 16
+  const void* lut = nullptr;  // [lut_rows, lut_len], table_dtype; lut_rows is 1 or N; lut_len <= 2^bits
   int64_t lut_rows = 1, lut_len = 16;
   const void* scales = nullptr;  // [N, n_groups, 2] (scale, zero), table_dtype
   int64_t n_groups = 0, group_size = 128;
@@ -38,7 +39,10 @@ struct GemmArgs {
 
 // Which CPU implementation runs: Auto picks the best the processor supports.
 // Avx512Bf16 is Avx512 plus AVX512-BF16 dot products for bf16 x with bf16 tables (group size a
-// multiple of 32); other operands run the Avx512 kernel.
+// multiple of 32); other operands run the Avx512 kernel. 3- and 2-bit codes have one vector
+// kernel, the AVX2 one (its decode is templated on the code width): Avx512 and Avx512Bf16 run it
+// for them (every AVX-512 processor has AVX2), and so does Avx2; group sizes 8, 16 and 24 (below
+// the 32-code decode block and not a multiple of it) take the portable path.
 enum class CpuImpl : int { Auto = -1, Portable = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 
 // Validates the arguments (std::invalid_argument) and runs the product on the CPU thread pool.

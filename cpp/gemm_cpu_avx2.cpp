@@ -13,6 +13,14 @@
 // give 32 bf16 values and a shift / mask widens them to float32 (exact). That decodes a block
 // of 32 codes in about half the instructions of the two-halves lookup, in another element order
 // (see shuf_k), which x follows.
+//
+// 3- and 2-bit codes (pack.h: one dense bit stream per row) share every loop with 4-bit codes:
+// only the decode step is a template on the code width (Codes<kBits>). A block is 8 lanes of
+// kPerLane consecutive codes (4-bit: 2 per byte, 16-blocks; 3-bit: 12 bits per lane, gathered by
+// one vpshufb, 32-blocks; 2-bit: 4 per byte, 32-blocks); decoded vector c holds code c of every
+// lane, i.e. elements kPerLane * i + c, and x is reordered to match. Their tables have at most 8
+// entries, so one vpermps looks 8 codes up (no blend): bits above the code are ignored by vpermps
+// (3-bit) or land on a copy of the 4-entry table (2-bit, the table is held twice).
 // Only this file's own functions and plain loops: see gemm_cpu_kernel.h for why.
 #include <immintrin.h>
 
@@ -25,7 +33,7 @@ namespace any4 {
 namespace gemm_detail {
 namespace {
 
-constexpr int64_t kBlock = 16;   // codes per block (8 packed bytes)
+constexpr int64_t kBlock = 16;   // codes per block of 4-bit codes (8 packed bytes)
 constexpr int64_t kRows = 4;     // weight rows per tile
 constexpr int kMR = 2;           // x rows per buffered micro-kernel call
 constexpr int kDirectRows = 4;   // x rows up to which blocks are decoded into registers
@@ -92,6 +100,71 @@ inline __m256 lookup16(__m256i idx, __m256 table_lo, __m256 table_hi) {
   return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
+// The decode step for kBits-bit codes: a block is kBlockCodes codes of a packed row, 8 lanes of
+// kPerLane consecutive codes each; load() gives every lane its codes at bit 0 (zero past the row
+// end), lookup() the table values of the codes in the low bits of each lane.
+template <int kBits>
+struct Codes;
+
+template <>
+struct Codes<4> {
+  static constexpr int kPerLane = 2;
+  static constexpr int64_t kBlockCodes = 16, kBlockBytes = 8;
+  static __m256i load(const uint8_t* row, int64_t P, int64_t b) { return load_block_codes(row, P, b); }
+  static __m256 lookup(__m256i idx, __m256 t_lo, __m256 t_hi) { return lookup16(idx, t_lo, t_hi); }
+};
+
+template <>
+struct Codes<2> {
+  static constexpr int kPerLane = 4;
+  static constexpr int64_t kBlockCodes = 32, kBlockBytes = 8;
+  static __m256i load(const uint8_t* row, int64_t P, int64_t b) { return load_block_codes(row, P, b); }
+  // t_lo holds the 4 entries in both 128-bit halves: vpermilps (in-lane, cheaper than vpermps)
+  // reads index bits 0-1 only.
+  static __m256 lookup(__m256i idx, __m256 t_lo, __m256) { return _mm256_permutevar_ps(t_lo, idx); }
+};
+
+template <>
+struct Codes<3> {
+  static constexpr int kPerLane = 4;
+  static constexpr int64_t kBlockCodes = 32, kBlockBytes = 12;
+  // Lane i: the 16 bits at byte 3i/2 of the block's 12 bytes, shifted right by 4 for odd i.
+  static __m256i load(const uint8_t* row, int64_t P, int64_t b) {
+    const int64_t off = b * kBlockBytes, rem = P - off;
+    const __m256i gather = _mm256_setr_epi8(0, 1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1,  //
+                                            6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
+    const __m256i odd_shift = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+    if (rem >= 16)  // (a 16-byte load broadcast to both halves; bytes 12-15 are not used)
+      return _mm256_srlv_epi32(
+          _mm256_shuffle_epi8(
+              _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + off))),
+              gather),
+          odd_shift);
+    alignas(16) unsigned char tmp[16] = {0};
+    if (rem > 0) std::memcpy(tmp, row + off, static_cast<size_t>(rem < 12 ? rem : 12));
+    const __m128i q = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+    return _mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(q), gather), odd_shift);
+  }
+  static __m256 lookup(__m256i idx, __m256 t_lo, __m256) { return _mm256_permutevar8x32_ps(t_lo, idx); }
+};
+
+// Decodes block b of a row into kPerLane vectors of table values (vector c lane i: code
+// kPerLane * i + c of the block).
+template <int kBits>
+inline void decode_block(const uint8_t* row, int64_t P, int64_t b, __m256 t_lo, __m256 t_hi,
+                         __m256 out[Codes<kBits>::kPerLane]) {
+  const __m256i v = Codes<kBits>::load(row, P, b);
+  for (int c = 0; c < Codes<kBits>::kPerLane; ++c)
+    out[c] = Codes<kBits>::lookup(c == 0 ? v : _mm256_srli_epi32(v, c * kBits), t_lo, t_hi);
+}
+
+inline int64_t block_codes(int bits) {
+  return bits == 4 ? Codes<4>::kBlockCodes : bits == 3 ? Codes<3>::kBlockCodes : Codes<2>::kBlockCodes;
+}
+inline int64_t row_bytes(const GemmArgs& a) {
+  return (a.K * a.bits + 7) / 8;
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -138,7 +211,7 @@ inline int64_t group_slots(int64_t n_groups) {
 // The vpshufb lookup: bf16 tables, every 32-code block in one group.
 constexpr int64_t kShufBlock = 32;
 inline bool shuf_mode(const GemmArgs& a) {
-  return a.table_dtype == DType::BF16 && (a.n_groups == 1 || a.group_size % kShufBlock == 0);
+  return a.bits == 4 && a.table_dtype == DType::BF16 && (a.n_groups == 1 || a.group_size % kShufBlock == 0);
 }
 
 // Element of a 32-block held by lane i (0-7) of decoded vector q (0-3) in the vpshufb order.
@@ -148,13 +221,14 @@ inline int64_t shuf_k(int64_t q, int64_t i) {
 
 // x rows and code rows are processed in whole units (see direct_tile), zero past K.
 int64_t padded_k(const GemmArgs& a) {
-  const int64_t block = shuf_mode(a) ? kShufBlock : kBlock;
+  const int64_t block = shuf_mode(a) ? kShufBlock : block_codes(a.bits);
   if (a.n_groups > 1 && a.group_size % block == 0) return round_up(a.K, a.group_size);
   return round_up(a.K, block);
 }
 
-// Per pass of mb rows: float32 rows of Kx elements, each 16-block ordered [even 8, odd 8], zero
-// past K; then float32 group sums [mb][group_slots] (used by the direct path).
+// Per pass of mb rows: float32 rows of Kx elements, each block in decode order (4-bit 16-blocks
+// [even 8, odd 8]; see Codes), zero past K; then float32 group sums [mb][group_slots] (used by
+// the direct path).
 size_t x_sums_offset(const GemmArgs& a, int64_t mb) {
   return static_cast<size_t>(mb * padded_k(a)) * sizeof(float);
 }
@@ -167,21 +241,23 @@ void prepare_x(const GemmArgs& a, int64_t m0, int64_t mb, int64_t r0, int64_t r1
   const int64_t K = a.K, Kx = padded_k(a), G = a.group_size, slots = group_slots(a.n_groups);
   float* xb = static_cast<float*>(xbuf);
   float* sums = reinterpret_cast<float*>(static_cast<char*>(xbuf) + x_sums_offset(a, mb));
-  const bool shuf = shuf_mode(a);
+  // Reordered through a table: the vpshufb order (shuf_k) or the 3/2-bit decode order (vector c
+  // lane i = element 4i + c of a 32-block).
+  const bool shuf = shuf_mode(a), reorder = shuf || a.bits != 4;
   int order[kShufBlock];
   for (int q = 0; q < 4; ++q)
-    for (int i = 0; i < 8; ++i) order[q * 8 + i] = static_cast<int>(shuf_k(q, i));
+    for (int i = 0; i < 8; ++i) order[q * 8 + i] = static_cast<int>(shuf ? shuf_k(q, i) : 4 * i + q);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t src = (m0 + r) * K;
     float* dst = xb + r * Kx;
-    for (int64_t k0 = 0; shuf && k0 < Kx; k0 += kShufBlock) {
+    for (int64_t k0 = 0; reorder && k0 < Kx; k0 += kShufBlock) {
       alignas(32) float tmp[kShufBlock];
       for (int64_t q = 0; q < 4; ++q)
         _mm256_store_ps(tmp + 8 * q,
                         load8_f32(a.x, a.x_dtype, src + k0 + 8 * q, imax(0, imin(8, K - k0 - 8 * q))));
       for (int j = 0; j < kShufBlock; ++j) dst[k0 + j] = tmp[order[j]];
     }
-    for (int64_t k0 = 0; !shuf && k0 < Kx; k0 += kBlock) {
+    for (int64_t k0 = 0; !reorder && k0 < Kx; k0 += kBlock) {
       const __m256 lo = load8_f32(a.x, a.x_dtype, src + k0, imax(0, imin(8, K - k0)));
       const __m256 hi = load8_f32(a.x, a.x_dtype, src + k0 + 8, imax(0, imin(8, K - k0 - 8)));
       // shuffle_ps works per 128-bit lane: [l0 l2 h0 h2 | l4 l6 h4 h6]; permute4x64 fixes the order.
@@ -208,47 +284,38 @@ size_t scratch_bytes(const GemmArgs& a, int64_t mb) {
          sizeof(float);
 }
 
-// Decodes blocks [b0, b0 + nb) of one weight row to float32 w = lut[code] * scale + zero.
-// kAligned: every block lies in one group (blocks_per_group of them); otherwise a block spans at
-// most two groups (group_size a multiple of 8).
-template <bool kAligned>
+// Decodes blocks [b0, b0 + nb) of one weight row to float32 w = lut[code] * scale + zero, in
+// decode order. kAligned: every block lies in one group (blocks_per_group of them); otherwise a
+// block spans at most two groups (group_size a multiple of 8 and larger than a block; the
+// kPerLane codes of a lane never straddle a boundary).
+template <int kBits, bool kAligned>
 inline void decode_row(const uint8_t* row, int64_t P, __m256 t_lo, __m256 t_hi, const float* scale,
                        const float* zero, int64_t G, int64_t blocks_per_group, int64_t b0, int64_t nb,
                        float* out) {
-  if (kAligned) {
-    int64_t g = b0 / blocks_per_group, j = b0 - g * blocks_per_group;
-    __m256 s = _mm256_set1_ps(scale[g]), z = _mm256_set1_ps(zero[g]);
-    for (int64_t i = 0; i < nb; ++i) {
-      const __m256i v = load_block_codes(row, P, b0 + i);
-      _mm256_store_ps(out + i * kBlock, _mm256_fmadd_ps(lookup16(v, t_lo, t_hi), s, z));
-      _mm256_store_ps(out + i * kBlock + 8,
-                      _mm256_fmadd_ps(lookup16(_mm256_srli_epi32(v, 4), t_lo, t_hi), s, z));
-      if (++j == blocks_per_group) {
-        j = 0;
-        ++g;
-        s = _mm256_set1_ps(scale[g]);
-        z = _mm256_set1_ps(zero[g]);
-      }
-    }
-  } else {
-    const __m256i lane_even = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-    for (int64_t i = 0; i < nb; ++i) {
-      const int64_t k0 = (b0 + i) * kBlock, g0 = k0 / G;
+  using Cd = Codes<kBits>;
+  constexpr int64_t kB = Cd::kBlockCodes;
+  int64_t g = kAligned ? b0 / blocks_per_group : 0, j = kAligned ? b0 - g * blocks_per_group : 0;
+  __m256 s = _mm256_set1_ps(scale[g]), z = _mm256_set1_ps(zero[g]);
+  for (int64_t i = 0; i < nb; ++i) {
+    if (!kAligned) {
+      const int64_t k0 = (b0 + i) * kB, g0 = k0 / G;
       // Lanes at or past the next group's start take group g0 + 1.
-      const __m256i first_next = _mm256_set1_epi32(static_cast<int>((g0 + 1) * G - 1));
-      const __m256i k_even = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k0)), lane_even);
-      const __m256i k_odd = _mm256_add_epi32(k_even, _mm256_set1_epi32(1));
-      const __m256 next_even = _mm256_castsi256_ps(_mm256_cmpgt_epi32(k_even, first_next));
-      const __m256 next_odd = _mm256_castsi256_ps(_mm256_cmpgt_epi32(k_odd, first_next));
-      const __m256 s0 = _mm256_set1_ps(scale[g0]), s1 = _mm256_set1_ps(scale[g0 + 1]);
-      const __m256 z0 = _mm256_set1_ps(zero[g0]), z1 = _mm256_set1_ps(zero[g0 + 1]);
-      const __m256i v = load_block_codes(row, P, b0 + i);
-      _mm256_store_ps(out + i * kBlock,
-                      _mm256_fmadd_ps(lookup16(v, t_lo, t_hi), _mm256_blendv_ps(s0, s1, next_even),
-                                      _mm256_blendv_ps(z0, z1, next_even)));
-      _mm256_store_ps(out + i * kBlock + 8, _mm256_fmadd_ps(lookup16(_mm256_srli_epi32(v, 4), t_lo, t_hi),
-                                                            _mm256_blendv_ps(s0, s1, next_odd),
-                                                            _mm256_blendv_ps(z0, z1, next_odd)));
+      const __m256i k_lane = _mm256_add_epi32(
+          _mm256_set1_epi32(static_cast<int>(k0)),
+          _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(Cd::kPerLane)));
+      const __m256 next = _mm256_castsi256_ps(
+          _mm256_cmpgt_epi32(k_lane, _mm256_set1_epi32(static_cast<int>((g0 + 1) * G - 1))));
+      s = _mm256_blendv_ps(_mm256_set1_ps(scale[g0]), _mm256_set1_ps(scale[g0 + 1]), next);
+      z = _mm256_blendv_ps(_mm256_set1_ps(zero[g0]), _mm256_set1_ps(zero[g0 + 1]), next);
+    }
+    __m256 v[Cd::kPerLane];
+    decode_block<kBits>(row, P, b0 + i, t_lo, t_hi, v);
+    for (int c = 0; c < Cd::kPerLane; ++c) _mm256_store_ps(out + i * kB + 8 * c, _mm256_fmadd_ps(v[c], s, z));
+    if (kAligned && ++j == blocks_per_group) {
+      j = 0;
+      ++g;
+      s = _mm256_set1_ps(scale[g]);
+      z = _mm256_set1_ps(zero[g]);
     }
   }
 }
@@ -316,7 +383,7 @@ inline void decode_shuf(__m256i codes, __m256i b0, __m256i b1, __m256 v[4]) {
 
 // pairs: scratch for 2 * n_groups + 8 floats.
 inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, float* pairs, Tile& tile) {
-  const int64_t P = (a.K + 1) / 2, ng = a.n_groups, slots = group_slots(ng);
+  const int64_t P = row_bytes(a), ng = a.n_groups, slots = group_slots(ng);
   tile.t = t;
   tile.n0 = t * kRows;
   tile.nr = imin(kRows, a.N - tile.n0);
@@ -325,6 +392,8 @@ inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, float* pa
     const int64_t lut_off = (a.lut_rows == 1 ? 0 : n) * a.lut_len;
     tile.t_lo[r] = load8_f32(a.lut, a.table_dtype, lut_off, imin(8, a.lut_len));
     tile.t_hi[r] = load8_f32(a.lut, a.table_dtype, lut_off + 8, imax(0, a.lut_len - 8));
+    if (a.bits == 2)  // the 4 entries twice (see Codes<2>)
+      tile.t_lo[r] = _mm256_permutevar8x32_ps(tile.t_lo[r], _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3));
     if (a.table_dtype == DType::BF16) load_table_planes(a, n, tile.t_b0[r], tile.t_b1[r]);
     tile.rows[r] = a.packed + n * P;
     float* s = scale_zero + 2 * r * slots;
@@ -359,15 +428,16 @@ inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t 
   }
 }
 
-// Scale of unit u as 8 lanes. kAligned (group_size % 16 == 0 or a single group): a unit is a
-// group. Otherwise a unit is a block, which spans at most two groups (group_size a multiple of
-// 8; boundaries are even, so the even and odd halves of a block share their lane groups).
-template <bool kAligned>
+// Scale of unit u as 8 lanes. kAligned (group_size a multiple of the block or a single group):
+// a unit is a group. Otherwise a unit is a block, which spans at most two groups (group_size a
+// multiple of 8 and larger than a block: the kPerLane codes of a lane share their group).
+template <int kBits, bool kAligned>
 inline __m256 unit_scale(const float* scale, int64_t G, int64_t u) {
   if (kAligned) return _mm256_set1_ps(scale[u]);
-  const int64_t k0 = u * kBlock, g0 = k0 / G;
-  const __m256i k =
-      _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k0)), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
+  const int64_t k0 = u * Codes<kBits>::kBlockCodes, g0 = k0 / G;
+  const __m256i k = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k0)),
+                                     _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                        _mm256_set1_epi32(Codes<kBits>::kPerLane)));
   const __m256 next =
       _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, _mm256_set1_epi32(static_cast<int>((g0 + 1) * G - 1))));
   return _mm256_blendv_ps(_mm256_set1_ps(scale[g0]), _mm256_set1_ps(scale[g0 + 1]), next);
@@ -375,11 +445,13 @@ inline __m256 unit_scale(const float* scale, int64_t G, int64_t u) {
 
 // Direct path: MR x rows against weight rows [r0, r0 + RS) of the tile, blocks decoded into
 // registers; totals in registers when MR * RS <= 4, else in acc (memory).
-template <int MR, int RS, bool kAligned>
+template <int kBits, int MR, int RS, bool kAligned>
 void direct_tile(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, const float* x,
                  int64_t x_stride, __m256* acc) {
-  const int64_t P = (a.K + 1) / 2, G = a.group_size, Kx = padded_k(a);
-  const int64_t unit = kAligned ? (a.n_groups == 1 ? Kx : G) : kBlock, blocks_per_unit = unit / kBlock;
+  using Cd = Codes<kBits>;
+  constexpr int64_t kB = Cd::kBlockCodes;
+  const int64_t P = row_bytes(a), G = a.group_size, Kx = padded_k(a);
+  const int64_t unit = kAligned ? (a.n_groups == 1 ? Kx : G) : kB, blocks_per_unit = unit / kB;
   constexpr bool kRegTotals = MR * RS <= 4;
   __m256 t_lo[RS], t_hi[RS];  // local copies: the compiler reloads tile members in the loop
   const uint8_t* rows[RS];
@@ -392,31 +464,30 @@ void direct_tile(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, co
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < RS; ++r) tot[m][r] = _mm256_setzero_ps();
   for (int64_t u = 0; u * unit < Kx; ++u) {
-    if (r0 == 0) pf.advance((u + 1) * unit / 2);
-    // Few accumulators: separate ones for the even and odd halves, so that enough independent
-    // fma chains are in flight (two dependent fmas per block would be latency-bound).
-    constexpr int kHalves = MR * RS <= 4 ? 2 : 1;
-    __m256 c[MR][RS][kHalves];
+    if (r0 == 0) pf.advance((u + 1) * unit * kBits / 8);
+    // Few accumulators: separate ones for the decoded vectors of a block, so that enough
+    // independent fma chains are in flight (dependent fmas per block would be latency-bound).
+    constexpr int kAcc = MR * RS <= 2 ? Cd::kPerLane : MR * RS <= 4 ? 2 : 1;
+    __m256 c[MR][RS][kAcc];
     for (int m = 0; m < MR; ++m)
       for (int r = 0; r < RS; ++r)
-        for (int h = 0; h < kHalves; ++h) c[m][r][h] = _mm256_setzero_ps();
+        for (int h = 0; h < kAcc; ++h) c[m][r][h] = _mm256_setzero_ps();
     for (int64_t j = 0; j < blocks_per_unit; ++j) {
-      const int64_t b = u * blocks_per_unit + j, k = b * kBlock;
+      const int64_t b = u * blocks_per_unit + j, k = b * kB;
       for (int r = 0; r < RS; ++r) {
-        const __m256i v = load_block_codes(rows[r], P, b);
-        const __m256 lo = lookup16(v, t_lo[r], t_hi[r]);
-        const __m256 hi = lookup16(_mm256_srli_epi32(v, 4), t_lo[r], t_hi[r]);
-        for (int m = 0; m < MR; ++m) {
-          c[m][r][0] = _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k), lo, c[m][r][0]);
-          c[m][r][kHalves - 1] =
-              _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k + 8), hi, c[m][r][kHalves - 1]);
-        }
+        __m256 w[Cd::kPerLane];
+        decode_block<kBits>(rows[r], P, b, t_lo[r], t_hi[r], w);
+        for (int m = 0; m < MR; ++m)
+          for (int q = 0; q < Cd::kPerLane; ++q)
+            c[m][r][q % kAcc] =
+                _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k + 8 * q), w[q], c[m][r][q % kAcc]);
       }
     }
     for (int r = 0; r < RS; ++r) {
-      const __m256 s = unit_scale<kAligned>(tile.scale[r0 + r], G, u);
+      const __m256 s = unit_scale<kBits, kAligned>(tile.scale[r0 + r], G, u);
       for (int m = 0; m < MR; ++m) {
-        const __m256 sum = kHalves == 2 ? _mm256_add_ps(c[m][r][0], c[m][r][kHalves - 1]) : c[m][r][0];
+        __m256 sum = c[m][r][0];
+        for (int h = 1; h < kAcc; ++h) sum = _mm256_add_ps(sum, c[m][r][h]);
         if (kRegTotals)
           tot[m][r] = _mm256_fmadd_ps(sum, s, tot[m][r]);
         else
@@ -433,13 +504,13 @@ void direct_tile(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, co
 
 // All weight rows of the tile for `rows` (1..kDirectRows) x rows, one weight row per sweep (16
 // registers: more rows at once spill the accumulators).
-template <int MR, bool kAligned>
+template <int kBits, int MR, bool kAligned>
 void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, Prefetcher& pf, const float* x,
                  int64_t x_stride, __m256* acc) {
   if constexpr (MR > 1) {
-    if (rows < MR) return direct_rows<MR - 1, kAligned>(rows, a, tile, pf, x, x_stride, acc);
+    if (rows < MR) return direct_rows<kBits, MR - 1, kAligned>(rows, a, tile, pf, x, x_stride, acc);
   }
-  for (int r0 = 0; r0 < kRows; ++r0) direct_tile<MR, 1, kAligned>(a, tile, pf, r0, x, x_stride, acc);
+  for (int r0 = 0; r0 < kRows; ++r0) direct_tile<kBits, MR, 1, kAligned>(a, tile, pf, r0, x, x_stride, acc);
 }
 
 // vpshufb mode, direct path: MR x rows against weight rows [r0, r0 + RS); units are groups.
@@ -521,15 +592,16 @@ inline void decode_row_shuf(const GemmArgs& a, const Tile& tile, int64_t r, int6
   }
 }
 
-template <bool kAligned>
+template <int kBits, bool kAligned>
 void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, int64_t t0, int64_t t1,
                     float* scratch) {
-  const int64_t P = (a.K + 1) / 2, Kx = padded_k(a), ng = a.n_groups, slots = group_slots(ng);
+  constexpr int64_t kB = Codes<kBits>::kBlockCodes;
+  const int64_t P = row_bytes(a), Kx = padded_k(a), ng = a.n_groups, slots = group_slots(ng);
   const int64_t G = a.group_size;
-  const int64_t blocks_per_group = !kAligned ? 0 : ng == 1 ? Kx / kBlock + 2 : G / kBlock;
+  const int64_t blocks_per_group = !kAligned ? 0 : ng == 1 ? Kx / kB + 2 : G / kB;
   const float* sums =
       reinterpret_cast<const float*>(reinterpret_cast<const char*>(xb) + x_sums_offset(a, mb));
-  const bool shuf = shuf_mode(a);
+  const bool shuf = kBits == 4 && shuf_mode(a);
   float* wbuf = scratch;
   float* scale_zero = wbuf + kRows * kChunk;
   float* pairs = scale_zero + 2 * kRows * slots;
@@ -543,21 +615,21 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
       if (shuf)
         direct_rows_shuf<kDirectRows>(mb, a, tile, pf, xb, Kx, acc);
       else
-        direct_rows<kDirectRows, kAligned>(mb, a, tile, pf, xb, Kx, acc);
+        direct_rows<kBits, kDirectRows, kAligned>(mb, a, tile, pf, xb, Kx, acc);
       store_tile(a, tile, m0, mb, acc, sums);
       continue;
     }
     for (int64_t i = 0; i < mb * kRows; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t kc = 0; kc < Kx; kc += kChunk) {
       const int64_t len = imin(kChunk, Kx - kc);
-      pf.advance((kc + len) / 2);
+      pf.advance((kc + len) * kBits / 8);
       for (int64_t r = 0; r < kRows; ++r) {
         const float* s = tile.scale[r];
         if (shuf)
           decode_row_shuf(a, tile, r, kc / kShufBlock, len / kShufBlock, wbuf + r * kChunk);
         else
-          decode_row<kAligned>(tile.rows[r], P, tile.t_lo[r], tile.t_hi[r], s, s + slots, G, blocks_per_group,
-                               kc / kBlock, len / kBlock, wbuf + r * kChunk);
+          decode_row<kBits, kAligned>(tile.rows[r], P, tile.t_lo[r], tile.t_hi[r], s, s + slots, G,
+                                      blocks_per_group, kc / kB, len / kB, wbuf + r * kChunk);
       }
       const float* x = xb + kc;
       int64_t m = 0;
@@ -568,17 +640,76 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
   }
 }
 
+template <int kBits>
+void run_tiles_bits(const GemmArgs& a, int64_t m0, int64_t mb, const float* x, int64_t t0, int64_t t1,
+                    float* s) {
+  if (a.n_groups == 1 || a.group_size % Codes<kBits>::kBlockCodes == 0)
+    run_tiles_impl<kBits, true>(a, m0, mb, x, t0, t1, s);
+  else
+    run_tiles_impl<kBits, false>(a, m0, mb, x, t0, t1, s);
+}
+
 void run_tiles(const GemmArgs& a, int64_t m0, int64_t mb, const void* xbuf, int64_t t0, int64_t t1,
                void* scratch) {
   const float* x = static_cast<const float*>(xbuf);
   float* s = static_cast<float*>(scratch);
-  if (a.n_groups == 1 || a.group_size % kBlock == 0)
-    run_tiles_impl<true>(a, m0, mb, x, t0, t1, s);
+  if (a.bits == 3)
+    run_tiles_bits<3>(a, m0, mb, x, t0, t1, s);
+  else if (a.bits == 2)
+    run_tiles_bits<2>(a, m0, mb, x, t0, t1, s);
   else
-    run_tiles_impl<false>(a, m0, mb, x, t0, t1, s);
+    run_tiles_bits<4>(a, m0, mb, x, t0, t1, s);
+}
+
+// Code bytes [off, off + 8) of a row of P bytes widened to 8 dwords (past the row end: 0).
+inline __m256i load_codes_at(const uint8_t* row, int64_t P, int64_t off) {
+  if (P - off >= 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + off)));
+  alignas(16) unsigned char tmp[16] = {0};
+  if (P > off) std::memcpy(tmp, row + off, static_cast<size_t>(P - off));
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tmp)));
 }
 
 }  // namespace
+
+void avx2_dequantize_rows(const GemmArgs& a, int64_t n0, int64_t r0, int64_t r1, void* w, DType w_dtype) {
+  const int64_t K = a.K, P = (K + 1) / 2, G = a.group_size, es = elem_size(w_dtype);
+  for (int64_t n = n0 + r0; n < n0 + r1; ++n) {
+    const int64_t lr = a.lut_rows == 1 ? 0 : n;
+    const __m256 t_lo = load8_f32(a.lut, a.table_dtype, lr * a.lut_len, imin(8, a.lut_len));
+    const __m256 t_hi = load8_f32(a.lut, a.table_dtype, lr * a.lut_len + 8, imax(0, a.lut_len - 8));
+    const uint8_t* row = a.packed + n * P;
+    unsigned char* out = static_cast<unsigned char*>(w) + (n - n0) * K * es;
+    for (int64_t g = 0; g < a.n_groups; ++g) {
+      // The group's 16 values fma(lut, scale, zero), then pure lookups.
+      const __m256 sz = load8_f32(a.scales, a.table_dtype, (n * a.n_groups + g) * 2, 2);
+      const __m256 s = _mm256_permutevar8x32_ps(sz, _mm256_setzero_si256());
+      const __m256 z = _mm256_permutevar8x32_ps(sz, _mm256_set1_epi32(1));
+      const __m256 d_lo = _mm256_fmadd_ps(t_lo, s, z), d_hi = _mm256_fmadd_ps(t_hi, s, z);
+      const int64_t k_end = imin(K, (g + 1) * G);
+      for (int64_t k0 = g * G; k0 < k_end; k0 += kBlock) {  // k0 even: G is even
+        const __m256i v = load_codes_at(row, P, k0 / 2);
+        const __m256 ev = lookup16(v, d_lo, d_hi), od = lookup16(_mm256_srli_epi32(v, 4), d_lo, d_hi);
+        // Natural order: [e0 o0 e1 o1 | e4 o4 e5 o5] and [e2 o2 e3 o3 | e6 o6 e7 o7], then lanes.
+        const __m256 lo = _mm256_unpacklo_ps(ev, od), hi = _mm256_unpackhi_ps(ev, od);
+        const __m256 first = _mm256_permute2f128_ps(lo, hi, 0x20),
+                     second = _mm256_permute2f128_ps(lo, hi, 0x31);
+        const int64_t count = imin(kBlock, k_end - k0);
+        if (count == kBlock && w_dtype == DType::F32) {
+          float* o = reinterpret_cast<float*>(out) + k0;
+          _mm256_storeu_ps(o, first);
+          _mm256_storeu_ps(o + 8, second);
+        } else if (count == kBlock && w_dtype == DType::BF16) {
+          __m128i* o = reinterpret_cast<__m128i*>(reinterpret_cast<uint16_t*>(out) + k0);
+          _mm_storeu_si128(o, f32_to_bf16_bits(first));
+          _mm_storeu_si128(o + 1, f32_to_bf16_bits(second));
+        } else {
+          store8(out, w_dtype, k0, imin(8, count), first);
+          if (count > 8) store8(out, w_dtype, k0 + 8, count - 8, second);
+        }
+      }
+    }
+  }
+}
 
 Kernel avx2_kernel() {
   Kernel k;

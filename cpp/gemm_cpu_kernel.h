@@ -42,5 +42,9 @@ Kernel avx512_kernel();
 // AVX512-BF16 dot products; only for bf16 x with bf16 tables and group_size % 32 == 0.
 Kernel avx512bf16_kernel();
 
+// Rows [n0 + r0, n0 + r1) of the weight decoded to w (row r - n0 of w [., K], natural element
+// order) in w_dtype, as dequantize_rows.h defines; even group sizes only (the prefill panels).
+void avx2_dequantize_rows(const GemmArgs& a, int64_t n0, int64_t r0, int64_t r1, void* w, DType w_dtype);
+
 }  // namespace gemm_detail
 }  // namespace any4

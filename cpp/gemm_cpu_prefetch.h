@@ -2,8 +2,8 @@
 // gemm_cpu_avx512.cpp, gemm_cpu_avx512bf16.cpp).
 //
 // At batch 1-4 the kernels are bound by how fast the codes arrive from memory. A tile is
-// kRows consecutive weight rows, so its codes are one contiguous run of kRows * ceil(K/2)
-// bytes. While a kernel works through the current tile, advance(b) is called as it reaches
+// kRows consecutive weight rows, so its codes are one contiguous run of kRows *
+// ceil(bits * K / 8) bytes. While a kernel works through the current tile, advance(b) is called as it reaches
 // byte b of the tile's rows; the prefetcher then requests the same fraction of the next tile
 // (kPrefetchTilesAhead), one cache line after another from its start. Each thread so presents the memory
 // system with a single sequential stream (rather than kRows interleaved ones, one per row),
@@ -39,7 +39,7 @@ struct TilePrefetcher {
     next = total = 0;
     const int64_t n0 = (current + kPrefetchTilesAhead) * kRows;
     if (n0 >= a.N) return;
-    const int64_t row_bytes = (a.K + 1) / 2;
+    const int64_t row_bytes = (a.K * a.bits + 7) / 8;
     const int64_t rows = a.N - n0 < kRows ? a.N - n0 : kRows;
     base = a.packed + n0 * row_bytes;
     total = rows * row_bytes;

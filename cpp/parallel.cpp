@@ -13,6 +13,12 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__) || defined(__FreeBSD__)
+#include <dlfcn.h>
+#include <link.h>
+#define ANY4_HAVE_DL_ITERATE_PHDR 1
+#endif
+
 namespace any4 {
 namespace {
 
@@ -22,13 +28,19 @@ int hardware_threads() {
 }
 
 // ANY4_NUM_THREADS when it is a number in [1, kMaxThreads] (the Python package refuses other
-// values with a clear error before the core is used), else the hardware concurrency (capped).
-int default_threads() {
+// values with a clear error before the core is used), else 0.
+int env_threads() {
   if (const char* env = std::getenv("ANY4_NUM_THREADS")) {
     char* end = nullptr;
     long v = std::strtol(env, &end, 10);
     if (end != env && *end == '\0' && v >= 1 && v <= kMaxThreads) return static_cast<int>(v);
   }
+  return 0;
+}
+
+// ANY4_NUM_THREADS if valid, else the hardware concurrency (capped).
+int default_threads() {
+  if (int v = env_threads()) return v;
   return hardware_threads();
 }
 
@@ -172,6 +184,9 @@ class Pool {
 };
 
 int g_threads = default_threads();
+// True once the thread count was chosen (a valid ANY4_NUM_THREADS or set_num_threads); otherwise
+// a shared OpenMP runtime's own setting (e.g. torch.set_num_threads) decides.
+bool g_threads_chosen = env_threads() > 0;
 
 // Started lazily (first parallel region or set_num_threads), so importing starts no thread.
 Pool& pool() {
@@ -190,10 +205,106 @@ void ensure_workers(int n) {
   }
 }
 
+// ---------------------------------------------------------------- shared OpenMP runtime
+// GNU OpenMP ABI (libgomp; libiomp5 and LLVM libomp export it too): runs fn(data) on a team of
+// num_threads threads (0: the runtime's default), the caller being thread 0.
+using GompParallelFn = void (*)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
+
+struct OpenMPRuntime {
+  std::string path, label;  // label: "openmp:<path>"
+  GompParallelFn parallel = nullptr;
+  int (*max_threads)() = nullptr;
+};
+
+std::atomic<const OpenMPRuntime*> g_openmp{nullptr};
+
+#ifdef ANY4_HAVE_DL_ITERATE_PHDR
+bool is_openmp_library(const std::string& path) {
+  const std::string base = path.substr(path.find_last_of('/') + 1);
+  return base.rfind("libgomp", 0) == 0 || base.rfind("libiomp", 0) == 0 || base.rfind("libomp", 0) == 0;
+}
+
+// Paths of the OpenMP runtimes loaded in this process.
+std::vector<std::string> loaded_openmp_libraries() {
+  std::vector<std::string> found;
+  dl_iterate_phdr(
+      [](struct dl_phdr_info* info, size_t, void* out) {
+        if (info->dlpi_name && info->dlpi_name[0] && is_openmp_library(info->dlpi_name)) {
+          auto& v = *static_cast<std::vector<std::string>*>(out);
+          if (std::find(v.begin(), v.end(), info->dlpi_name) == v.end()) v.emplace_back(info->dlpi_name);
+        }
+        return 0;
+      },
+      &found);
+  return found;
+}
+
+// The runtime at `path` if it is loaded and has the entry points; kept for the process lifetime
+// (a parallel region may still hold it when the backend changes).
+const OpenMPRuntime* open_runtime(const std::string& path) {
+  static std::mutex mu;
+  static std::vector<const OpenMPRuntime*> opened;
+  std::lock_guard<std::mutex> lk(mu);
+  for (const OpenMPRuntime* r : opened)
+    if (r->path == path) return r;
+  void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);  // never loads anything new
+  if (!h) return nullptr;
+  auto* r = new OpenMPRuntime;
+  r->path = path;
+  r->label = "openmp:" + path;
+  r->parallel = reinterpret_cast<GompParallelFn>(dlsym(h, "GOMP_parallel"));
+  r->max_threads = reinterpret_cast<int (*)()>(dlsym(h, "omp_get_max_threads"));
+  if (!r->parallel || !r->max_threads) {
+    delete r;
+    dlclose(h);
+    return nullptr;
+  }
+  opened.push_back(r);
+  return r;
+}
+#endif
+
+int current_threads(const OpenMPRuntime* omp) {
+  if (omp && !g_threads_chosen) return std::max(1, std::min(kMaxThreads, omp->max_threads()));
+  return g_threads;
+}
+
+// One parallel_for on the OpenMP team: every team thread pulls chunk indices from `next`.
+struct OpenMPJob {
+  const std::function<void(int64_t)>* chunk_fn;
+  int64_t n_chunks;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::exception_ptr error;
+};
+
+void openmp_job_body(void* p) {
+  auto* job = static_cast<OpenMPJob*>(p);
+  for (;;) {
+    const int64_t c = job->next.fetch_add(1);
+    if (c >= job->n_chunks) break;
+    try {
+      (*job->chunk_fn)(c);
+    } catch (...) {  // an exception must not leave an OpenMP region
+      std::lock_guard<std::mutex> lk(job->mu);
+      if (!job->error) job->error = std::current_exception();
+    }
+  }
+}
+
+void run_on_openmp(const OpenMPRuntime& omp, int threads, int64_t n_chunks,
+                   const std::function<void(int64_t)>& chunk_fn) {
+  OpenMPJob job;
+  job.chunk_fn = &chunk_fn;
+  job.n_chunks = n_chunks;
+  omp.parallel(openmp_job_body, &job, static_cast<unsigned>(std::min<int64_t>(threads, n_chunks)), 0);
+  if (job.error) std::rethrow_exception(job.error);
+}
+
 }  // namespace
 
 int get_num_threads() {
-  return g_threads;
+  return current_threads(g_openmp.load());
 }
 
 void set_num_threads(int n) {
@@ -201,32 +312,67 @@ void set_num_threads(int n) {
     throw std::invalid_argument("number of threads must be in [1, " + std::to_string(kMaxThreads) +
                                 "], got " + std::to_string(n));
   g_threads = n;
-  ensure_workers(n);
+  g_threads_chosen = true;
+  if (!g_openmp.load()) ensure_workers(n);
+}
+
+bool use_openmp_runtime(const char* prefer_prefix) {
+#ifdef ANY4_HAVE_DL_ITERATE_PHDR
+  const std::string prefix = prefer_prefix ? prefer_prefix : "";
+  const std::vector<std::string> libs = loaded_openmp_libraries();
+  const OpenMPRuntime* chosen = nullptr;
+  if (!prefix.empty())
+    for (const std::string& path : libs)
+      if (path.rfind(prefix, 0) == 0 && (chosen = open_runtime(path))) break;
+  if (!chosen && libs.size() == 1) chosen = open_runtime(libs[0]);
+  if (!chosen) return false;
+  g_openmp.store(chosen);
+  return true;
+#else
+  return false;
+#endif
+}
+
+void use_thread_pool() {
+  g_openmp.store(nullptr);
+}
+
+const char* parallel_backend() {
+  const OpenMPRuntime* omp = g_openmp.load();
+  return omp ? omp->label.c_str() : "pool";
 }
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
-  const int threads = g_threads;
+  const OpenMPRuntime* omp = g_openmp.load();
+  const int threads = current_threads(omp);
   int64_t max_chunks = (n + grain - 1) / grain;
   if (threads <= 1 || max_chunks <= 1) {
     fn(0, n);
     return;
   }
-  // A few chunks per thread for load balance, never smaller than grain.
-  ensure_workers(threads);  // the first region starts the workers (errors: runtime_error)
-  if (g_threads <= 1) {
-    fn(0, n);
-    return;
+  if (!omp) {
+    ensure_workers(threads);  // the first region starts the workers (errors: runtime_error)
+    if (g_threads <= 1) {
+      fn(0, n);
+      return;
+    }
   }
+  // A few chunks per thread for load balance, never smaller than grain.
   int64_t n_chunks = std::min<int64_t>(max_chunks, static_cast<int64_t>(threads) * 4);
   int64_t chunk = (n + n_chunks - 1) / n_chunks;
   n_chunks = (n + chunk - 1) / chunk;
-  pool().run(n_chunks, [&](int64_t c) {
+  const std::function<void(int64_t)> chunk_fn = [&](int64_t c) {
     int64_t b = c * chunk;
     int64_t e = std::min(n, b + chunk);
     fn(b, e);
-  });
+  };
+  if (omp) {
+    run_on_openmp(*omp, threads, n_chunks, chunk_fn);
+  } else {
+    pool().run(n_chunks, chunk_fn);
+  }
 }
 
 }  // namespace any4

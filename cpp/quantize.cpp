@@ -134,13 +134,14 @@ void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& p, uin
   });
 }
 
-void dequantize(const uint8_t* packed, int64_t N, int64_t K, const void* lut, int64_t lut_rows,
+void dequantize(const uint8_t* packed, int64_t N, int64_t K, int bits, const void* lut, int64_t lut_rows,
                 int64_t lut_len, const void* scales, int64_t n_groups, int64_t group_size, DType td,
                 float* w) {
+  ANY4_CHECK(bits >= 2 && bits <= 4, "dequantize: bits must be 2, 3 or 4");
   ANY4_CHECK(lut_rows == 1 || lut_rows == N, "lut must have 1 or N rows");
   ANY4_CHECK(lut_len >= 1 && lut_len <= 16, "lut must have 1..16 entries per row");
   ANY4_CHECK(n_groups == ceil_div(K, group_size), "scales do not match K / group_size");
-  const int64_t P = packed_cols(K);
+  const int64_t P = packed_cols(K, bits);
   parallel_for(N, 16, [&](int64_t b, int64_t e) {
     float t[16];
     for (int64_t n = b; n < e; ++n) {
@@ -148,7 +149,7 @@ void dequantize(const uint8_t* packed, int64_t N, int64_t K, const void* lut, in
       for (int j = 0; j < 16; ++j) t[j] = j < lut_len ? load_as_f32(lut, td, lr * lut_len + j) : 0.f;
       const uint8_t* pr = packed + n * P;
       for (int64_t k = 0; k < K; ++k) {
-        int c = (pr[k >> 1] >> ((k & 1) * 4)) & 0xf;
+        int c = unpack_code(pr, P, k, bits);
         ANY4_CHECK(c < lut_len, "code out of range of the lut");
         int64_t g = k / group_size;
         float s = load_as_f32(scales, td, (n * n_groups + g) * 2);

@@ -36,9 +36,9 @@ struct QuantizeParams {
 void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& params, uint8_t* codes, float* lut,
               float* scales);
 
-// Dequantize packed codes (two per byte, see pack.h) to float32 w [N, K].
+// Dequantize packed `bits`-bit codes (pack.h) to float32 w [N, K].
 // lut: [lut_rows, lut_len] (lut_rows is 1 or N); scales: [N, n_groups, 2]; lut/scales in `table_dtype`.
-void dequantize(const uint8_t* packed, int64_t N, int64_t K, const void* lut, int64_t lut_rows,
+void dequantize(const uint8_t* packed, int64_t N, int64_t K, int bits, const void* lut, int64_t lut_rows,
                 int64_t lut_len, const void* scales, int64_t n_groups, int64_t group_size, DType table_dtype,
                 float* w);
 

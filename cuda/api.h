@@ -38,18 +38,48 @@ struct TcGemmArgs {
   int64_t workspace_floats = 0;
   int* counters = nullptr;  // >= plan.counters() ints, zero before the first use (kept zero after)
   int64_t n_counters = 0;
-  int64_t force_splits = 0;  // > 0: this many K splits (tests)
+  int64_t force_splits = 0;                   // > 0: this many K splits (tests)
+  int stage_chunks = gpu::kStageChunks;       // chunks per pipeline stage: 2 (default) or 4
+  int split_waves = gpu::kDefaultSplitWaves;  // waves the automatic split-K plan may fill: 1 or 2
   int device = 0;
   uintptr_t stream = 0;  // cudaStream_t
 };
 
 // The grid plan (split-K, scratch sizes) gemm_tc will use on this device for this kernel
-// (dtype and dequantizer decide the kernel, whose occupancy sizes the grid).
+// (dtype, dequantizer, rows per mma and stage depth decide the kernel, whose occupancy sizes
+// the grid).
 gpu::TcPlan gemm_tc_plan(int64_t M, int64_t N, int64_t K, int dtype, int dequant, int device,
-                         int64_t force_splits);
+                         int64_t force_splits, int stage_chunks = gpu::kStageChunks,
+                         int split_waves = gpu::kDefaultSplitWaves);
+
+// Split-K scratch that covers every automatic plan on this device (any shape, any kernel
+// instance; see gpu::tc_workspace_floats_bound): allocate it once per stream and reuse it.
+struct TcScratchBound {
+  int64_t workspace_floats = 0;
+  int64_t counters = 0;
+};
+TcScratchBound gemm_tc_scratch_bound(int device);
 
 // y = x @ dequant(W)^T with mma.sync m16n8k16, fp32 accumulation; asynchronous on `stream`.
 void gemm_tc(const TcGemmArgs& args);
+
+// W [N, K_pad] (compute dtype, K_pad = 64 * ceil(K / 64); columns >= K are padding, not necessarily
+// 0: multiply with x zero-padded or use the first K columns) dequantized from the
+// GPU layout, for the large-batch path (dense matmul on W); asynchronous on `stream`. Table
+// formats use the register table (every dequantizer gives the same values).
+struct TcDequantArgs {
+  int dtype = 2;  // 1 fp16, 2 bf16
+  int64_t N = 0, K = 0, group_size = 0;
+  const void* codes = nullptr;   // GPU layout, 16-byte aligned
+  const void* scales = nullptr;  // 8-byte aligned
+  const void* lut = nullptr;     // 16-byte aligned (unused by Arith)
+  int dequant = 1;               // gpu::Dequant (LutSmem runs as LutReg)
+  uint32_t arith_neg2 = 0;
+  void* w = nullptr;  // [N, K_pad], 16-byte aligned
+  int device = 0;
+  uintptr_t stream = 0;
+};
+void gemm_tc_dequant(const TcDequantArgs& args);
 
 // ---- fallback gemm on the storage layout (any dtype, any group size, no tensor cores) ----
 struct SimtGemmArgs {

@@ -14,22 +14,29 @@
 //            for each of the 4 k-tiles: dequantize 8 codes into the 4 A registers (table lookup
 //            or arithmetic conversion, then one packed fma with scale and zero per register) and
 //            issue MT mma.sync (MT = 1 for M <= 8, 2 for M <= 16: the A fragment is reused).
-//   split-K: when the 16-row tiles alone give fewer than ~4 blocks per multiprocessor (small N),
-//            K is split across blockIdx.y; each warp writes its fp32 partial tile to a
-//            workspace, and the last warp to arrive on a tile (atomic counter) sums the partials
-//            in split order (deterministic) and writes y. Counters reset themselves to zero.
+//   split-K: when the 16-row tiles alone give fewer blocks than the GPU holds at once (small N),
+//            K is split across blockIdx.y (make_tc_plan: up to two waves); each warp writes its
+//            fp32 partial tile to a workspace, and the last warp to arrive on a tile (atomic
+//            counter, acq_rel at device scope) sums the partials in split order (deterministic)
+//            and writes y. Counters reset themselves to zero.
 //
 // Pipeline (Marlin-style, in registers rather than cp.async + shared memory, since no operand
-// needs a transposition): a warp holds two stages of kStageChunks chunks; the global loads of
-// stage s + 1 are issued before stage s is dequantized and multiplied (run_pipeline in
-// layout.cuh), so each warp keeps 2 * kStageChunks * 512 bytes of codes (plus x and scales) in
-// flight, and 4 warps per block x several blocks per multiprocessor hide the memory latency.
+// needs a transposition): a warp holds two stages of SC chunks (SC = 2, or 4 for the deeper
+// variant); the global loads of stage s + 1 are issued before stage s is dequantized and
+// multiplied (run_pipeline in layout.cuh), so each warp keeps 2 * SC * 512 bytes of codes (plus
+// x and scales) in flight, and 4 warps per block x several blocks per multiprocessor hide the
+// memory latency.
+//
+// Large batches (M > 64, chosen in python/any4/cuda.py): dequant_tc_kernel writes W once in the
+// compute dtype and a dense matmul (cuBLAS through torch) does the product, instead of this
+// kernel re-decoding the weight for every 16 rows of x.
 // Codes are read once per call (evict-first loads, __ldcs); x, scales and tables are small and
 // shared by all warps (read-only cache, __ldg).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cuda/atomic>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -87,14 +94,24 @@ __device__ __forceinline__ uint16_t to_h16(float v) {
 }
 
 // Registers of one pipeline stage of one lane.
-template <int MT>
+template <int MT, int SC>
 struct Stage {
-  uint4 q[kStageChunks];         // codes: 4 k-tiles x 8 nibbles
-  uint4 x[kStageChunks][MT][2];  // x[m][64 c + 16 t .. + 15] for each B tile
-  uint2 sz[kStageChunks];        // (scale, zero) of rows g and g + 8
+  uint4 q[SC];         // codes: 4 k-tiles x 8 nibbles
+  uint4 x[SC][MT][2];  // x[m][64 c + 16 t .. + 15] for each B tile
+  uint2 sz[SC];        // (scale, zero) of rows g and g + 8
 };
 
-template <bool BF16, int DQ, int MT>
+// The tables of rows g and g + 8 of a lane (LutReg, LutSmem), from the GPU layout.
+__device__ __forceinline__ void load_row_tables(const uint4* lut, int64_t tile, int lane, RowTable* row_g,
+                                                RowTable* row_g8) {
+  const int64_t rg = tile * kTileN + lane_g(lane);
+  const uint4 lo_g = __ldg(lut + rg * 2), hi_g = __ldg(lut + rg * 2 + 1);
+  const uint4 lo_g8 = __ldg(lut + (rg + 8) * 2), hi_g8 = __ldg(lut + (rg + 8) * 2 + 1);
+  *row_g = RowTable{{lo_g.x, lo_g.y, lo_g.z, lo_g.w}, {hi_g.x, hi_g.y, hi_g.z, hi_g.w}};
+  *row_g8 = RowTable{{lo_g8.x, lo_g8.y, lo_g8.z, lo_g8.w}, {hi_g8.x, hi_g8.y, hi_g8.z, hi_g8.w}};
+}
+
+template <bool BF16, int DQ, int MT, int SC>
 __global__ void __launch_bounds__(kWarps* kWarpSize) gemm_tc_kernel(const TcParams p) {
   constexpr Dequant kDq = static_cast<Dequant>(DQ);
 
@@ -109,13 +126,7 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) gemm_tc_kernel(const TcPara
   // Tables of rows g and g + 8: registers (LutReg) or this warp's lane-replicated smem table.
   RowTable row_g, row_g8;
   const uint32_t* tab_lane = nullptr;
-  if constexpr (kDq != Dequant::Arith) {
-    const int64_t rg = tile * kTileN + lane_g(lane);
-    const uint4 lo_g = __ldg(p.lut + rg * 2), hi_g = __ldg(p.lut + rg * 2 + 1);
-    const uint4 lo_g8 = __ldg(p.lut + (rg + 8) * 2), hi_g8 = __ldg(p.lut + (rg + 8) * 2 + 1);
-    row_g = RowTable{{lo_g.x, lo_g.y, lo_g.z, lo_g.w}, {hi_g.x, hi_g.y, hi_g.z, hi_g.w}};
-    row_g8 = RowTable{{lo_g8.x, lo_g8.y, lo_g8.z, lo_g8.w}, {hi_g8.x, hi_g8.y, hi_g8.z, hi_g8.w}};
-  }
+  if constexpr (kDq != Dequant::Arith) load_row_tables(p.lut, tile, lane, &row_g, &row_g8);
   if constexpr (kDq == Dequant::LutSmem) {
     __shared__ uint32_t smem_lut[kWarps * 16 * kWarpSize];  // 2 KB per warp
     uint32_t* tab = smem_lut + warp * 16 * kWarpSize;
@@ -141,9 +152,9 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) gemm_tc_kernel(const TcPara
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
 
-  auto load = [&](Stage<MT>& st, int64_t c) {
+  auto load = [&](Stage<MT, SC>& st, int64_t c) {
 #pragma unroll
-    for (int u = 0; u < kStageChunks; ++u) {
+    for (int u = 0; u < SC; ++u) {
       const int64_t chunk = c + u;
       if (chunk < c1) {
         st.q[u] = __ldcs(p.codes + codes_vec_index(tile, chunk, lane, p.k_chunks));
@@ -164,9 +175,9 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) gemm_tc_kernel(const TcPara
     }
   };
 
-  auto compute = [&](Stage<MT>& st, int64_t c) {
+  auto compute = [&](Stage<MT, SC>& st, int64_t c) {
 #pragma unroll
-    for (int u = 0; u < kStageChunks; ++u) {
+    for (int u = 0; u < SC; ++u) {
       if (c + u < c1) {
         const uint32_t q[kKTiles] = {st.q[u].x, st.q[u].y, st.q[u].z, st.q[u].w};
 #pragma unroll
@@ -193,8 +204,8 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) gemm_tc_kernel(const TcPara
     }
   };
 
-  Stage<MT> stage_a, stage_b;
-  run_pipeline(c0, c1, stage_a, stage_b, load, compute);
+  Stage<MT, SC> stage_a, stage_b;
+  run_pipeline<SC>(c0, c1, stage_a, stage_b, load, compute);
 
   // ---- epilogue
   uint16_t* y = p.y;
@@ -213,13 +224,18 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) gemm_tc_kernel(const TcPara
 #pragma unroll
     for (int e = 0; e < 4; ++e)
       p.workspace[workspace_index(mz, tile, split, MT, p.n_tiles, p.splits, mt * 4 + e, lane)] = acc[mt][e];
+  // Publish: every lane's partials, then one device-scope acq_rel increment by lane 0. The
+  // fence and the warp barrier order all lanes' stores before lane 0's release; the last warp's
+  // acquire makes every split's partials visible to lane 0, and the warp barrier after the
+  // shuffle extends that to lanes 1-31 (a shuffle alone is no memory ordering in the PTX model).
   __threadfence();
   __syncwarp();
-  int* counter = p.counters + mz * p.n_tiles + tile;
+  ::cuda::atomic_ref<int, ::cuda::thread_scope_device> counter(p.counters[mz * p.n_tiles + tile]);
   int last = 0;
-  if (lane == 0) last = atomicAdd(counter, 1) == static_cast<int>(p.splits - 1);
+  if (lane == 0) last = counter.fetch_add(1, ::cuda::memory_order_acq_rel) == static_cast<int>(p.splits - 1);
   last = __shfl_sync(0xffffffffu, last, 0);
   if (!last) return;
+  __syncwarp();
   __threadfence();
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -231,75 +247,101 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) gemm_tc_kernel(const TcPara
       const int64_t m = y_row(mz, MT, mt, lane, e), n = y_col(tile, lane, e);
       if (m < p.M && n < p.N) y[m * p.N + n] = to_h16<BF16>(v);
     }
-  if (lane == 0) *counter = 0;  // ready for the next launch on this stream
+  if (lane == 0) counter.store(0, ::cuda::memory_order_relaxed);  // ready for the next launch
 }
 
-// Pointer to the kernel instance for (dtype, dequantizer, MT).
-template <bool BF16>
-const void* kernel_for(int dq, int mt) {
-  switch (dq * 2 + (mt - 1)) {
-    case 0:
-      return reinterpret_cast<const void*>(&gemm_tc_kernel<BF16, 0, 1>);
-    case 1:
-      return reinterpret_cast<const void*>(&gemm_tc_kernel<BF16, 0, 2>);
-    case 2:
-      return reinterpret_cast<const void*>(&gemm_tc_kernel<BF16, 1, 1>);
-    case 3:
-      return reinterpret_cast<const void*>(&gemm_tc_kernel<BF16, 1, 2>);
-    case 4:
-      return reinterpret_cast<const void*>(&gemm_tc_kernel<BF16, 2, 1>);
-    default:
-      return reinterpret_cast<const void*>(&gemm_tc_kernel<BF16, 2, 2>);
+// ---- dequantize-to-matrix (M > 64): one warp per (16-row tile, 64-k chunk), W [N, K_pad]
+struct DequantParams {
+  const uint4* codes;
+  const uint2* scales;
+  const uint4* lut;
+  uint16_t* w;
+  int64_t N, K_pad, n_tiles, k_chunks, n_groups_pad;
+  int log2_group;
+  uint32_t arith_neg2;
+};
+
+template <bool BF16, int DQ>
+__global__ void __launch_bounds__(kWarps* kWarpSize) dequant_tc_kernel(const DequantParams p) {
+  constexpr Dequant kDq = static_cast<Dequant>(DQ);
+  static_assert(kDq != Dequant::LutSmem, "the dequantize kernel uses the register table");
+  const int lane = threadIdx.x & (kWarpSize - 1);
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
+  if (item >= p.n_tiles * p.k_chunks) return;
+  const int64_t tile = item / p.k_chunks, chunk = item - tile * p.k_chunks;
+  RowTable row_g, row_g8;
+  if constexpr (kDq == Dequant::LutReg) load_row_tables(p.lut, tile, lane, &row_g, &row_g8);
+  const uint4 qv = __ldcs(p.codes + codes_vec_index(tile, chunk, lane, p.k_chunks));
+  const uint2 sz =
+      __ldg(p.scales + scales_vec_index(tile, lane_group(chunk, lane, p.log2_group), lane, p.n_groups_pad));
+  const uint32_t q[kKTiles] = {qv.x, qv.y, qv.z, qv.w};
+  uint32_t words[2][8];
+#pragma unroll
+  for (int j = 0; j < kKTiles; ++j) {
+    uint32_t a[4];
+    if constexpr (kDq == Dequant::Arith) {
+      dequant_arith<BF16>(q[j], p.arith_neg2, a);
+    } else {
+      dequant_lut_reg(q[j], row_g, row_g8, a);
+    }
+    apply_scale_zero<BF16>(a, sz.x, sz.y);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) words[dequant_row_half(r)][dequant_word(j, r)] = a[r];
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = tile * kTileN + lane_g(lane) + 8 * h;
+    if (n < p.N) {
+      uint4* dst = reinterpret_cast<uint4*>(p.w + n * p.K_pad + chunk * kChunkK + 16 * lane_t(lane));
+      dst[0] = make_uint4(words[h][0], words[h][1], words[h][2], words[h][3]);
+      dst[1] = make_uint4(words[h][4], words[h][5], words[h][6], words[h][7]);
+    }
   }
 }
 
+using TcKernel = void (*)(const TcParams);
+
+// The kernel instance for (dtype, dequantizer, MT, stage depth).
+template <bool BF16, int DQ>
+TcKernel kernel_for_dq(int mt, int sc) {
+  const bool deep = sc == kMaxStageChunks;
+  if (mt == 1)
+    return deep ? &gemm_tc_kernel<BF16, DQ, 1, kMaxStageChunks> : &gemm_tc_kernel<BF16, DQ, 1, kStageChunks>;
+  return deep ? &gemm_tc_kernel<BF16, DQ, 2, kMaxStageChunks> : &gemm_tc_kernel<BF16, DQ, 2, kStageChunks>;
+}
+
+template <bool BF16>
+TcKernel kernel_for(int dq, int mt, int sc) {
+  switch (static_cast<Dequant>(dq)) {
+    case Dequant::Arith:
+      return kernel_for_dq<BF16, 0>(mt, sc);
+    case Dequant::LutReg:
+      return kernel_for_dq<BF16, 1>(mt, sc);
+    default:
+      return kernel_for_dq<BF16, 2>(mt, sc);
+  }
+}
+
+TcKernel kernel_instance(bool bf16, int dq, int mt, int sc) {
+  return bf16 ? kernel_for<true>(dq, mt, sc) : kernel_for<false>(dq, mt, sc);
+}
+
 // Resident blocks per multiprocessor of a kernel instance (cached per device).
-int blocks_per_sm(int device, bool bf16, int dq, int mt) {
+int blocks_per_sm(int device, bool bf16, int dq, int mt, int sc) {
   static std::mutex mu;
-  static std::map<std::tuple<int, bool, int, int>, int> cache;
-  const auto key = std::make_tuple(device, bf16, dq, mt);
+  static std::map<std::tuple<int, bool, int, int, int>, int> cache;
+  const auto key = std::make_tuple(device, bf16, dq, mt, sc);
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   int n = 0;
-  const void* fn = bf16 ? kernel_for<true>(dq, mt) : kernel_for<false>(dq, mt);
+  const void* fn = reinterpret_cast<const void*>(kernel_instance(bf16, dq, mt, sc));
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, kWarps * kWarpSize, 0) != cudaSuccess || n < 1) {
     cudaGetLastError();
     n = 1;
   }
   cache[key] = n;
   return n;
-}
-
-template <bool BF16, int DQ, int MT>
-void launch_tc(const TcParams& p, const TcPlan& plan, cudaStream_t stream) {
-  dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(plan.splits),
-            static_cast<unsigned>(plan.m_tiles));
-  gemm_tc_kernel<BF16, DQ, MT><<<grid, kWarps * kWarpSize, 0, stream>>>(p);
-}
-
-template <bool BF16, int DQ>
-void launch_tc_mt(const TcParams& p, const TcPlan& plan, cudaStream_t stream) {
-  if (plan.mt == 1) {
-    launch_tc<BF16, DQ, 1>(p, plan, stream);
-  } else {
-    launch_tc<BF16, DQ, 2>(p, plan, stream);
-  }
-}
-
-template <bool BF16>
-void launch_tc_dq(const TcParams& p, const TcPlan& plan, int dq, cudaStream_t stream) {
-  switch (static_cast<Dequant>(dq)) {
-    case Dequant::Arith:
-      launch_tc_mt<BF16, 0>(p, plan, stream);
-      break;
-    case Dequant::LutReg:
-      launch_tc_mt<BF16, 1>(p, plan, stream);
-      break;
-    case Dequant::LutSmem:
-      launch_tc_mt<BF16, 2>(p, plan, stream);
-      break;
-  }
 }
 
 void require(bool ok, const std::string& msg) {
@@ -312,16 +354,35 @@ bool aligned(const void* p, uintptr_t a) {
 
 }  // namespace
 
-TcPlan gemm_tc_plan(int64_t M, int64_t N, int64_t K, int dtype, int dequant, int device,
-                    int64_t force_splits) {
+TcPlan gemm_tc_plan(int64_t M, int64_t N, int64_t K, int dtype, int dequant, int device, int64_t force_splits,
+                    int stage_chunks, int split_waves) {
   require(M >= 1 && N >= 1 && K >= 1, "M, N and K must be >= 1");
   require(dtype == 1 || dtype == 2, "dtype must be float16 or bfloat16");
   require(dequant >= 0 && dequant <= 2, "unknown dequantizer");
+  require(valid_stage_chunks(stage_chunks), "stage_chunks must be 2 or 4");
+  require(split_waves >= 1 && split_waves <= kMaxSplitWaves, "split_waves must be 1 or 2");
   const TcShape s = tc_shape(N, K, 16);
   const int mt = M <= 8 ? 1 : 2;
   DeviceScope scope(device);
   return make_tc_plan(M, s.n_tiles, s.k_chunks, num_sms(device),
-                      blocks_per_sm(device, dtype == 2, dequant, mt), force_splits);
+                      blocks_per_sm(device, dtype == 2, dequant, mt, stage_chunks), force_splits,
+                      split_waves);
+}
+
+TcScratchBound gemm_tc_scratch_bound(int device) {
+  DeviceScope scope(device);
+  int most = 1;
+  for (int bf16 = 0; bf16 < 2; ++bf16)
+    for (int dq = 0; dq < 3; ++dq)
+      for (int mt = 1; mt <= 2; ++mt)
+        for (int sc : {kStageChunks, kMaxStageChunks}) {
+          const int n = blocks_per_sm(device, bf16 == 1, dq, mt, sc);
+          if (n > most) most = n;
+        }
+  TcScratchBound b;
+  b.workspace_floats = tc_workspace_floats_bound(num_sms(device), most);
+  b.counters = tc_counters_bound(num_sms(device), most);
+  return b;
 }
 
 void gemm_tc(const TcGemmArgs& a) {
@@ -334,7 +395,8 @@ void gemm_tc(const TcGemmArgs& a) {
   if (a.M == 0) return;
   DeviceScope scope(a.device);
   const TcShape s = tc_shape(a.N, a.K, a.group_size);
-  const TcPlan plan = gemm_tc_plan(a.M, a.N, a.K, a.dtype, a.dequant, a.device, a.force_splits);
+  const TcPlan plan = gemm_tc_plan(a.M, a.N, a.K, a.dtype, a.dequant, a.device, a.force_splits,
+                                   a.stage_chunks, a.split_waves);
   require(plan.m_tiles <= 65535, "M is too large for one launch (split the batch)");
   require(plan.splits == 1 || (a.workspace && a.workspace_floats >= plan.workspace_floats() && a.counters &&
                                a.n_counters >= plan.counters()),
@@ -358,12 +420,47 @@ void gemm_tc(const TcGemmArgs& a) {
   p.log2_group = s.log2_group;
   p.arith_neg2 = a.arith_neg2;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
-  if (a.dtype == 2) {
-    launch_tc_dq<true>(p, plan, a.dequant, stream);
-  } else {
-    launch_tc_dq<false>(p, plan, a.dequant, stream);
-  }
+  const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(plan.splits),
+                  static_cast<unsigned>(plan.m_tiles));
+  const TcKernel kernel = kernel_instance(a.dtype == 2, a.dequant, plan.mt, a.stage_chunks);
+  kernel<<<grid, kWarps * kWarpSize, 0, stream>>>(p);
   check_launch("gemm_tc");
+}
+
+void gemm_tc_dequant(const TcDequantArgs& a) {
+  require(a.dtype == 1 || a.dtype == 2, "dtype must be float16 or bfloat16");
+  require(a.dequant >= 0 && a.dequant <= 2, "unknown dequantizer");
+  require(a.N >= 1 && a.K >= 1, "N and K must be >= 1");
+  require(tc_log2_group(a.group_size) >= 0, "group size must be a power of two >= 16");
+  require(a.codes && a.scales && a.w && (a.lut || a.dequant == 0), "null pointer");
+  require(aligned(a.codes, 16) && aligned(a.scales, 8) && aligned(a.w, 16) && (!a.lut || aligned(a.lut, 16)),
+          "misaligned operand (codes, lut and w need 16 bytes, scales 8)");
+  DeviceScope scope(a.device);
+  const TcShape s = tc_shape(a.N, a.K, a.group_size);
+  DequantParams p;
+  p.codes = static_cast<const uint4*>(a.codes);
+  p.scales = static_cast<const uint2*>(a.scales);
+  p.lut = static_cast<const uint4*>(a.lut);
+  p.w = static_cast<uint16_t*>(a.w);
+  p.N = a.N;
+  p.K_pad = s.K_pad;
+  p.n_tiles = s.n_tiles;
+  p.k_chunks = s.k_chunks;
+  p.n_groups_pad = s.n_groups_pad;
+  p.log2_group = s.log2_group;
+  p.arith_neg2 = a.arith_neg2;
+  const int64_t blocks = (s.n_tiles * s.k_chunks + kWarps - 1) / kWarps;
+  require(blocks <= 0x7fffffff, "weight is too large for one launch");
+  using DequantKernel = void (*)(const DequantParams);
+  DequantKernel kernel;
+  if (a.dtype == 2) {
+    kernel = a.dequant == 0 ? &dequant_tc_kernel<true, 0> : &dequant_tc_kernel<true, 1>;
+  } else {
+    kernel = a.dequant == 0 ? &dequant_tc_kernel<false, 0> : &dequant_tc_kernel<false, 1>;
+  }
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
+  kernel<<<static_cast<unsigned>(blocks), kWarps * kWarpSize, 0, stream>>>(p);
+  check_launch("gemm_tc_dequant");
 }
 
 }  // namespace cuda

@@ -79,13 +79,22 @@ namespace gpu {
 
 // ------------------------------------------------------------------------------- constants
 constexpr int kWarpSize = 32;
-constexpr int kTileN = 16;       // rows of W per mma (A operand)
-constexpr int kChunkK = 64;      // k per 16-byte code vector of one lane
-constexpr int kKTiles = 4;       // mma k-tiles (16) per chunk
-constexpr int kWarps = 4;        // warps per block, each on its own 16-row tile
-constexpr int kStageChunks = 2;  // chunks per pipeline stage (two stages in flight)
-constexpr int kLutBytes = 32;    // bytes per row of the GPU table
+constexpr int kTileN = 16;          // rows of W per mma (A operand)
+constexpr int kChunkK = 64;         // k per 16-byte code vector of one lane
+constexpr int kKTiles = 4;          // mma k-tiles (16) per chunk
+constexpr int kWarps = 4;           // warps per block, each on its own 16-row tile
+constexpr int kStageChunks = 2;     // default chunks per pipeline stage (two stages in flight)
+constexpr int kMaxStageChunks = 4;  // deeper variant: 4 chunks per stage (selectable, see plan)
+constexpr int kLutBytes = 32;       // bytes per row of the GPU table
 constexpr int kMinChunksPerSplit = 4;
+constexpr int kMaxTileFloats = 2 * 4 * kWarpSize;  // fp32 accumulators of one warp (MT = 2)
+constexpr int kDefaultSplitWaves = 2;              // split-K may fill up to this many waves of blocks
+constexpr int kMaxSplitWaves = 2;
+
+// Stage depths (chunks per pipeline stage) the kernel is instantiated for.
+ANY4_HD bool valid_stage_chunks(int sc) {
+  return sc == kStageChunks || sc == kMaxStageChunks;
+}
 
 enum class Dequant : int { Arith = 0, LutReg = 1, LutSmem = 2 };
 
@@ -201,9 +210,12 @@ ANY4_HD int64_t workspace_index(int64_t mz, int64_t tile, int64_t split, int mt_
 // ------------------------------------------------------------------------------- plan
 // Grid shape and split-K. Blocks of kWarps warps each own kWarps consecutive 16-row tiles of one
 // K range (split) for one m-tile. When the tiles alone give fewer blocks than the GPU holds at
-// once (num_sms * blocks_per_sm, the kernel's occupancy), K is split so that the grid fills one
-// wave as closely as possible without starting a second one, with at least kMinChunksPerSplit
-// chunks (256 k) per split.
+// once (target = num_sms * blocks_per_sm, the kernel's occupancy), K is split. The number of
+// splits s minimises the modelled time  waves(s) * chunks_per_split(s)  (waves = ceil(blocks * s
+// / target): every block of a wave takes about as long as its K range) over the s that keep the
+// grid within max_waves waves and give each split >= kMinChunksPerSplit chunks (256 k); ties go
+// to fewer splits. max_waves = 1 is the classic "fill one wave" rule; 2 lets a grid that fills
+// one wave badly (M=16, N=14336: 224 blocks for 396 slots) use 3 splits over 1.7 waves instead.
 struct TcPlan {
   int mt = 1;           // B tiles (of 8 rows of x) per mma A fragment: 1 for M <= 8, else 2
   int64_t m_tiles = 0;  // grid z: tiles of 8 * mt rows of x
@@ -216,25 +228,56 @@ struct TcPlan {
   int64_t counters() const { return splits > 1 ? m_tiles * grid_x * kWarps : 0; }
 };
 
+ANY4_HD int64_t ceil_div64(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
 ANY4_HD TcPlan make_tc_plan(int64_t M, int64_t n_tiles, int64_t k_chunks, int num_sms, int blocks_per_sm,
-                            int64_t force_splits = 0) {
+                            int64_t force_splits = 0, int max_waves = kDefaultSplitWaves) {
   TcPlan p;
   p.mt = M <= 8 ? 1 : 2;
-  p.m_tiles = (M + 8 * p.mt - 1) / (8 * p.mt);
-  p.grid_x = (n_tiles + kWarps - 1) / kWarps;
-  int64_t blocks = p.grid_x * p.m_tiles;
-  int64_t target = (int64_t)(num_sms > 0 ? num_sms : 1) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
-  int64_t splits = blocks < target ? target / blocks : 1;
-  int64_t max_splits = k_chunks / kMinChunksPerSplit;
-  if (splits > max_splits) splits = max_splits;
+  p.m_tiles = ceil_div64(M, 8 * p.mt);
+  p.grid_x = ceil_div64(n_tiles, kWarps);
+  const int64_t blocks = p.grid_x * p.m_tiles;
+  const int64_t target = (int64_t)(num_sms > 0 ? num_sms : 1) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
+  const int64_t waves = max_waves < 1 ? 1 : (max_waves > kMaxSplitWaves ? kMaxSplitWaves : max_waves);
+  int64_t splits = 1;
+  if (blocks < target) {
+    int64_t limit = waves * target / blocks;  // blocks * s <= waves * target
+    const int64_t max_splits = k_chunks / kMinChunksPerSplit;
+    if (limit > max_splits) limit = max_splits;
+    int64_t best_cost = k_chunks;  // s = 1: one wave, every block runs all of K
+    for (int64_t s = 2; s <= limit; ++s) {
+      const int64_t cps = ceil_div64(k_chunks, s);
+      const int64_t used = ceil_div64(k_chunks, cps);  // splits left after dropping empty ones
+      const int64_t cost = ceil_div64(blocks * used, target) * cps;
+      if (cost < best_cost) {
+        best_cost = cost;
+        splits = s;
+      }
+    }
+  }
   if (force_splits > 0) splits = force_splits;
   if (splits > k_chunks) splits = k_chunks;
   if (splits > 65535) splits = 65535;
   if (splits < 1) splits = 1;
-  p.chunks_per_split = (k_chunks + splits - 1) / splits;
-  p.splits = (k_chunks + p.chunks_per_split - 1) / p.chunks_per_split;  // no empty split
+  p.chunks_per_split = ceil_div64(k_chunks, splits);
+  p.splits = ceil_div64(k_chunks, p.chunks_per_split);  // no empty split
   if (p.splits < 1) p.splits = 1;
   return p;
+}
+
+// Bounds of the split-K scratch over every automatic plan (force_splits = 0) on a GPU with
+// num_sms multiprocessors holding at most blocks_per_sm blocks of any kernel instance: splitting
+// happens only when blocks < target and keeps blocks * splits <= kMaxSplitWaves * target, so
+// workspace_floats() <= kMaxSplitWaves * target * kWarps * kMaxTileFloats and counters() <
+// target * kWarps. Allocated once per (device, stream) by the Python wrapper, never regrown
+// (a CUDA graph keeps the raw pointers it captured).
+ANY4_HD int64_t tc_workspace_floats_bound(int num_sms, int blocks_per_sm) {
+  return (int64_t)kMaxSplitWaves * num_sms * blocks_per_sm * kWarps * kMaxTileFloats;
+}
+ANY4_HD int64_t tc_counters_bound(int num_sms, int blocks_per_sm) {
+  return (int64_t)num_sms * blocks_per_sm * kWarps;
 }
 
 // Chunk range [begin, end) of a split.
@@ -246,23 +289,24 @@ ANY4_HD void split_range(int64_t split, int64_t chunks_per_split, int64_t k_chun
   *end = e < k_chunks ? e : k_chunks;
 }
 
-// The software pipeline of one warp over its chunks [c0, c1): two register stages of
-// kStageChunks chunks each; the loads of stage s+1 are issued before stage s is computed, so
-// 2 * kStageChunks * 512 bytes of codes (plus x and scales) are in flight per warp. load(stage,
-// c) and compute(stage, c) handle chunks c .. c + kStageChunks - 1 that are < c1.
-template <class Stage, class Load, class Compute>
+// The software pipeline of one warp over its chunks [c0, c1): two register stages of SC chunks
+// each (SC = kStageChunks by default, kMaxStageChunks for the deeper variant); the loads of
+// stage s+1 are issued before stage s is computed, so 2 * SC * 512 bytes of codes (plus x and
+// scales) are in flight per warp. load(stage, c) and compute(stage, c) handle chunks
+// c .. c + SC - 1 that are < c1.
+template <int SC, class Stage, class Load, class Compute>
 ANY4_HD void run_pipeline(int64_t c0, int64_t c1, Stage& a, Stage& b, Load&& load, Compute&& compute) {
   if (c0 >= c1) return;
   int64_t c = c0;
   load(a, c);
   while (true) {
-    if (c + kStageChunks < c1) load(b, c + kStageChunks);
+    if (c + SC < c1) load(b, c + SC);
     compute(a, c);
-    c += kStageChunks;
+    c += SC;
     if (c >= c1) break;
-    if (c + kStageChunks < c1) load(a, c + kStageChunks);
+    if (c + SC < c1) load(a, c + SC);
     compute(b, c);
-    c += kStageChunks;
+    c += SC;
     if (c >= c1) break;
   }
 }
@@ -469,6 +513,19 @@ ANY4_HD void dequant_lut_smem(uint32_t q, const uint32_t* tab_lane, uint32_t r[4
 ANY4_HD void b_regs(const uint32_t xw[8], int j, uint32_t b[2]) {
   b[0] = xw[2 * j];
   b[1] = xw[2 * j + 1];
+}
+
+// Dequantize-to-matrix (the M > 64 path: W once in the compute dtype, then a dense matmul):
+// A register r (0..3) of k-tile j holds two consecutive k of one row, so a lane's registers of a
+// chunk are the 16 k's 16t .. 16t + 15 of rows g (r = 0, 2) and g + 8 (r = 1, 3), as 8 32-bit
+// words each. dequant_row_half(r): 0 for row g, 1 for row g + 8; dequant_word(j, r): which word.
+// (From the fragment layout: r = 0 holds mma k 2t, 2t+1 -> chunk k 16t + 4j + {0, 1}; r = 2 holds
+// 2t+8, 2t+9 -> 16t + 4j + {2, 3}; rows as mma_a_row.)
+ANY4_HD int dequant_row_half(int r) {
+  return r & 1;
+}
+ANY4_HD int dequant_word(int j, int r) {
+  return 2 * j + (r >> 1);
 }
 
 // Scale and zero: w = value * scale + zero, rows g (regs 0, 2) and g + 8 (regs 1, 3).

@@ -34,8 +34,8 @@ def test_help(capsys) -> None:
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "quantize" in out and "eval" in out and "bench" in out
-    for cmd in ("quantize", "eval", "bench"):
+    assert "quantize" in out and "eval" in out and "bench" in out and "verify" in out
+    for cmd in ("quantize", "eval", "verify", "bench"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
@@ -84,6 +84,58 @@ def test_quantize_then_eval_saved_dir(model_dir, tmp_path, capsys) -> None:
     )
     out_text = capsys.readouterr().out
     assert "mode=sequential" in out_text and "% of the" in out_text
+    _verify_and_refuse(out, text, tmp_path, capsys)
+
+
+def _verify_and_refuse(out, text, tmp_path, capsys) -> None:
+    """any4 verify prints the checkpoint hash; edited or incomplete folders are refused."""
+    import os
+    import shutil
+    import stat
+
+    from any4.integrity import checkpoint_digest
+
+    for name in os.listdir(out):  # every file any4 wrote has normal permissions, no temporaries
+        assert stat.S_IMODE(os.stat(out / name).st_mode) & 0o644 == 0o644, name
+        assert not name.endswith(".any4-tmp"), name
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{checkpoint_digest(out)[0]}  {out}" in printed
+    assert "ok model.safetensors sha256:" in printed
+
+    evaluate = ["--text", str(text), "--seq-len", "64", "--max-tokens", "128", "--out", str(tmp_path / "e")]  # fmt: skip
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited)
+    data = bytearray((edited / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (edited / "model.safetensors").write_bytes(bytes(data))
+    assert main(["verify", str(edited)]) == 1
+    assert main(["eval", str(edited), *evaluate]) == 1
+    assert "digest" in capsys.readouterr().err
+
+    # any4.json edited (a layer's group size): the readable copy no longer matches.
+    shutil.copy(out / "model.safetensors", edited / "model.safetensors")
+    meta = json.loads((edited / "any4.json").read_text())
+    next(iter(meta["layers"].values()))["group_size"] = 16
+    (edited / "any4.json").write_text(json.dumps(meta))
+    assert main(["verify", str(edited)]) == 1
+    assert "any4.json" in capsys.readouterr().err
+
+    # Without any4.json the weights are still recognised as any4 (not evaluated as random).
+    (edited / "any4.json").unlink()
+    assert main(["eval", str(edited), *evaluate]) == 0
+    # A folder with the config but no weights: refused, not random weights.
+    empty = tmp_path / "config_only"
+    empty.mkdir()
+    shutil.copy(out / "config.json", empty / "config.json")
+    for name in os.listdir(out):
+        if name.startswith("tokenizer") or name.endswith(".txt"):
+            shutil.copy(out / name, empty / name)
+    capsys.readouterr()
+    assert main(["eval", str(empty), *evaluate]) == 1
+    assert main(["verify", str(empty)]) == 1
+    assert "not an any4 checkpoint" in capsys.readouterr().err
 
 
 def test_quantize_keeps_checkpoint_dtype_and_dtype_option(tmp_path, capsys) -> None:

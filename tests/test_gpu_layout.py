@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import any4
-from any4.pack_gpu import emulate_gpu_gemm, gpu_layout_sizes, tc_plan
-from conftest import TOL, dequant_ref, rel_err
+from any4.pack_gpu import emulate_gpu_dequant, emulate_gpu_gemm, gpu_layout_sizes, tc_plan
+from conftest import TOL, dequant_ref, rel_err, stable_seed
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMATS = ("int4", "int3", "int2", "nf4", "fp4", "any4", "any3", "any2")
@@ -149,7 +149,7 @@ def dequants(w):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_emulation_every_format(dtype, fmt):
     N, K, G, M = 37, 200, 64, 5
-    gen = torch.Generator().manual_seed(hash((dtype, fmt)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(dtype, fmt))
     qt = any4.quantize(torch.randn(N, K, generator=gen), fmt, group_size=G, dtype=dtype)
     w = any4.pack_for_gpu(qt)
     x = torch.randn(M, K, generator=gen).to(DTYPES[dtype])
@@ -202,14 +202,106 @@ def test_emulation_split_k(rng):
         assert (plan["splits"] - 1) * plan["chunks_per_split"] < k_chunks  # no empty split
         y = emulate_gpu_gemm(x, w, splits=splits)
         assert rel_err(y, ref) < TOL["bfloat16"], splits
-    # small N on a large GPU: the plan splits K by itself, within one wave of blocks
-    plan = tc_plan(1, N, K, 132, 4)
-    assert plan["splits"] > 1 and plan["grid_x"] * plan["splits"] <= 132 * 4
-    assert rel_err(emulate_gpu_gemm(x, w, num_sms=132), ref) < TOL["bfloat16"]
+    # small N on a large GPU: the plan splits K by itself, within one (or two) waves of blocks
+    for waves in (1, 2):
+        plan = tc_plan(1, N, K, 132, 4, 0, waves)
+        assert plan["splits"] > 1 and plan["grid_x"] * plan["splits"] <= waves * 132 * 4
+        y = emulate_gpu_gemm(x, w, num_sms=132, split_waves=waves)
+        assert rel_err(y, ref) < TOL["bfloat16"]
     for N2, K2 in ((4096, 4096), (1024, 4096), (28672, 8192)):
-        p = tc_plan(16, N2, K2, 132, 4)
-        blocks = p["grid_x"] * p["splits"]
-        assert blocks <= max(132 * 4, p["grid_x"]) and p["chunks_per_split"] >= 4
+        for waves in (1, 2):
+            p = tc_plan(16, N2, K2, 132, 4, 0, waves)
+            blocks = p["grid_x"] * p["splits"]
+            assert blocks <= max(waves * 132 * 4, p["grid_x"]) and p["chunks_per_split"] >= 4
+
+
+def plan_cost(p, target):
+    """The plan's modelled time: waves of blocks x chunks per split (cuda/layout.cuh)."""
+    blocks = p["grid_x"] * p["m_tiles"]
+    return -(-blocks * p["splits"] // target) * p["chunks_per_split"]
+
+
+def test_split_plan_over_two_waves():
+    """M=16, N=14336, K=4096 on 132 SMs x 3 blocks: one wave gives 224 of 396 slots (no split);
+    two waves allow 3 splits (672 blocks in 2 waves of 22 chunks instead of 1 wave of 64),
+    modelled 1.45x faster."""
+    one = tc_plan(16, 14336, 4096, 132, 3, 0, 1)
+    two = tc_plan(16, 14336, 4096, 132, 3, 0, 2)
+    assert one["splits"] == 1 and one["grid_x"] == 224
+    assert two["splits"] == 3 and two["chunks_per_split"] == 22
+    assert plan_cost(two, 396) == 44 and plan_cost(one, 396) == 64
+    # the two-wave plan is never modelled slower than the one-wave plan, never above 2 waves,
+    # and every split keeps >= 4 chunks
+    r = np.random.default_rng(5)
+    for _ in range(400):
+        M, N, K = int(r.integers(1, 70)), int(r.integers(1, 30000)), int(r.integers(64, 40000))
+        sms, bps = int(r.choice([16, 108, 132])), int(r.integers(1, 7))
+        p1, p2 = (tc_plan(M, N, K, sms, bps, 0, w) for w in (1, 2))
+        assert plan_cost(p2, sms * bps) <= plan_cost(p1, sms * bps), (M, N, K, sms, bps)
+        blocks = p2["grid_x"] * p2["m_tiles"]
+        if p2["splits"] > 1:
+            assert blocks * p2["splits"] <= 2 * sms * bps and p2["chunks_per_split"] >= 4
+    with pytest.raises(ValueError, match="split_waves"):
+        tc_plan(1, 64, 4096, 132, 3, 0, 3)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_emulation_deep_pipeline_variant(rng, dtype):
+    """stage_chunks=4 (the deeper register pipeline) computes the same chunks in the same order:
+    bit-identical to the default variant, for every chunk count 1..13, with and without split-K."""
+    dt = DTYPES[dtype]
+    N, G = 37, 64
+    for k_chunks in range(1, 14):
+        K = 64 * k_chunks - 5
+        codes, packed, lut, scales = random_operands(rng, N, K, G, 16, False, dt)
+        w = any4.pack_for_gpu(packed, lut, scales, K, G)
+        ref = None
+        for M in (3, 13):
+            x = torch.from_numpy(rng.normal(size=(M, K))).to(dt)
+            ref = x.double().numpy() @ dequant_ref(packed, lut, scales, K, G).T
+            for splits in (0, 1, 3):
+                y2 = emulate_gpu_gemm(x, w, splits=splits, stage_chunks=2)
+                y4 = emulate_gpu_gemm(x, w, splits=splits, stage_chunks=4)
+                assert torch.equal(y2, y4), (k_chunks, M, splits)
+                assert rel_err(y4, ref) < TOL[dtype], (k_chunks, M, splits)
+    with pytest.raises(ValueError, match="stage_chunks"):
+        emulate_gpu_gemm(x, w, stage_chunks=3)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("fmt", ["int4", "int2", "nf4", "any4", "any3"])
+def test_emulated_dequantize_kernel(dtype, fmt):
+    """The large-batch path's dequantize kernel (emulated): W equals the float64 dequantization
+    up to the compute dtype's rounding; every dequantizer gives the same bits; x @ W^T matches."""
+    N, K, G = 45, 333, 64
+    gen = torch.Generator().manual_seed(stable_seed("dequant", dtype, fmt))
+    qt = any4.quantize(torch.randn(N, K, generator=gen), fmt, group_size=G, dtype=dtype)
+    w = any4.pack_for_gpu(qt)
+    wref = dequant_ref(qt.packed, qt.lut, qt.scales, K, G)
+    outs = [emulate_gpu_dequant(w, dequant=dq) for dq in dequants(w)]
+    for wd in outs:
+        assert wd.shape == (N, K) and wd.dtype == DTYPES[dtype]
+        assert torch.equal(wd, outs[0])
+    err = np.abs(outs[0].double().numpy() - wref).max() / np.abs(wref).max()
+    assert err < (2**-7 if dtype == "bfloat16" else 2**-10), err
+    x = torch.randn(70, K, generator=gen).to(DTYPES[dtype])
+    y = (x.double() @ outs[0].double().T).numpy()
+    assert rel_err(y, x.double().numpy() @ wref.T) < TOL[dtype]
+
+
+def test_emulated_dequantize_exact_identity():
+    N, K, G = 40, 70, 32
+    codes = np.zeros((N, K), np.uint8)
+    codes[np.arange(N), np.arange(N)] = 1
+    packed = any4.pack(torch.from_numpy(codes))
+    scales = torch.zeros(N, -(-K // G), 2, dtype=torch.bfloat16)
+    scales[..., 0] = 1.0
+    for lut in (torch.arange(16.0)[None].bfloat16(), torch.randn(N, 16).bfloat16()):
+        lut[:, 0], lut[:, 1] = 0.0, 1.0
+        w = any4.pack_for_gpu(packed, lut, scales, K, G)
+        eye = torch.eye(N, K, dtype=torch.bfloat16)
+        for dq in dequants(w):
+            assert torch.equal(emulate_gpu_dequant(w, dequant=dq), eye), dq
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -244,3 +336,19 @@ def test_gemm_accepts_gpu_weight_on_cpu(rng):
     assert torch.equal(any4.gemm(x, w), any4.gemm(x, qt.packed, qt.lut, qt.scales))
     with pytest.raises(TypeError, match="own lut"):
         any4.gemm(x, w, qt.lut, qt.scales)
+
+
+@pytest.mark.parametrize("fmt", ["any3", "any2", "int3"])
+def test_dense_low_bit_codes_widen_for_the_gpu_and_come_back(fmt):
+    """3/2-bit codes in their dense layout go into the (4-bit) GPU layout and come back out of
+    unpack_from_gpu in the layout they came in; the nibble form of the same codes packs to the
+    same GPU weight."""
+    qt = any4.quantize(torch.randn(21, 200), fmt, group_size=64, dtype="bfloat16")
+    bits = qt.bits
+    w = any4.pack_for_gpu(qt)
+    nibbles = any4.pack(any4.unpack(qt.packed, 200, bits))
+    w2 = any4.pack_for_gpu(nibbles, qt.lut, qt.scales, 200, 64)
+    assert w.storage_bits == bits and w2.storage_bits == 4
+    assert torch.equal(w.codes, w2.codes)
+    packed, lut, scales = any4.unpack_from_gpu(w)
+    assert torch.equal(packed, qt.packed) and torch.equal(any4.unpack_from_gpu(w2)[0], nibbles)

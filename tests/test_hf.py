@@ -381,21 +381,26 @@ def test_any4_config_round_trip_and_errors() -> None:
 
 
 PEAK_RSS = """
-import json, resource, sys, time
+import json, sys, time
 import torch, any4
 from transformers import AutoModelForCausalLM
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(field + ":"))
+
+def reset_peak():  # VmHWM restarts at the current RSS (ru_maxrss would keep the parent's peak)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 path, warmup = sys.argv[1], sys.argv[2]
 AutoModelForCausalLM.from_pretrained(warmup)  # imports and first-call costs, not measured
-before = rss()
+reset_peak()
+before = status("VmRSS")
 start = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(path)
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print(json.dumps({"before": before, "peak": peak, "seconds": seconds}))
 """
 
@@ -443,6 +448,51 @@ def test_prequantized_load_peak_memory_below_float_size(tmp_path) -> None:
     added = r["peak"] - r["before"]
     checkpoint = sum(os.path.getsize(tmp_path / "q" / n) for n in os.listdir(tmp_path / "q"))
     assert added < 0.5 * float_bytes, (added, float_bytes, checkpoint)
+
+
+def test_nibble_any3_checkpoint_of_format_2_still_loads(tmp_path) -> None:
+    """A format-2 directory whose 3-bit layers hold nibbles and no code_layout (what any4 wrote
+    before the dense layouts) loads through any4.load and from_pretrained to the same codes, so
+    the same logits; the current writer stores them densely."""
+    import numpy as np
+
+    from any4 import integrity
+    from conftest import unpack_ref
+
+    model = tiny_llama(seed=6)
+    any4.quantize_model(model, "any3", 16, random_ids(64, seed=4), progress=False)
+    d = tmp_path / "old"
+    any4.save(model, d)
+    qc = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert {info["code_layout"] for info in qc["layers"].values()} == {"dense"}
+    sealed = integrity.read_file(d / "model.safetensors")
+    tensors, meta = dict(sealed.tensors), dict(sealed.any4)
+    for name, info in meta["layers"].items():
+        N, K = info["shape"]
+        codes = unpack_ref(tensors[f"{name}.packed"].numpy(), K, 3).astype(np.uint8)
+        codes = np.pad(codes, ((0, 0), (0, K % 2)))
+        tensors[f"{name}.packed"] = torch.from_numpy(codes[:, 0::2] | (codes[:, 1::2] << 4))
+        del info["code_layout"]
+    extra = {k: v for k, v in sealed.metadata.items() if k not in ("any4", "format")}
+    digest = integrity.write_file(d / "model.safetensors", tensors, meta, metadata=extra)
+    for info in qc["layers"].values():
+        del info["code_layout"]
+    config = json.loads((d / "config.json").read_text())
+    config["quantization_config"] = qc
+    (d / "config.json").write_text(json.dumps(config))
+    summary = json.loads((d / "any4.json").read_text())
+    summary["files"] = {"model.safetensors": digest}
+    for info in summary.get("layers", {}).values():
+        info.pop("code_layout", None)
+    (d / "any4.json").write_text(json.dumps(summary))
+
+    ids = random_ids(13, seed=2)
+    expected = logits(model, ids)
+    for loaded in (any4.load(d), AutoModelForCausalLM.from_pretrained(d)):
+        assert torch.equal(logits(loaded, ids), expected)
+        for name, m in model.named_modules():
+            if isinstance(m, QuantLinear):
+                assert torch.equal(loaded.get_submodule(name).packed, m.packed)
 
 
 def test_registration_on_import_without_importing_transformers() -> None:

@@ -135,7 +135,7 @@ def test_state_dict_and_shell() -> None:
     assert (
         sd["lut"].shape == (10, 8)
         and sd["scales"].shape == (10, 3, 2)
-        and sd["packed"].shape == (10, 12)
+        and sd["packed"].shape == (10, 9)  # 24 3-bit codes in 9 bytes
     )
     shell = QuantLinear(24, 10, bias=True, fmt="any3", group_size=8)
     shell.load_state_dict(sd)
@@ -160,6 +160,7 @@ def test_dequantize_model_replaces_quantlinear() -> None:
     assert rel_err(dense(x), y.double()) < 1e-5
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(
     not any4.cuda_available(), reason="needs a CUDA device and the any4 CUDA kernels"
 )
@@ -181,3 +182,34 @@ def test_traces_without_graph_breaks() -> None:
     torch._dynamo.reset()
     compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), q(x))
+
+
+@pytest.mark.parametrize(
+    "fmt,limit", [("any4", 4.32), ("any3", 3.30), ("any2", 2.30), ("int3", 3.30), ("int2", 2.30)]
+)
+def test_bits_per_weight_is_what_is_stored(fmt, limit) -> None:
+    """bits_per_weight counts the bytes of the buffers (what a file stores), and at K = 4096,
+    G = 128 with bf16 tables the dense 3/2-bit layouts meet their size targets."""
+    q = QuantLinear(4096, 48, bias=False, fmt=fmt, group_size=128)
+    stored = sum(t.numel() * t.element_size() for t in q.state_dict().values())
+    assert q.bits_per_weight == pytest.approx(8 * stored / (48 * 4096))
+    assert q.bits_per_weight <= limit
+    bits = int(fmt[-1])
+    assert q.packed.shape == (48, 4096 * bits // 8)
+
+
+@pytest.mark.parametrize("fmt", ["any3", "any2"])
+def test_nibble_state_dict_loads_into_dense_layout(fmt) -> None:
+    """A state dict holding 3/2-bit codes in nibbles (any4 before the dense layouts) loads: the
+    same codes, repacked, so the module computes exactly what the original did."""
+    q = QuantLinear.from_linear(make_linear(12, 40, True, seed=2), fmt, 8)
+    bits = int(fmt[-1])
+    sd = dict(q.state_dict())
+    sd["packed"] = any4.pack(any4.unpack(sd["packed"], 40, bits))  # nibbles [12, 20]
+    assert sd["packed"].shape == (12, 20)
+    shell = QuantLinear(40, 12, bias=True, fmt=fmt, group_size=8)
+    shell.load_state_dict(sd)
+    assert torch.equal(shell.packed, q.packed)
+    assert torch.equal(shell.dequantize(), q.dequantize())
+    x = torch.randn(3, 40)
+    assert torch.equal(shell(x), q(x))

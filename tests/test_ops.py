@@ -88,6 +88,7 @@ def test_gpu_op_fake_shapes_without_a_gpu():
         assert y.shape == (2, 3, 24) and y.dtype == torch.bfloat16
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not any4.cuda_available(), reason="needs a CUDA device")
 def test_quantlinear_gpu_fast_path_compile_and_cuda_graph():
     from any4.nn import QuantLinear

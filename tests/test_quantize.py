@@ -24,7 +24,7 @@ def test_representation_and_dequant(fmt, N, K, G):
     f = FORMATS[fmt]
     L = 1 << f.bits
     n_groups = -(-K // G)
-    assert qt.packed.shape == (N, (K + 1) // 2) and qt.packed.dtype == torch.uint8
+    assert qt.packed.shape == (N, -(-f.bits * K // 8)) and qt.packed.dtype == torch.uint8
     assert qt.lut.shape == ((N if f.learned else 1), L)
     assert qt.scales.shape == (N, n_groups, 2)
     assert qt.shape == (N, K) and qt.group_size == G and qt.fmt == fmt

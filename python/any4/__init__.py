@@ -20,13 +20,16 @@ Hugging Face (after ``import any4``; see any4.hf):
 
 from __future__ import annotations
 
+import sys as _sys
+
+from . import threads
 from ._core import C as _C
 from ._core import check_thread_count
 from .cuda import cuda_available, cuda_compiled
 from .formats import FORMATS, Format, get_format
 from .gemm import gemm
 from .kmeans import kmeans
-from .pack import pack, unpack
+from .pack import pack, packed_bytes, unpack
 from .pack_gpu import GpuWeight, pack_for_gpu, unpack_from_gpu
 from .quantize import QuantizedTensor, dequantize, quantize
 from .stats import ChannelStats, channel_weight
@@ -55,9 +58,15 @@ from ._hf_hook import install as _install_hf_hook  # noqa: E402
 
 _install_hf_hook()
 
+if "torch" in _sys.modules:  # torch already imported: ANY4_PARALLEL=openmp applies now
+    from . import _tensor
+
+    _tensor._torch()
+
 
 def get_num_threads() -> int:
-    """Threads used by the C++ core (default: all cores, or ANY4_NUM_THREADS)."""
+    """Threads used by the C++ core: set_num_threads's value or ANY4_NUM_THREADS; otherwise all
+    cores, or, once any4 runs on torch's OpenMP team (any4.threads), torch.get_num_threads()."""
     return _C.get_num_threads()
 
 
@@ -68,7 +77,9 @@ def set_num_threads(n: int) -> None:
 
 
 def build_info() -> dict:
-    """How this wheel was built: version, CUDA kernels and architectures, CPU kernel paths."""
+    """How this wheel was built and what it runs on: version, CUDA kernels and architectures,
+    CPU kernel paths, the processor's features (``cpu_features``: avx2, avx512, avx512bf16,
+    amx_bf16, checked at run time), threads and where they run (``parallel_backend``)."""
     impls = {
         name: bool(_C.cpu_impl_supported(code))
         for name, code in (("portable", 0), ("avx2", 1), ("avx512", 2), ("avx512bf16", 3))
@@ -79,13 +90,15 @@ def build_info() -> dict:
         "cuda_archs": _C.cuda_archs,
         "cuda_available": cuda_available(),
         "cpu_impls": impls,
+        "cpu_features": dict(_C.cpu_features()),
         "num_threads": get_num_threads(),
+        "parallel_backend": str(_C.parallel_backend()),
     }
 
 
 __all__ = [
     "FORMATS", "Any4Config", "Any4HfQuantizer", "ChannelStats", "Format", "GpuWeight", "QuantLinear", "QuantizedTensor",
     "build_info", "channel_weight", "cuda_available", "cuda_compiled", "dequantize", "gemm",
-    "get_format", "get_num_threads", "kmeans", "load", "nn", "pack", "pack_for_gpu", "quantize",
-    "quantize_model", "save", "set_num_threads", "unpack", "unpack_from_gpu",
+    "get_format", "get_num_threads", "kmeans", "load", "nn", "pack", "pack_for_gpu", "packed_bytes",
+    "quantize", "quantize_model", "save", "set_num_threads", "threads", "unpack", "unpack_from_gpu",
 ]  # fmt: skip

@@ -8,6 +8,8 @@
 #include <string>
 
 #include "common.h"
+#include "cpu_features.h"
+#include "dequantize_rows.h"
 #include "emulate_gpu.h"
 #include "gemm_cpu.h"
 #include "kmeans.h"
@@ -36,6 +38,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.attr("max_threads") = kMaxThreads;
+  m.def(
+      "use_openmp_runtime",
+      [](const std::string& prefer_prefix) { return use_openmp_runtime(prefer_prefix.c_str()); },
+      py::arg("prefer_prefix"));
+  m.def("use_thread_pool", &use_thread_pool);
+  m.def("parallel_backend", [] { return std::string(parallel_backend()); });
 
   m.def(
       "quantize",
@@ -61,23 +69,23 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "dequantize",
-      [](uintptr_t packed, int64_t N, int64_t K, uintptr_t lut, int64_t lut_rows, int64_t lut_len,
+      [](uintptr_t packed, int64_t N, int64_t K, int bits, uintptr_t lut, int64_t lut_rows, int64_t lut_len,
          uintptr_t scales, int64_t n_groups, int64_t group_size, int table_dtype, uintptr_t w) {
-        dequantize(ptr<const uint8_t>(packed), N, K, ptr<const void>(lut), lut_rows, lut_len,
+        dequantize(ptr<const uint8_t>(packed), N, K, bits, ptr<const void>(lut), lut_rows, lut_len,
                    ptr<const void>(scales), n_groups, group_size, to_dtype(table_dtype), ptr<float>(w));
       },
       gil());
 
   m.def(
-      "pack_nibbles",
-      [](uintptr_t codes, int64_t N, int64_t K, uintptr_t packed) {
-        pack_nibbles(ptr<const uint8_t>(codes), N, K, ptr<uint8_t>(packed));
+      "pack_codes",
+      [](uintptr_t codes, int64_t N, int64_t K, int bits, uintptr_t packed) {
+        pack_codes(ptr<const uint8_t>(codes), N, K, bits, ptr<uint8_t>(packed));
       },
       gil());
   m.def(
-      "unpack_nibbles",
-      [](uintptr_t packed, int64_t N, int64_t K, uintptr_t codes) {
-        unpack_nibbles(ptr<const uint8_t>(packed), N, K, ptr<uint8_t>(codes));
+      "unpack_codes",
+      [](uintptr_t packed, int64_t N, int64_t K, int bits, uintptr_t codes) {
+        unpack_codes(ptr<const uint8_t>(packed), N, K, bits, ptr<uint8_t>(codes));
       },
       gil());
 
@@ -97,7 +105,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "gemm_cpu",
-      [](uintptr_t x, int x_dtype, int64_t M, int64_t K, uintptr_t packed, int64_t N, uintptr_t lut,
+      [](uintptr_t x, int x_dtype, int64_t M, int64_t K, uintptr_t packed, int bits, int64_t N, uintptr_t lut,
          int64_t lut_rows, int64_t lut_len, uintptr_t scales, int64_t n_groups, int64_t group_size,
          int table_dtype, uintptr_t y, int impl) {
         GemmArgs a;
@@ -106,6 +114,7 @@ PYBIND11_MODULE(_C, m) {
         a.M = M;
         a.K = K;
         a.packed = ptr<const uint8_t>(packed);
+        a.bits = bits;
         a.N = N;
         a.lut = ptr<const void>(lut);
         a.lut_rows = lut_rows;
@@ -118,6 +127,34 @@ PYBIND11_MODULE(_C, m) {
         gemm_cpu(a, static_cast<CpuImpl>(impl));
       },
       gil());
+  m.def(
+      "dequantize_rows",
+      [](uintptr_t packed, int64_t N, int64_t K, uintptr_t lut, int64_t lut_rows, int64_t lut_len,
+         uintptr_t scales, int64_t n_groups, int64_t group_size, int table_dtype, int64_t n0, int64_t n1,
+         uintptr_t w, int w_dtype, int impl) {
+        GemmArgs a;
+        a.K = K;
+        a.packed = ptr<const uint8_t>(packed);
+        a.N = N;
+        a.lut = ptr<const void>(lut);
+        a.lut_rows = lut_rows;
+        a.lut_len = lut_len;
+        a.scales = ptr<const void>(scales);
+        a.n_groups = n_groups;
+        a.group_size = group_size;
+        a.table_dtype = to_dtype(table_dtype);
+        dequantize_rows(a, n0, n1, ptr<void>(w), to_dtype(w_dtype), static_cast<CpuImpl>(impl));
+      },
+      gil());
+  m.def("cpu_features", [] {
+    const CpuFeatures& f = cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2;
+    d["avx512"] = f.avx512;
+    d["avx512bf16"] = f.avx512bf16;
+    d["amx_bf16"] = f.amx_bf16;
+    return d;
+  });
   m.def("best_cpu_impl", [] { return static_cast<int>(best_cpu_impl()); });
   m.def("cpu_impl_supported", [](int impl) { return cpu_impl_supported(static_cast<CpuImpl>(impl)); });
 
@@ -165,7 +202,7 @@ PYBIND11_MODULE(_C, m) {
       "emulate_gpu_gemm",
       [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, int64_t group_size, uintptr_t codes,
          uintptr_t scales, uintptr_t lut, int dequant, uint32_t arith_neg2, int num_sms, int blocks_per_sm,
-         int64_t force_splits, uintptr_t y) {
+         int64_t force_splits, int split_waves, int stage_chunks, uintptr_t y) {
         EmulateGpuArgs a;
         a.x = ptr<const uint16_t>(x);
         a.dtype = to_dtype(dtype);
@@ -181,13 +218,40 @@ PYBIND11_MODULE(_C, m) {
         a.num_sms = num_sms;
         a.blocks_per_sm = blocks_per_sm;
         a.force_splits = force_splits;
+        a.split_waves = split_waves;
+        a.stage_chunks = stage_chunks;
         a.y = ptr<uint16_t>(y);
         emulate_gpu_gemm(a);
       },
       gil());
-  m.def("tc_plan", [](int64_t M, int64_t N, int64_t K, int num_sms, int blocks_per_sm, int64_t force_splits) {
+  m.def(
+      "emulate_gpu_dequant",
+      [](int dtype, int64_t K, int64_t N, int64_t group_size, uintptr_t codes, uintptr_t scales,
+         uintptr_t lut, int dequant, uint32_t arith_neg2, uintptr_t w_out) {
+        EmulateGpuArgs a;
+        a.dtype = to_dtype(dtype);
+        a.K = K;
+        a.N = N;
+        a.group_size = group_size;
+        a.codes = ptr<const uint8_t>(codes);
+        a.scales = ptr<const uint16_t>(scales);
+        a.lut = ptr<const uint8_t>(lut);
+        a.dequant = dequant;
+        a.arith_neg2 = arith_neg2;
+        emulate_gpu_dequant(a, ptr<uint16_t>(w_out));
+      },
+      gil());
+  m.def("tc_scratch_bound", [](int num_sms, int blocks_per_sm) {
+    return py::make_tuple(gpu::tc_workspace_floats_bound(num_sms, blocks_per_sm),
+                          gpu::tc_counters_bound(num_sms, blocks_per_sm));
+  });
+  m.def("tc_plan", [](int64_t M, int64_t N, int64_t K, int num_sms, int blocks_per_sm, int64_t force_splits,
+                      int split_waves) {
+    if (split_waves < 1 || split_waves > gpu::kMaxSplitWaves)
+      throw std::invalid_argument("split_waves must be 1 or 2");
     gpu::TcShape s = gpu::tc_shape(N, K, 16);
-    gpu::TcPlan p = gpu::make_tc_plan(M, s.n_tiles, s.k_chunks, num_sms, blocks_per_sm, force_splits);
+    gpu::TcPlan p =
+        gpu::make_tc_plan(M, s.n_tiles, s.k_chunks, num_sms, blocks_per_sm, force_splits, split_waves);
     py::dict d;
     d["mt"] = p.mt;
     d["m_tiles"] = p.m_tiles;
@@ -202,17 +266,46 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_num_sms", &cuda::num_sms, py::arg("device"));
   m.def(
       "cuda_gemm_tc_scratch",
-      [](int64_t M, int64_t N, int64_t K, int dtype, int dequant, int device, int64_t force_splits) {
-        gpu::TcPlan p = cuda::gemm_tc_plan(M, N, K, dtype, dequant, device, force_splits);
+      [](int64_t M, int64_t N, int64_t K, int dtype, int dequant, int device, int64_t force_splits,
+         int stage_chunks, int split_waves) {
+        gpu::TcPlan p =
+            cuda::gemm_tc_plan(M, N, K, dtype, dequant, device, force_splits, stage_chunks, split_waves);
         return py::make_tuple(p.workspace_floats(), p.counters(), p.splits);
+      },
+      gil());
+  m.def(
+      "cuda_gemm_tc_scratch_bound",
+      [](int device) {
+        cuda::TcScratchBound b = cuda::gemm_tc_scratch_bound(device);
+        return py::make_tuple(b.workspace_floats, b.counters);
+      },
+      gil());
+  m.def(
+      "cuda_gemm_tc_dequant",
+      [](int dtype, int64_t N, int64_t K, int64_t group_size, uintptr_t codes, uintptr_t scales,
+         uintptr_t lut, int dequant, uint32_t arith_neg2, uintptr_t w, int device, uintptr_t stream) {
+        cuda::TcDequantArgs a;
+        a.dtype = dtype;
+        a.N = N;
+        a.K = K;
+        a.group_size = group_size;
+        a.codes = ptr<const void>(codes);
+        a.scales = ptr<const void>(scales);
+        a.lut = ptr<const void>(lut);
+        a.dequant = dequant;
+        a.arith_neg2 = arith_neg2;
+        a.w = ptr<void>(w);
+        a.device = device;
+        a.stream = stream;
+        cuda::gemm_tc_dequant(a);
       },
       gil());
   m.def(
       "cuda_gemm_tc",
       [](uintptr_t x, int dtype, int64_t M, int64_t N, int64_t K, int64_t group_size, uintptr_t codes,
          uintptr_t scales, uintptr_t lut, int dequant, uint32_t arith_neg2, uintptr_t y, uintptr_t workspace,
-         int64_t workspace_floats, uintptr_t counters, int64_t n_counters, int64_t force_splits, int device,
-         uintptr_t stream) {
+         int64_t workspace_floats, uintptr_t counters, int64_t n_counters, int64_t force_splits,
+         int stage_chunks, int split_waves, int device, uintptr_t stream) {
         cuda::TcGemmArgs a;
         a.x = ptr<const void>(x);
         a.dtype = dtype;
@@ -231,6 +324,8 @@ PYBIND11_MODULE(_C, m) {
         a.counters = ptr<int>(counters);
         a.n_counters = n_counters;
         a.force_splits = force_splits;
+        a.stage_chunks = stage_chunks;
+        a.split_waves = split_waves;
         a.device = device;
         a.stream = stream;
         cuda::gemm_tc(a);

@@ -26,6 +26,10 @@ def _torch():
     global _TORCH
     if _TORCH is None:
         _TORCH = sys.modules.get("torch")
+        if _TORCH is not None:
+            from .threads import on_torch_seen
+
+            on_torch_seen(_TORCH)  # ANY4_PARALLEL=openmp: any4's threads on torch's team
     return _TORCH
 
 

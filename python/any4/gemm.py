@@ -7,14 +7,28 @@ from typing import Any, Optional
 from . import _tensor as T
 from . import validate as V
 from ._core import C
-from .validate import infer_group_size  # noqa: F401 (part of this module's API)
+from .cuda import gemm_cuda, gemm_gpu
+from .pack import code_bits, to_nibbles_torch
+from .pack_gpu import GpuWeight, unpack_from_gpu
+from .prefill import gemm_panels, min_batch
+from .validate import infer_group_size
+
+__all__ = ["check_operands", "check_out", "gemm", "infer_group_size"]
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 CPU_IMPLS = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
+PANELS = "panels"  # CPU prefill path (any4.prefill): torch tensors only
 
 
-def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Optional[int]):
-    """Validate shapes/dtypes/devices; returns (K, N, lut_rows, lut_len, n_groups, group_size)."""
+def check_operands(
+    x: Any,
+    packed_w: Any,
+    lut: Any,
+    scales: Any,
+    group_size: Optional[int],
+    bits: Optional[int] = None,
+):
+    """Validate shapes/dtypes/devices; returns (K, N, bits, lut_rows, lut_len, n_groups, group_size)."""
     for name, t in (("x", x), ("packed_w", packed_w), ("lut", lut), ("scales", scales)):
         T.check_array(t, name)
     xd = T.dtype_name(x)
@@ -25,13 +39,10 @@ def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Opt
     K = int(x.shape[-1])
     if T.dtype_name(packed_w) != "uint8" or packed_w.ndim != 2:
         raise TypeError(
-            f"packed_w must be uint8 [N, ceil(K/2)], got {T.dtype_name(packed_w)} {tuple(packed_w.shape)}"
+            f"packed_w must be uint8 [N, ceil(bits*K/8)], got {T.dtype_name(packed_w)} "
+            f"{tuple(packed_w.shape)}"
         )
     N = int(packed_w.shape[0])
-    if int(packed_w.shape[1]) != (K + 1) // 2:
-        raise ValueError(
-            f"packed_w has {packed_w.shape[1]} bytes per row; x's K={K} needs {(K + 1) // 2}"
-        )
     ld = T.dtype_name(lut)
     if ld not in FLOAT_DTYPES:
         raise TypeError(f"lut must be float32, float16 or bfloat16, got {ld}")
@@ -47,6 +58,7 @@ def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Opt
         raise ValueError(
             f"lut must be [1, L] or [N={N}, L] with L <= 16, got shape {tuple(lut.shape)}"
         )
+    bits = code_bits(K, int(packed_w.shape[1]), lut_len, bits)
     if scales.ndim != 3 or int(scales.shape[0]) != N or int(scales.shape[2]) != 2:
         raise ValueError(f"scales must be [N={N}, groups, 2], got shape {tuple(scales.shape)}")
     n_groups = int(scales.shape[1])
@@ -60,20 +72,20 @@ def check_operands(x: Any, packed_w: Any, lut: Any, scales: Any, group_size: Opt
         devs = {T.device_of(t) for t in operands}
     if len(devs) != 1:
         raise ValueError(f"x, packed_w, lut and scales must be on one device, got {sorted(devs)}")
-    if lut_len < V.MAX_LEVELS or K % 2:
-        V.check_codes_once(packed_w, K, lut_len)  # a code could be out of range: check once
-    return K, N, lut_rows, lut_len, n_groups, int(group_size)
+    if V.codes_need_check(K, lut_len, bits):
+        V.check_codes_once(packed_w, K, lut_len, bits)  # a code could be out of range: check once
+    return K, N, bits, lut_rows, lut_len, n_groups, int(group_size)
 
 
 _TORCH_FLOAT_CODES: dict = {}  # torch dtype -> DType code, filled on first use
 
 
-def _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out):
+def _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out, bits):
     """The common case in few Python operations: contiguous CPU torch tensors of the usual ranks,
     valid shapes, impl "auto" and no out=. Returns y, or None for anything else (the general path
     then checks everything and raises the errors)."""
     torch = T._torch()
-    if torch is None or out is not None or impl != "auto":
+    if torch is None or out is not None or impl != "auto" or bits is not None:
         return None
     Tensor = torch.Tensor
     if not (
@@ -111,12 +123,10 @@ def _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out):
     N, P = packed_w.shape
     lut_rows, lut_len = lut.shape
     n_groups = scales.shape[1]
-    if (
-        P != (K + 1) // 2
-        or lut_rows not in (1, N)
-        or not 1 <= lut_len <= 16
-        or scales.shape[0] != N
-    ):
+    b = 4 if lut_len > 8 else 3 if lut_len > 4 else 2
+    if P != (K * b + 7) // 8:
+        return None  # (nibble-packed 3/2-bit codes, or a bad shape: the general path)
+    if lut_rows not in (1, N) or not 1 <= lut_len <= 16 or scales.shape[0] != N:
         return None
     if scales.shape[2] != 2 or n_groups < 1:
         return None
@@ -132,13 +142,17 @@ def _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out):
         or -(-K // group_size) != n_groups
     ):
         return None
-    if lut_len < 16 or K & 1:
-        V.check_codes_once(packed_w, K, lut_len)
+    if lut_len < 1 << b or (K * b) & 7:
+        V.check_codes_once(packed_w, K, lut_len, b)
     M = x.numel() // K
     y = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype)
+    if M >= 16 and M >= min_batch(T.dtype_name(x)):
+        codes = to_nibbles_torch(packed_w, K, b)  # the panel decoder reads nibbles
+        return gemm_panels(x.view(M, K), codes, lut, scales, group_size, y.view(M, N)).view(y.shape)
     if M:
-        C.gemm_cpu(x.data_ptr(), x_code, M, K, packed_w.data_ptr(), N, lut.data_ptr(), lut_rows, lut_len,
-                   scales.data_ptr(), n_groups, int(group_size), table_code, y.data_ptr(), -1)  # fmt: skip
+        C.gemm_cpu(x.data_ptr(), x_code, M, K, packed_w.data_ptr(), b, N, lut.data_ptr(), lut_rows,
+                   lut_len, scales.data_ptr(), n_groups, int(group_size), table_code, y.data_ptr(),
+                   -1)  # fmt: skip
     return y
 
 
@@ -167,64 +181,66 @@ def gemm(
     *,
     impl: str = "auto",
     out: Optional[Any] = None,
+    bits: Optional[int] = None,
 ) -> Any:
     """y = x @ dequant(W)^T with fp32 accumulation.
 
     Args:
         x: [..., K] float32 / float16 / bfloat16 (torch or numpy; CPU, or CUDA when built with it).
-        packed_w: uint8 [N, ceil(K/2)] codes, two per byte (``QuantizedTensor.packed``), or a
+        packed_w: uint8 [N, ceil(bits*K/8)] packed codes (``QuantizedTensor.packed``, any4.pack), or a
             ``GpuWeight`` (``any4.pack_for_gpu``; then lut and scales are not passed): the fast
             tensor-core path for CUDA x (see any4.cuda).
-        lut: [N, L] per-row or [1, L] / [L] shared table, L <= 16 (float32/16, bfloat16).
+        lut: [N, L] per-row or [1, L] / [L] shared table, L <= 2^bits (float32/16, bfloat16).
         scales: [N, ceil(K/G), 2] (scale, zero), lut's dtype.
         group_size: G; inferred from K and scales.shape[1] when omitted (see infer_group_size).
-        impl: CPU implementation: "auto" (the best this processor supports), "portable", "avx2",
-            "avx512" or "avx512bf16" (AVX-512 with bf16 dot products for bf16 x and tables).
+        impl: CPU implementation: "auto" (the best this processor supports; for large batches of
+            torch x, the prefill path where measured faster, see any4.prefill), "portable",
+            "avx2", "avx512", "avx512bf16" (AVX-512 with bf16 dot products for bf16 x and
+            tables) or "panels" (the prefill path: bounded decoded weight panels times
+            torch.mm; torch tensors only).
         out: optional preallocated y [..., N] (x's dtype, framework and device, contiguous);
             every element is overwritten and it is returned.
+        bits: code width of packed_w (4, 3 or 2); by default inferred from the table length and
+            the row width (see any4.pack.code_bits): 3/2-bit tables over nibble rows are 4-bit.
     Returns:
         y [..., N] in x's dtype, framework and device.
     """
-    from .pack_gpu import GpuWeight
-
     if isinstance(packed_w, GpuWeight):
         if lut is not None or scales is not None:
             raise TypeError("a GpuWeight carries its own lut and scales: call gemm(x, w)")
         if T.is_torch(x) and x.device.type == "cuda":
-            from .cuda import gemm_gpu
-
-            return gemm_gpu(x, packed_w)
+            return gemm_gpu(x, packed_w, out=out)
         if T.device_of(packed_w.codes) != T.device_of(x):
             raise ValueError(
                 f"x and the GPU weight must be on one device, got x on {T.device_of(x)} and the "
                 f"weight on {T.device_of(packed_w.codes)}"
             )
-        from .pack_gpu import unpack_from_gpu
-
         group_size = packed_w.group_size
         packed_w, lut, scales = unpack_from_gpu(packed_w)  # CPU x: the storage layout
     if lut is None or scales is None:
         raise TypeError("gemm(x, packed_w, lut, scales): lut and scales are required")
-    y = _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out)
+    y = _gemm_torch_cpu_fast(x, packed_w, lut, scales, group_size, impl, out, bits)
     if y is not None:
         return y
-    K, N, lut_rows, lut_len, n_groups, group_size = check_operands(
-        x, packed_w, lut, scales, group_size
+    K, N, bits, lut_rows, lut_len, n_groups, group_size = check_operands(
+        x, packed_w, lut, scales, group_size, bits
     )
     lead = tuple(x.shape[:-1])
     if out is not None:
         check_out(out, x, lead + (N,))
     if T.device_of(x) != "cpu":
-        from .cuda import gemm_cuda
-
+        if bits != 4:  # the CUDA storage-layout kernel reads nibbles: repack on the device
+            packed_w = to_nibbles_torch(packed_w, K, bits)
         y = gemm_cuda(x, packed_w, lut, scales, group_size)
         if out is None:
             return y
         out.copy_(y)
         return out
-    if impl not in CPU_IMPLS:
-        raise ValueError(f"impl must be one of {tuple(CPU_IMPLS)}, got {impl!r}")
-    if not C.cpu_impl_supported(CPU_IMPLS[impl]):
+    if impl not in CPU_IMPLS and impl != PANELS:
+        raise ValueError(f"impl must be one of {(*CPU_IMPLS, PANELS)}, got {impl!r}")
+    if impl == PANELS and not all(T.is_torch(t) for t in (x, packed_w, lut, scales)):
+        raise TypeError('impl="panels" needs torch tensors (it multiplies with torch.mm)')
+    if impl != PANELS and not C.cpu_impl_supported(CPU_IMPLS[impl]):
         raise RuntimeError(f"CPU implementation {impl!r} is not supported on this processor/build")
     x2 = x.reshape(-1, K)
     M = int(x2.shape[0])
@@ -235,8 +251,13 @@ def gemm(
             if not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
         y = x2.new_empty((M, N)) if out is None else out.view(M, N)
-        if M:
-            C.gemm_cpu(x2.data_ptr(), T.DTYPE_CODE[T.dtype_name(x2)], M, K, packed_w.data_ptr(), N,
+        if M and (
+            impl == PANELS or (impl == "auto" and M >= 16 and M >= min_batch(T.dtype_name(x2)))
+        ):
+            # the panel decoder reads nibbles: 3/2-bit codes are widened first (4-bit-sized copy)
+            gemm_panels(x2, to_nibbles_torch(packed_w, K, bits), lut, scales, group_size, y)
+        elif M:
+            C.gemm_cpu(x2.data_ptr(), T.DTYPE_CODE[T.dtype_name(x2)], M, K, packed_w.data_ptr(), bits, N,
                        lut.data_ptr(), lut_rows, lut_len, scales.data_ptr(), n_groups, group_size,
                        T.DTYPE_CODE[T.dtype_name(lut)], y.data_ptr(), CPU_IMPLS[impl])  # fmt: skip
         return y.view(lead + (N,)) if out is None else out
@@ -254,6 +275,7 @@ def gemm(
             M,
             K,
             pb.ptr,
+            bits,
             N,
             lb.ptr,
             lut_rows,

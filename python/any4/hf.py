@@ -61,6 +61,7 @@ from .model import (
     quantize_summary,
 )
 from .nn import QuantLinear, dense_features, set_submodule
+from .refit import DEFAULT_REFIT, REFITS
 from .stats import DEFAULT_WEIGHTING, WEIGHTINGS
 
 QUANT_METHOD = io.QUANT_METHOD
@@ -73,7 +74,7 @@ class Any4Config(QuantizationConfigMixin):
     Args:
         fmt: "any4", "any3", "any2", "int4", "nf4", "fp4", ... (see ``any4.FORMATS``).
         group_size: G, a positive multiple of 8.
-        weighting, method, mode, n_init, seed: as for ``any4.quantize_model``.
+        weighting, method, mode, n_init, seed, refit: as for ``any4.quantize_model``.
         table_dtype: "bfloat16", "float16", "float32" or a torch dtype (default: float16 for an
             fp16 model, else bfloat16).
         modules_to_not_convert: layer-name patterns left in float (``skip`` of quantize_model);
@@ -98,6 +99,7 @@ class Any4Config(QuantizationConfigMixin):
         n_init: Optional[int] = DEFAULT_N_INIT,
         seed: int = 0,
         max_calibration_tokens: Optional[int] = DEFAULT_MAX_TOKENS,
+        refit: Optional[str] = DEFAULT_REFIT,
         skip: Optional[list] = None,
         layers: Optional[dict] = None,
         format_version: int = io.FORMAT_VERSION,
@@ -119,6 +121,8 @@ class Any4Config(QuantizationConfigMixin):
             raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if refit is not None and refit not in REFITS:
+            raise ValueError(f"refit must be one of {REFITS}, got {refit!r}")
         if isinstance(table_dtype, torch.dtype):
             table_dtype = str(table_dtype).replace("torch.", "")
         if table_dtype is not None and table_dtype not in io._DTYPES:
@@ -139,6 +143,7 @@ class Any4Config(QuantizationConfigMixin):
         self.n_init = n_init if n_init is not None else DEFAULT_N_INIT
         self.seed = seed
         self.max_calibration_tokens = max_calibration_tokens
+        self.refit = refit if refit is not None else DEFAULT_REFIT
         self.layers = dict(layers or {})
         self.format_version = format_version
         self.guard = guard
@@ -147,8 +152,9 @@ class Any4Config(QuantizationConfigMixin):
 
     @property
     def needs_calibration(self) -> bool:
-        """Learned format with sample weights: quantized after the whole float model loaded."""
-        return get_format(self.fmt).learned and self.weighting != "none"
+        """Learned format with sample weights or a refit: quantized after the whole float model
+        loaded (the calibration pass needs it)."""
+        return get_format(self.fmt).learned and (self.weighting != "none" or self.refit != "none")
 
     def quantize_options(self) -> dict:
         """The keyword arguments of ``any4.quantize_model`` these settings stand for."""
@@ -163,6 +169,7 @@ class Any4Config(QuantizationConfigMixin):
             table_dtype=io._DTYPES[self.table_dtype] if self.table_dtype else None,
             skip=tuple(self.modules_to_not_convert),
             max_calibration_tokens=self.max_calibration_tokens,
+            refit=self.refit,
         )
 
     def to_dict(self) -> dict:
@@ -206,6 +213,8 @@ class Any4HfQuantizer(HfQuantizer):
                     f"checkpoint written with any4 file format version {cfg.format_version}; this any4 "
                     f"reads versions up to {io.FORMAT_VERSION}: upgrade any4"
                 )
+            if self.checkpoint_dir is not None:
+                io.verify_checkpoint(self.checkpoint_dir)  # digests, metadata, before reading
             for name, info in cfg.layers.items():
                 try:
                     current = model.get_submodule(name)
@@ -220,7 +229,9 @@ class Any4HfQuantizer(HfQuantizer):
                         f"quantized layer of shape {tuple(info['shape'])}"
                     )
                 bias = getattr(current, "bias", None)
-                shell = io.quant_shell(info, "meta", None if bias is None else bias.dtype)
+                shell = io.quant_shell(
+                    info, "meta", None if bias is None else bias.dtype, stored_layout=True
+                )
                 _swap_in(model, name, shell)
             if cfg.guard:
                 ignore = set(model._keys_to_ignore_on_load_unexpected or ())
@@ -266,6 +277,8 @@ class Any4HfQuantizer(HfQuantizer):
             self._record_settings(model)
         for m in model.modules():
             if isinstance(m, QuantLinear):
+                m.densify_codes()  # 3/2-bit codes of an older checkpoint, stored in nibbles
+                m.check()  # loaded tensors: shapes, codes in range, finite (any4.validate)
                 m.prepare_for_device()
         cfg.layers = {
             n: io.layer_info(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)
@@ -287,6 +300,7 @@ class Any4HfQuantizer(HfQuantizer):
             "method": cfg.method if learned else None,
             "n_init": cfg.n_init if learned and cfg.method == "lloyd" else None,
             "seed": cfg.seed, "skip": list(cfg.modules_to_not_convert),
+            "refit": cfg.refit if learned else None,
             "table_dtype": cfg.table_dtype, "calibration_tokens": 0, "layers": len(layers),
             "quantized_params": quantized, "total_params": total,
             "quantized_fraction": round(quantized / max(total, 1), 6), "expert_params": 0,

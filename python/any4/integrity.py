@@ -24,6 +24,7 @@ API (the writers of any4: ``io``, the Hugging Face and streaming savers, use the
   carries :data:`PLACEHOLDER` as its digest (e.g. ``safetensors.torch.save_file``).
 - :func:`verify_file` (path) -> any4 metadata (without reading tensors into memory);
   :func:`read_file` (path) -> :class:`SealedFile` (verified tensors, read in the same pass).
+- :func:`tensor_info` (path) -> {name: (dtype, shape)} from the checked header (no data read).
 - :func:`checkpoint_digest` (directory) -> (hex digest, [(relative path, sha256)]).
 """
 
@@ -354,6 +355,14 @@ def verify_file(path: PathLike) -> dict:
     return header.any4
 
 
+def tensor_info(path: PathLike) -> dict:
+    """{name: (torch dtype, shape)} of a file's tensors, from its (structurally checked) header;
+    no tensor data is read and the digest is not checked (see :func:`verify_file`)."""
+    to_torch, _ = _dtype_tables()
+    header = _parse_header(os.fspath(path))
+    return {name: (to_torch[dt], shape) for name, dt, shape, _, _ in header.tensors}
+
+
 @dataclass
 class SealedFile:
     """What :func:`read_file` returns."""
@@ -450,6 +459,7 @@ __all__ = [
     "metadata_text",
     "read_file",
     "seal_file",
+    "tensor_info",
     "verify_file",
     "write_file",
 ]

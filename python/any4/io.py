@@ -7,7 +7,8 @@ on an any4 model, ``any4 quantize --out DIR``) holds:
 
       {"quant_method": "any4", "format_version": 2, "fmt", "group_size", "weighting", "method",
        "mode", "table_dtype", "modules_to_not_convert": [...], "guard": KEY,
-       "layers": {module: {"fmt", "group_size", "shape": [N, K], "bias", "table_dtype", ...}}}
+       "layers": {module: {"fmt", "group_size", "shape": [N, K], "bias", "table_dtype",
+                           "code_layout"}}}
 
   which ``transformers.AutoModelForCausalLM.from_pretrained(DIR)`` reads after ``import any4``.
 - the weights: ``model.safetensors``, or shards ``model-00001-of-0000N.safetensors`` with
@@ -21,14 +22,26 @@ on an any4 model, ``any4 quantize --out DIR``) holds:
   weights. any4's readers drop it.
 - each safetensors header: ``"format": "pt"`` and ``"any4"``: a JSON document
   ``{"format": "any4-safetensors", "format_version": 2, "any4_version", "layers": {layers stored in
-  this file}, "tied": {alias: stored}, "settings", "extra", "guard", "digest": "sha256:<hex>"}``:
-  each file is sealed by ``any4.integrity`` (one digest over every header and tensor byte), so
-  ``load`` refuses any changed byte with ``Any4FormatError``.
-- ``any4.json`` (the same metadata, readable, ``"files": {name: digest}``), the tokenizer
+  this file}, "tied": {alias: stored}, "settings", "extra", "guard", "digest": "sha256:<hex>"}``.
+  The file is sealed (``any4.integrity``): ``digest`` is one sha256 over every byte of the file
+  (header: names, dtypes, shapes, offsets, layer settings; and tensor data), so ``load`` refuses
+  any changed byte with :class:`Any4FormatError`; every metadata field is also checked against
+  the tensors (``any4.validate``), and config.json's layers and any4.json against the files.
+  A digest inside a file detects accidents, not a forger: pin the hash ``any4 verify DIR``
+  prints (:func:`verify`). Every file is written atomically (``any4.atomic``).
+- ``any4.json`` (the same metadata, readable, with ``"files": {name: digest}``), the tokenizer
   files and ``generation_config.json`` when available.
 
 A single ``.safetensors`` file (``any4.save(model, "m.safetensors")``) is one such file.
-Format-version-1 files and directories (one file, no quantization_config) still load.
+Format-version-1 files and directories (one file, no quantization_config, per-tensor ``sha256``
+digests of the data only) still load.
+
+``code_layout`` says how ``name.packed`` holds the codes (any4.pack): ``"dense"``, one bit stream
+per row at the format's width (uint8 [N, ceil(bits*K/8)]: 3-bit codes eight per three bytes,
+2-bit four per byte), or ``"nibble"``, two codes per byte whatever the width ([N, ceil(K/2)]; the
+two are the same for 4-bit codes). A layer without it holds nibbles: that is how format-version-1
+files and the first format-version-2 writers stored 3/2-bit codes; ``load`` repacks them densely
+(the same codes, so the same outputs).
 
 Loading::
 
@@ -51,9 +64,11 @@ import torch
 from torch import nn
 
 from . import atomic, integrity
+from . import validate as V
 from .formats import get_format
 from .integrity import Any4FormatError
 from .nn import QuantLinear, dense_features, set_submodule
+from .pack import code_layout, repack
 from .quantize import QuantizedTensor
 
 FILE_FORMAT = "any4-safetensors"
@@ -87,13 +102,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def layer_info(module: QuantLinear) -> dict:
     """The per-layer metadata of a QuantLinear (``fmt``, ``group_size``, ``shape``, ``bias``,
-    ``table_dtype``)."""
+    ``table_dtype``, ``code_layout``)."""
     return {
         "fmt": module.fmt,
         "group_size": module.group_size,
         "shape": [module.out_features, module.in_features],
         "bias": module.bias is not None,
         "table_dtype": _dtype_name(module.lut.dtype),
+        "code_layout": code_layout(get_format(module.fmt).bits),
     }
 
 
@@ -125,6 +141,7 @@ def _collect(obj: Any) -> tuple:
                     "shape": [int(N), int(K)],
                     "bias": False,
                     "table_dtype": _dtype_name(value.lut.dtype),
+                    "code_layout": code_layout(value.bits),
                 }
                 for part in ("packed", "lut", "scales"):
                     tensors[f"{key}.{part}"] = getattr(value, part)
@@ -323,7 +340,7 @@ def save(
                     settings=settings, extra=extra or {})  # fmt: skip
         if guard is not None:
             meta["guard"] = guard
-        json.dumps(meta)  # TypeError (before a file is written) for non-JSON extra / settings
+        json.dumps(meta)  # TypeError now (before a file is written) for non-JSON extra/settings
         file_digests[name] = integrity.write_file(file, part, meta)
     if not is_dir:
         return files[0]
@@ -371,7 +388,8 @@ def save_tokenizer(tokenizer: Any, directory: str) -> list:
 
 
 def save_hf_config(config: Any, directory: str) -> None:
-    """Write a Hugging Face config without the source's quantization settings (e.g. GGUF)."""
+    """Write a Hugging Face config without the source's quantization settings (e.g. GGUF),
+    atomically."""
     import copy
 
     cfg = copy.deepcopy(config)
@@ -380,7 +398,7 @@ def save_hf_config(config: Any, directory: str) -> None:
             delattr(cfg, "quantization_config")
         except AttributeError:
             cfg.quantization_config = None
-    atomic.write_text(os.path.join(directory, CONFIG_NAME), cfg.to_json_string(use_diff=True))
+    _write_text(os.path.join(directory, CONFIG_NAME), cfg.to_json_string(use_diff=True))
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -422,22 +440,42 @@ def resolve(
 
 def checkpoint_files(directory: str) -> list:
     """The weight files of a checkpoint directory (from the index when sharded)."""
-    index = os.path.join(directory, INDEX_NAME)
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as fh:
-                weight_map = json.load(fh)["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise Any4FormatError(f"{index}: not a readable safetensors index ({e})") from e
-        for n in names:
-            if os.path.basename(n) != n:
-                raise Any4FormatError(f"{index}: shard {n!r} is not a file name in {directory}")
-        return [os.path.join(directory, n) for n in names]
+    weight_map = index_weight_map(directory)
+    if weight_map is not None:
+        return [os.path.join(directory, n) for n in sorted(set(weight_map.values()))]
     file = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"no any4 file at {file}")
+        raise FileNotFoundError(
+            f"{directory} is not an any4 checkpoint (no {WEIGHTS_NAME} or {INDEX_NAME}); a float "
+            "model is loaded with transformers (from_pretrained), not any4.load"
+        )
     return [file]
+
+
+def index_weight_map(directory: str) -> Optional[dict]:
+    """The checked ``weight_map`` {tensor: shard file name} of a sharded checkpoint's index
+    (None without an index): a non-empty object of names to existing ``.safetensors`` files of
+    the directory."""
+    index = os.path.join(directory, INDEX_NAME)
+    if not os.path.isfile(index):
+        return None
+    try:
+        with open(index, encoding="utf-8") as fh:
+            weight_map = json.load(fh)["weight_map"]
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise Any4FormatError(f"{index}: not a readable safetensors index ({e})") from e
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise Any4FormatError(f"{index}: weight_map must be a non-empty object")
+    for key, name in weight_map.items():
+        if (
+            not isinstance(name, str)
+            or os.path.basename(name) != name
+            or not name.endswith(".safetensors")
+        ):
+            raise Any4FormatError(f"{index}: {key!r} maps to {name!r}, not a shard file name")
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise Any4FormatError(f"{index}: shard {name!r} (of {key!r}) is missing")
+    return weight_map
 
 
 def _hf_quantization_config(directory: str) -> Optional[dict]:
@@ -472,6 +510,11 @@ def _file_metadata(file: str) -> Optional[dict]:
     if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT:
         raise Any4FormatError(f"{file}: metadata format is not {FILE_FORMAT!r}")
     _check_version(file, meta.get("format_version"), meta.get("any4_version"))
+    for field in ("layers", "tied", "settings", "extra"):
+        if not isinstance(meta.get(field, {}), dict):
+            raise Any4FormatError(f"{file}: metadata {field!r} must be an object")
+    if not isinstance(meta.get("guard", ""), str):
+        raise Any4FormatError(f"{file}: metadata 'guard' must be a tensor name")
     return meta
 
 
@@ -485,6 +528,46 @@ def _check_version(where: str, version: Any, writer: Any = None) -> None:
         )
     if version < 1:
         raise Any4FormatError(f"{where}: unknown any4 file format version {version}")
+
+
+_NO_ANY4_METADATA = "__no_any4_metadata__"  # marks a weight file without an any4 header entry
+_LAYER_FIELDS = {"fmt": str, "group_size": int, "shape": list, "bias": bool, "table_dtype": str}
+
+
+def _check_config_layers(directory: str, qc: dict, per_file: dict, file_layers: dict) -> None:
+    """config.json's quantization_config must agree with the weight files' own metadata."""
+    where = os.path.join(directory, CONFIG_NAME)
+    layers = qc.get("layers") or {}
+    if not isinstance(layers, dict):
+        raise Any4FormatError(f"{where}: quantization_config.layers must be an object")
+    every_file_described = not any(m.get(_NO_ANY4_METADATA) for m in per_file.values())
+    guards = {m.get("guard") for m in per_file.values() if not m.get(_NO_ANY4_METADATA)}
+    if "guard" in qc and guards and guards != {qc["guard"]}:
+        raise Any4FormatError(
+            f"{where}: quantization_config.guard {qc['guard']!r} is not the weights' {sorted(map(str, guards))}"
+        )
+    for name, info in layers.items():
+        if not isinstance(info, dict):
+            raise Any4FormatError(f"{where}: quantization_config layer {name!r} is not an object")
+        stored = file_layers.get(name)
+        if stored is None:
+            if every_file_described:
+                raise Any4FormatError(
+                    f"{where}: quantization_config lists layer {name!r}, the weights do not"
+                )
+            continue
+        for field in _LAYER_FIELDS:
+            if info.get(field) != stored.get(field):
+                raise Any4FormatError(
+                    f"{where}: layer {name!r} has {field}={info.get(field)!r}, the weights "
+                    f"{stored.get(field)!r} (mixed or edited checkpoint)"
+                )
+    if every_file_described:
+        extra = sorted(set(file_layers) - set(layers))
+        if extra:
+            raise Any4FormatError(
+                f"{where}: quantization_config does not list the stored layers {extra[:3]}"
+            )
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> dict:
@@ -506,10 +589,10 @@ def read_metadata(path: Union[str, os.PathLike]) -> dict:
             if qc is None:
                 raise Any4FormatError(f"{file}: no any4 metadata (not written by any4.save)")
             meta = {"format": FILE_FORMAT, "format_version": qc["format_version"], "layers": {},
-                    "unsealed": True}  # fmt: skip
+                    _NO_ANY4_METADATA: True}  # fmt: skip
         per_file[file] = meta
     first = per_file[files[0]]
-    merged = {k: v for k, v in first.items() if k not in ("layers", "sha256", "unsealed")}
+    merged = {k: v for k, v in first.items() if k not in ("layers", "sha256")}
     merged["layers"] = {}
     for meta in per_file.values():
         merged["layers"].update(meta.get("layers") or {})
@@ -517,6 +600,7 @@ def read_metadata(path: Union[str, os.PathLike]) -> dict:
             if meta.get(key) and not merged.get(key):
                 merged[key] = meta[key]
     if qc is not None:
+        _check_config_layers(directory, qc, per_file, merged["layers"])
         for name, info in (qc.get("layers") or {}).items():
             merged["layers"].setdefault(name, info)
         if qc.get("guard") and not merged.get("guard"):
@@ -525,110 +609,228 @@ def read_metadata(path: Union[str, os.PathLike]) -> dict:
     if directory is None:
         merged["sha256"] = first.get("sha256", {})
     merged["files"] = per_file
+    if directory is not None:
+        weight_map = index_weight_map(directory)
+        if weight_map is not None:
+            merged["weight_map"] = weight_map
     merged.setdefault("tied", {})
     return merged
 
 
 def _read_tensors(meta: dict, device: Union[str, torch.device], *, keep: bool = True) -> dict:
     """All tensors of the files in ``meta`` (guard dropped, tied aliases restored), each file
-    checked against its digest (format 2: the sealed file's digest over header and data, see
-    any4.integrity; format 1: per-tensor checksums) and the layers against their metadata.
-    ``keep=False`` only verifies, streaming: meta-device tensors are returned."""
+    verified (format 2: its whole-file digest; format 1: per-tensor data checksums) and its
+    layers checked against their metadata (any4.validate: shapes, group sizes, codes in range,
+    finite tables). ``keep=False`` only verifies: one file in memory at a time, meta-device
+    tensors returned."""
+    from safetensors import safe_open
+
     guard = meta.get("guard")
     tensors: dict = {}
+    described: set = set()
     for file, fmeta in meta["files"].items():
-        version = fmeta.get("format_version", FORMAT_VERSION)
-        if fmeta.get("unsealed"):  # no any4 entry: transformers' own save_pretrained
+        if fmeta.get(_NO_ANY4_METADATA):
             warnings.warn(
-                f"any4: {file} carries no any4 metadata or digest (written by transformers' own "
+                f"any4: {file} carries no any4 digests (written by transformers' own "
                 "save_pretrained?); its tensors are not verified",
                 stacklevel=3,
             )
-            part = _read_unverified(file, keep)
-        elif version >= 2:
-            if keep:
-                sealed = integrity.read_file(file)
-                part = sealed.tensors
-            else:
-                integrity.verify_file(file)
-                part = _read_unverified(file, keep=False)
-        else:
-            part = integrity.read_file(file, require_digest=False).tensors
-            digests = fmeta.get("sha256")
-            if not isinstance(digests, dict) or set(digests) != set(part):
-                listed = set(digests) if isinstance(digests, dict) else set()
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    part = {k: f.get_tensor(k) for k in f.keys()}
+            except Exception as e:
                 raise Any4FormatError(
-                    f"{file}: tensors do not match the metadata (missing {sorted(listed - set(part))[:3]}, "
-                    f"unexpected {sorted(set(part) - listed)[:3]})"
+                    f"{file}: cannot read tensors, the file is truncated or corrupt ({e})"
+                ) from e
+        elif not keep and "digest" in fmeta:
+            part = _verify_streaming(file, fmeta)
+            described.update(fmeta.get("layers") or {})
+        else:
+            part = _verified_tensors(file, fmeta)
+            check_metadata(file, fmeta, part)
+            described.update(fmeta.get("layers") or {})
+        weight_map = meta.get("weight_map")
+        if weight_map is not None:
+            name = os.path.basename(file)
+            indexed = {k for k, n in weight_map.items() if n == name}
+            if indexed != set(part):
+                raise Any4FormatError(
+                    f"{file}: the index maps {sorted(indexed - set(part))[:3]} to it, which it "
+                    f"does not hold, and not {sorted(set(part) - indexed)[:3]}"
                 )
-            for key, t in part.items():
-                if _digest(t) != digests[key]:
-                    raise Any4FormatError(
-                        f"{file}: tensor {key!r} does not match its checksum (the file was modified)"
-                    )
+        if guard is not None and guard in part:
+            g = part.pop(guard)
+            if g.numel() or g.dtype != torch.uint8:
+                raise Any4FormatError(f"{file}: the guard {guard!r} must be an empty uint8 tensor")
         for key, t in part.items():
-            if key == guard:
-                continue
             if key in tensors:
                 raise Any4FormatError(f"{file}: tensor {key!r} is stored twice")
-            tensors[key] = t
+            tensors[key] = t if keep else t.to("meta")
     tied = meta.get("tied", {})
     if not isinstance(tied, dict):
         raise Any4FormatError("metadata 'tied' must be an object")
     for alias, target in tied.items():
         if not isinstance(target, str) or target not in tensors:
             raise Any4FormatError(f"tied tensor {alias!r} points to missing {target!r}")
+        if alias in tensors:
+            raise Any4FormatError(f"tied tensor {alias!r} is also stored")
         tensors[alias] = tensors[target]
-    _check_layers(next(iter(meta["files"])), meta, tensors)
+    rest = {n: i for n, i in (meta.get("layers") or {}).items() if n not in described}
+    if rest and keep:  # layers known only from config.json (files without any4 metadata)
+        check_metadata(next(iter(meta["files"])), dict(meta, layers=rest), tensors)
+    _densify_codes(meta.get("layers") or {}, tensors)
     return {k: v.to(device) for k, v in tensors.items()}
 
 
-def _read_unverified(file: str, keep: bool) -> dict:
-    """Tensors of a safetensors file as they are (``keep=False``: meta tensors of the header's
-    shapes and dtypes, nothing read)."""
+def _verify_streaming(file: str, fmeta: dict) -> dict:
+    """Verify a sealed file without holding it: the digest streamed, then each layer's tensors
+    read and checked one layer at a time. Returns meta-device tensors of the file's shapes."""
     from safetensors import safe_open
 
-    to_torch, _ = integrity._dtype_tables()
-    out = {}
-    try:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if keep:
-                    out[key] = f.get_tensor(key)
-                else:
-                    sl = f.get_slice(key)
-                    out[key] = torch.empty(
-                        sl.get_shape(), dtype=to_torch[sl.get_dtype()], device="meta"
-                    )
-    except Exception as e:
+    if integrity.verify_file(file) != fmeta:
+        raise Any4FormatError(f"{file}: the file changed while it was read")
+    info = integrity.tensor_info(file)
+    layers = fmeta.get("layers") or {}
+    check_metadata(file, dict(fmeta, layers={}), {})
+    with safe_open(file, framework="pt", device="cpu") as f:
+        for name, layer in layers.items():
+            keys = [f"{name}.{p}" for p in ("packed", "lut", "scales", "bias")]
+            parts = {k: f.get_tensor(k) for k in keys if k in info}
+            check_metadata(file, dict(fmeta, layers={name: layer}), parts)
+    return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape) in info.items()}
+
+
+def _verified_tensors(file: str, fmeta: dict) -> dict:
+    """The tensors of a file with any4 metadata, verified: format 2 by the whole-file digest
+    (any4.integrity), format 1 by its per-tensor checksums of the data."""
+    if fmeta.get("format_version", 0) >= 2:
+        if "digest" not in fmeta:
+            raise Any4FormatError(
+                f"{file}: format version {fmeta.get('format_version')} without a digest"
+            )
+        sealed = integrity.read_file(file)
+        if {k: v for k, v in sealed.any4.items()} != fmeta:
+            raise Any4FormatError(f"{file}: the file changed while it was read")
+        return sealed.tensors
+    sealed = integrity.read_file(file, require_digest=False)
+    digests = fmeta.get("sha256")
+    keys = set(sealed.tensors)
+    listed = set(digests) if isinstance(digests, dict) else set()
+    if not isinstance(digests, dict) or listed != keys:
         raise Any4FormatError(
-            f"{file}: cannot read tensors, the file is truncated or corrupt ({e})"
-        ) from e
-    return out
+            f"{file}: tensors do not match the metadata (missing {sorted(listed - keys)[:3]}, "
+            f"unexpected {sorted(keys - listed)[:3]})"
+        )
+    for key, t in sealed.tensors.items():
+        if _digest(t) != digests[key]:
+            raise Any4FormatError(
+                f"{file}: tensor {key!r} does not match its checksum (the file was modified)"
+            )
+    return sealed.tensors
 
 
-def _check_layers(file: str, meta: dict, tensors: dict) -> None:
-    for name, info in meta.get("layers", {}).items():
+def check_metadata(file: str, meta: dict, tensors: dict) -> None:
+    """Check every any4 metadata field against the tensors (Any4FormatError naming the field).
+
+    Per layer: fmt known; shape [N, K] positive ints; group_size a valid group size for K
+    (any4.validate); table_dtype known and the table's; bias a bool matching a [N] float tensor;
+    packed / lut / scales of the shapes and dtypes these imply, codes in range, finite table and
+    scales. Also: settings / extra are objects, settings.model_dtype is known.
+    """
+    for field in ("settings", "extra"):
+        if not isinstance(meta.get(field, {}), dict):
+            raise Any4FormatError(f"{file}: metadata {field!r} must be an object")
+    model_dtype = (meta.get("settings") or {}).get("model_dtype")
+    if model_dtype is not None and (not isinstance(model_dtype, str) or model_dtype not in _DTYPES):
+        raise Any4FormatError(f"{file}: unknown settings.model_dtype {model_dtype!r}")
+    layers = meta.get("layers", {})
+    if not isinstance(layers, dict):
+        raise Any4FormatError(f"{file}: metadata 'layers' must be an object")
+    for name, info in layers.items():
+        where = f"{file}: layer {name!r}"
+        if not isinstance(info, dict):
+            raise Any4FormatError(f"{where}: metadata must be an object")
+        for field, kind in _LAYER_FIELDS.items():
+            value = info.get(field)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise Any4FormatError(
+                    f"{where}: metadata field {field!r} must be a {kind.__name__}, got {value!r}"
+                )
         try:
             f = get_format(info["fmt"])
-            N, K = (int(s) for s in info["shape"])
-            G = int(info["group_size"])
-            dtype = _DTYPES[info["table_dtype"]]
-        except (KeyError, ValueError, TypeError) as e:
-            raise Any4FormatError(f"{file}: bad metadata for layer {name!r} ({e})") from e
-        expected = {
-            "packed": ((N, (K + 1) // 2), torch.uint8),
-            "lut": ((N if f.learned else 1, f.levels), dtype),
-            "scales": ((N, -(-K // G), 2), dtype),
-        }
-        for part, (shape, dt) in expected.items():
+        except ValueError as e:
+            raise Any4FormatError(f"{where}: {e}") from e
+        shape = info["shape"]
+        if len(shape) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape
+        ):
+            raise Any4FormatError(f"{where}: shape must be [N, K] of positive ints, got {shape!r}")
+        N, K = shape
+        dtype = _DTYPES.get(info["table_dtype"])
+        if dtype is None:
+            raise Any4FormatError(f"{where}: unknown table_dtype {info['table_dtype']!r}")
+        parts = {}
+        for part in ("packed", "lut", "scales"):
             t = tensors.get(f"{name}.{part}")
             if t is None:
-                raise Any4FormatError(f"{file}: layer {name!r} has no {part} tensor")
-            if tuple(t.shape) != shape or t.dtype != dt:
-                raise Any4FormatError(
-                    f"{file}: {name}.{part} is {t.dtype} {tuple(t.shape)}, metadata says {dt} {shape}"
+                raise Any4FormatError(f"{where} has no {part} tensor")
+            parts[part] = t
+        bias = tensors.get(f"{name}.bias")
+        if info["bias"] != (bias is not None):
+            raise Any4FormatError(
+                f"{where}: metadata says bias={info['bias']}, the file "
+                + ("has" if bias is not None else "has no")
+                + " bias tensor"
+            )
+        if bias is not None and (tuple(bias.shape) != (N,) or not bias.is_floating_point()):
+            raise Any4FormatError(
+                f"{where}: bias is {bias.dtype} {tuple(bias.shape)}, expected a float [{N}]"
+            )
+        lut = parts["lut"]
+        if lut.dtype != dtype:
+            raise Any4FormatError(f"{where}: lut is {lut.dtype}, metadata says {dtype}")
+        try:
+            V.group_size(info["group_size"], K)
+            if info["group_size"] > K:
+                raise ValueError(f"group_size {info['group_size']} is larger than K={K}")
+            layout = _stored_layout(info)
+            rows = V.check_parts(
+                parts["packed"], lut, parts["scales"], K, info["group_size"], bits=f.bits,
+                layout=layout, N=N,
+            )[2]  # fmt: skip
+            if rows != (N if f.learned else 1):
+                raise ValueError(
+                    f"lut has {rows} rows, format {f.name} needs {N if f.learned else 1}"
                 )
+            V.check_values(
+                parts["packed"], lut, parts["scales"], K, 4 if layout == "nibble" else f.bits
+            )
+        except (ValueError, TypeError) as e:
+            raise Any4FormatError(f"{where}: {e}") from e
+
+
+def _stored_layout(info: dict) -> str:
+    """A layer's ``code_layout``: "dense" or "nibble" (absent: "nibble", the older files)."""
+    layout = info.get("code_layout", "nibble")
+    if layout not in ("dense", "nibble"):
+        raise ValueError(f"unknown code layout {layout!r}; known: 'dense', 'nibble'")
+    return layout
+
+
+def _densify_codes(layers: dict, tensors: dict) -> None:
+    """3/2-bit codes stored in nibbles (layers without a dense code_layout) -> the dense layout,
+    in place in ``tensors`` (the same codes; meta tensors just take the dense shape)."""
+    for name, info in layers.items():
+        bits = get_format(info["fmt"]).bits
+        key = f"{name}.packed"
+        if bits == 4 or _stored_layout(info) != "nibble" or key not in tensors:
+            continue
+        t, K = tensors[key], int(info["shape"][1])
+        tensors[key] = (
+            torch.empty(t.shape[0], V.packed_shape(K, bits), dtype=t.dtype, device="meta")
+            if t.device.type == "meta"
+            else repack(t, K, 4, bits)
+        )
 
 
 def saved_dtype(meta: dict) -> Optional[torch.dtype]:
@@ -636,10 +838,18 @@ def saved_dtype(meta: dict) -> Optional[torch.dtype]:
     return _DTYPES.get((meta.get("settings") or {}).get("model_dtype", ""))
 
 
-def quant_shell(info: dict, device: Any = None, dtype: Optional[torch.dtype] = None) -> QuantLinear:
-    """An empty QuantLinear for a layer's metadata (``dtype``: the bias dtype)."""
+def quant_shell(
+    info: dict,
+    device: Any = None,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    stored_layout: bool = False,
+) -> QuantLinear:
+    """An empty QuantLinear for a layer's metadata (``dtype``: the bias dtype). ``stored_layout``:
+    its ``packed`` buffer has the file's shape (3/2-bit codes in nibbles for a layer without a
+    dense ``code_layout``; ``QuantLinear.densify_codes`` after loading), else the dense one."""
     N, K = (int(s) for s in info["shape"])
-    return QuantLinear(
+    shell = QuantLinear(
         K,
         N,
         bias=bool(info["bias"]),
@@ -649,6 +859,11 @@ def quant_shell(info: dict, device: Any = None, dtype: Optional[torch.dtype] = N
         device=device,
         dtype=dtype,
     )
+    bits = get_format(info["fmt"]).bits
+    if stored_layout and bits != 4 and info.get("code_layout", "nibble") == "nibble":
+        width = V.packed_shape(K, bits, "nibble")
+        shell.packed = torch.zeros(N, width, dtype=torch.uint8, device=device)
+    return shell
 
 
 def load(
@@ -682,12 +897,12 @@ def load(
     local = resolve(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     meta = read_metadata(local)
     directory = local if os.path.isdir(local) else None
+    if directory is not None:
+        check_readable_copy(directory, meta)
     if model is None:
         if directory is not None and os.path.isfile(os.path.join(directory, CONFIG_NAME)):
             if "quantization_config" in meta:
-                _read_tensors(
-                    meta, "meta", keep=False
-                )  # verify every file before transformers reads it
+                _read_tensors(meta, "meta", keep=False)  # verify every file before transformers
                 from .hf import from_pretrained_checkpoint
 
                 return from_pretrained_checkpoint(directory, saved_dtype(meta), device)
@@ -725,6 +940,12 @@ def load(
     if dtype is not None and _main_float_dtype(model) != dtype:
         model.to(dtype)
     own = dict(model.state_dict(keep_vars=True))
+    for key, t in tensors.items():
+        cur = own.get(key)
+        if cur is not None and cur.is_floating_point() != t.is_floating_point():
+            raise Any4FormatError(
+                f"tensor {key!r} is {t.dtype}, the model's is {cur.dtype} (not the same kind)"
+            )
     with torch.no_grad():
         for key, t in tensors.items():
             cur = own.get(key)
@@ -749,6 +970,91 @@ def load(
         except (AttributeError, TypeError):
             pass
     return model.eval()
+
+
+def check_readable_copy(directory: str, meta: dict) -> None:
+    """A directory's any4.json must describe its weight files: the same layers, tied tensors and
+    settings, and each file's digest (Any4FormatError otherwise; no any4.json: nothing to do)."""
+    copy_path = os.path.join(directory, METADATA_NAME)
+    if not os.path.isfile(copy_path):
+        return
+    try:
+        with open(copy_path, encoding="utf-8") as fh:
+            readable = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise Any4FormatError(f"{copy_path}: not readable JSON ({e})") from e
+    if not isinstance(readable, dict):
+        raise Any4FormatError(f"{copy_path}: not a JSON object")
+    for field in ("format_version", "layers", "tied", "settings"):
+        if readable.get(field, {}) != meta.get(field, {}):
+            raise Any4FormatError(
+                f"{copy_path}: {field!r} differs from the weight files' metadata (mixed or "
+                "edited checkpoint)"
+            )
+    listed = readable.get("files")
+    for file, fmeta in meta["files"].items():
+        if "digest" not in fmeta:
+            continue
+        name = os.path.basename(file)
+        if not isinstance(listed, dict) or listed.get(name) != fmeta["digest"]:
+            raise Any4FormatError(f"{copy_path}: the digest listed for {name} is not the file's")
+
+
+def is_checkpoint(path: Union[str, os.PathLike]) -> bool:
+    """True when ``path`` is an any4 file or a directory holding an any4 checkpoint (any4.json,
+    an any4 quantization_config in config.json, or weights with any4 metadata)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, METADATA_NAME)):
+            return True
+        try:
+            if _hf_quantization_config(path) is not None:
+                return True
+            files = checkpoint_files(path)
+        except (Any4FormatError, FileNotFoundError):
+            return False
+        path = files[0]
+    if not os.path.isfile(path):
+        return False
+    try:
+        return _file_metadata(path) is not None
+    except Any4FormatError:
+        return True  # any4 metadata that is damaged: still any4's (loading says what is wrong)
+
+
+def verify_checkpoint(path: Union[str, os.PathLike]) -> dict:
+    """Verify a checkpoint (file or directory) without loading it: every weight file's digest
+    (streamed) or format-1 checksums, every layer's metadata against its tensors (one layer in
+    memory at a time), config.json and any4.json against the files. Returns read_metadata's
+    result; raises Any4FormatError."""
+    path = os.fspath(path)
+    meta = read_metadata(path)
+    if os.path.isdir(path):
+        check_readable_copy(path, meta)
+    _read_tensors(meta, "meta", keep=False)
+    return meta
+
+
+def verify(path: Union[str, os.PathLike]) -> dict:
+    """Check an any4 checkpoint completely (every weight file's digest, or checksums for
+    format 1; all metadata against the tensors; config.json and any4.json against the files)
+    and hash it.
+
+    Returns {"sha256": one hex digest of every file of the directory (of the file's bytes for a
+    single file) to pin, "files": [(relative path, sha256)], "weights": {file name: its digest,
+    or None for format 1}}. Raises Any4FormatError (or FileNotFoundError).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no any4 file or directory at {path}")
+    meta = verify_checkpoint(path)
+    weights = {os.path.basename(f): m.get("digest") for f, m in meta["files"].items()}
+    if os.path.isdir(path):
+        digest, manifest = integrity.checkpoint_digest(path)
+    else:
+        manifest = [(os.path.basename(path), integrity.file_sha256(path))]
+        digest = manifest[0][1]
+    return {"sha256": digest, "files": manifest, "weights": weights}
 
 
 def _as_state(tensors: dict, layers: dict) -> dict:
@@ -777,4 +1083,7 @@ def _fresh_hf_model(directory: str) -> nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
-__all__ = ["Any4FormatError", "load", "read_metadata", "save"]
+__all__ = [
+    "Any4FormatError", "check_metadata", "check_readable_copy", "is_checkpoint", "load",
+    "read_metadata", "save", "save_hf_config", "save_tokenizer", "verify", "verify_checkpoint",
+]  # fmt: skip

@@ -2,7 +2,7 @@
 
 The module holds the three tensors of the one representation (SPEC §1) as buffers::
 
-    packed  uint8 [out_features, ceil(in_features / 2)]   codes, two per byte
+    packed  uint8 [out_features, ceil(bits * in_features / 8)]   codes (any4.pack layout)
     lut     [out_features or 1, 2^bits]                   per-row (learned) or shared table
     scales  [out_features, ceil(in_features / G), 2]      per-group (scale, zero)
 
@@ -27,6 +27,7 @@ from torch import nn
 from . import ops  # registers torch.ops.any4.gemm (a thin wrapper of any4.gemm)
 from . import validate as V
 from .formats import get_format
+from .pack import packed_bytes, repack
 from .quantize import QuantizedTensor, dequantize, quantize
 
 QUANT_BUFFERS = ("packed", "lut", "scales")
@@ -88,7 +89,9 @@ class QuantLinear(nn.Module):
         lut_rows = self.out_features if f.learned else 1
         self.register_buffer(
             "packed",
-            torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8, device=device),
+            torch.zeros(
+                out_features, packed_bytes(in_features, f.bits), dtype=torch.uint8, device=device
+            ),
         )
         self.register_buffer(
             "lut", torch.zeros(lut_rows, f.levels, dtype=table_dtype, device=device)
@@ -106,6 +109,26 @@ class QuantLinear(nn.Module):
         # prepare_for_device() when the module moves; None on CPU.
         self.kernel_state: Any = None
         self.register_load_state_dict_post_hook(_after_load)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # 3/2-bit codes saved in nibbles (state dicts of any4 before the dense layouts) load into
+        # the dense layout: the same codes, repacked.
+        key = prefix + "packed"
+        bits = get_format(self.fmt).bits
+        t = state_dict.get(key)
+        if (
+            bits != 4
+            and isinstance(t, torch.Tensor)
+            and tuple(t.shape) == (self.out_features, packed_bytes(self.in_features, 4))
+            and tuple(t.shape) != tuple(self.packed.shape)
+        ):
+            nibbles = t.cpu().contiguous()
+            V.check_codes(
+                nibbles, self.in_features, 1 << bits
+            )  # nibbles can hold codes past 2^bits
+            state_dict = dict(state_dict)
+            state_dict[key] = repack(nibbles, self.in_features, 4, bits).to(t.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -171,7 +194,7 @@ class QuantLinear(nn.Module):
 
     def check(self) -> None:
         """Validate the buffers (any4.validate): shapes and dtypes for this layer's K, N, format
-        and group size, codes < the table length, pad nibbles 0, finite table and scales.
+        and group size, codes < the table length, pad bits 0, finite table and scales.
         Run after construction and ``load_state_dict``; raises ValueError / TypeError."""
         f = get_format(self.fmt)
         V.check_parts(
@@ -185,7 +208,17 @@ class QuantLinear(nn.Module):
                 f"bias must have shape ({self.out_features},), got {tuple(self.bias.shape)}"
             )
         if self.packed.device.type != "meta":
-            V.check_values(self.packed, self.lut, self.scales, self.in_features)
+            V.check_values(self.packed, self.lut, self.scales, self.in_features, f.bits)
+
+    def densify_codes(self) -> None:
+        """3/2-bit codes that were loaded in nibbles (checkpoints written before the dense
+        layouts, see any4.io) -> the dense layout: the same codes, repacked (check() after)."""
+        bits, K = get_format(self.fmt).bits, self.in_features
+        width = int(self.packed.shape[1])
+        if bits == 4 or width != packed_bytes(K, 4) or width == packed_bytes(K, bits):
+            return
+        p = self.packed
+        self.packed = repack(p.detach().cpu().contiguous(), K, 4, bits).to(p.device)
 
     # ---- computation --------------------------------------------------------------------------
 
@@ -302,13 +335,10 @@ class QuantLinear(nn.Module):
 
     @property
     def bits_per_weight(self) -> float:
-        """Storage of codes (at the format's bit width), table and scales per weight."""
-        bits = get_format(self.fmt).bits * self.packed.shape[0] * self.in_features
-        bits += 8 * (
-            self.lut.numel() * self.lut.element_size()
-            + self.scales.numel() * self.scales.element_size()
-        )
-        return bits / (self.out_features * self.in_features)
+        """Bits stored per weight: the bytes of packed codes, table and scales, times 8, over
+        out_features * in_features."""
+        stored = sum(t.numel() * t.element_size() for t in (self.packed, self.lut, self.scales))
+        return 8 * stored / (self.out_features * self.in_features)
 
     def extra_repr(self) -> str:
         return (

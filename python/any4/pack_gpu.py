@@ -22,11 +22,23 @@ from typing import Any, Optional
 
 from . import _tensor as T
 from ._core import C
+from .pack import code_bits, pack, unpack
+from .quantize import QuantizedTensor
+from .validate import check_values, infer_group_size
+from .validate import group_size as checked_group_size
 
 DEQUANTIZERS = {"arith": 0, "lut_reg": 1, "lut_smem": 2}
-# Table lookup used when none is named (the other one is kept for measurements: bench/).
-DEFAULT_LUT_DEQUANT = "lut_reg"
+# Table lookup used when none is named, per table length L (16: 4-bit, 8: 3-bit, 4: 2-bit
+# tables); the other one is kept selectable for measurements (bench/gemm_cuda_bench.py times
+# both): set an entry to whichever the benchmark shows faster for that format.
+DEFAULT_LUT_DEQUANT = {16: "lut_reg", 8: "lut_reg", 4: "lut_reg"}
 COMPUTE_DTYPES = ("bfloat16", "float16")
+# Kernel variants (cuda/gemm_tc.cu): chunks per register pipeline stage, and how many waves of
+# blocks the automatic split-K plan may fill (cuda/layout.cuh make_tc_plan).
+STAGE_CHUNKS = (2, 4)
+DEFAULT_STAGE_CHUNKS = 2
+SPLIT_WAVES = (1, 2)
+DEFAULT_SPLIT_WAVES = 2
 
 
 def _torch():
@@ -47,6 +59,7 @@ class GpuWeight:
     lut_len: int  # L = 2^bits entries used per row
     lut_shared: bool  # the table was one row for all (fixed formats)
     arith_neg2: int  # >= 0: the table is c + offset (int formats), the kernel's Arith constant
+    storage_bits: int = 4  # code width of the storage layout it was packed from (pack.py)
 
     @property
     def dtype(self) -> str:
@@ -80,7 +93,9 @@ class GpuWeight:
         return sum(T.nbytes(t) for t in (self.codes, self.scales, self.lut))
 
     def default_dequant(self) -> str:
-        return "arith" if self.arith else DEFAULT_LUT_DEQUANT
+        """The dequantizer used when none is named: arith for int tables, else the table
+        lookup of DEFAULT_LUT_DEQUANT for this table length."""
+        return "arith" if self.arith else DEFAULT_LUT_DEQUANT.get(self.lut_len, "lut_reg")
 
 
 def _lut_2d(lut: Any) -> Any:
@@ -99,8 +114,10 @@ def pack_for_gpu(
     """Repack a quantized weight into the GPU layout (done once, at load time).
 
     Args:
-        packed: uint8 [N, ceil(K/2)] codes (torch tensor, CPU or CUDA), or a QuantizedTensor
-            (then lut, scales, K and group_size come from it).
+        packed: uint8 [N, ceil(bits*K/8)] codes (torch tensor, CPU or CUDA), or a
+            QuantizedTensor (then lut, scales, K and group_size come from it). 3- and 2-bit codes
+            are widened to nibbles here: the GPU layout and kernels hold 4-bit codes, so on the
+            GPU a 3/2-bit weight costs what a 4-bit one does.
         lut: [N, L] or [1, L] / [L] table, L <= 16 (float32, float16 or bfloat16).
         scales: [N, ceil(K/G), 2] (scale, zero), lut's dtype.
         K: number of input features (needed: an odd K and K+1 pack to the same bytes).
@@ -111,10 +128,6 @@ def pack_for_gpu(
     Returns:
         GpuWeight on the device of ``packed``.
     """
-    from .quantize import QuantizedTensor
-    from .validate import check_values, infer_group_size
-    from .validate import group_size as checked_group_size
-
     torch = _torch()
     if isinstance(packed, QuantizedTensor):
         qt = packed
@@ -134,9 +147,9 @@ def pack_for_gpu(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     device = packed.device
     K = int(K)
-    if packed.dtype != torch.uint8 or packed.ndim != 2 or int(packed.shape[1]) != (K + 1) // 2:
+    if packed.dtype != torch.uint8 or packed.ndim != 2:
         raise ValueError(
-            f"packed must be uint8 [N, ceil(K/2)={(K + 1) // 2}], got {packed.dtype} {tuple(packed.shape)}"
+            f"packed must be uint8 [N, ceil(bits*K/8)], got {packed.dtype} {tuple(packed.shape)}"
         )
     N = int(packed.shape[0])
     lut2 = _lut_2d(lut)
@@ -145,6 +158,7 @@ def pack_for_gpu(
     lut_rows, lut_len = (int(s) for s in lut2.shape)
     if lut_rows not in (1, N) or not 1 <= lut_len <= 16:
         raise ValueError(f"lut must be [1, L] or [N={N}, L] with L <= 16, got {tuple(lut.shape)}")
+    bits = code_bits(K, int(packed.shape[1]), lut_len, name="packed")
     table_dtype = T.dtype_name(lut2)
     if table_dtype not in T.DTYPE_CODE or T.dtype_name(scales) != table_dtype:
         raise TypeError(
@@ -175,7 +189,9 @@ def pack_for_gpu(
     p_cpu = packed.detach().to("cpu").contiguous()
     l_cpu = lut2.detach().to("cpu").contiguous()
     s_cpu = scales.detach().to("cpu").contiguous()
-    check_values(p_cpu, l_cpu, s_cpu, K)  # once, at load time: codes < L, pads 0, finite
+    check_values(p_cpu, l_cpu, s_cpu, K, bits)  # once, at load time: codes < L, pads 0, finite
+    if bits != 4:  # the GPU layout holds nibbles
+        p_cpu = pack(unpack(p_cpu, K, bits), 4)
     codes = torch.empty(sizes["n_tiles"], sizes["k_chunks"], 32, 16, dtype=torch.uint8)
     sc = torch.empty(sizes["n_tiles"], sizes["n_groups_pad"], 8, 4, dtype=getattr(torch, dtype))
     lt = torch.empty(sizes["N_pad"], 32, dtype=torch.uint8)
@@ -187,13 +203,14 @@ def pack_for_gpu(
     neg2 = C.gpu_arith_constant(
         l_cpu.data_ptr(), lut_rows, lut_len, T.DTYPE_CODE[table_dtype], T.DTYPE_CODE[dtype]
     )
-    w = GpuWeight(codes, sc, lt, (N, K), group_size, lut_len, lut_rows == 1, int(neg2))
+    w = GpuWeight(codes, sc, lt, (N, K), group_size, lut_len, lut_rows == 1, int(neg2), bits)
     return w if device.type == "cpu" else w.to(device)
 
 
 def unpack_from_gpu(w: GpuWeight) -> tuple:
-    """Exact inverse of :func:`pack_for_gpu`: (packed uint8 [N, ceil(K/2)], lut [1 or N, L],
-    scales [N, ceil(K/G), 2]) as CPU tensors, tables in the GPU weight's dtype."""
+    """Exact inverse of :func:`pack_for_gpu`: (packed uint8 [N, ceil(bits*K/8)], lut [1 or N, L],
+    scales [N, ceil(K/G), 2]) as CPU tensors, tables in the GPU weight's dtype; the codes in the
+    storage layout they were packed from (``w.storage_bits``)."""
     torch = _torch()
     N, K = w.shape
     sizes = C.gpu_pack_sizes(N, K, w.group_size)
@@ -213,6 +230,8 @@ def unpack_from_gpu(w: GpuWeight) -> tuple:
         codes.data_ptr(), sc.data_ptr(), lt.data_ptr(), N, K, w.group_size, lut_rows, w.lut_len,
         packed.data_ptr(), scales.data_ptr(), lut.data_ptr(),
     )  # fmt: skip
+    if w.storage_bits != 4:
+        packed = pack(unpack(packed, K, 4), w.storage_bits)
     return packed, lut, scales
 
 
@@ -234,12 +253,15 @@ def emulate_gpu_gemm(
     num_sms: int = 108,
     blocks_per_sm: int = 4,
     splits: int = 0,
+    split_waves: int = DEFAULT_SPLIT_WAVES,
+    stage_chunks: int = DEFAULT_STAGE_CHUNKS,
 ) -> Any:
     """Run the tensor-core kernel's lanes on the CPU (slow; for tests): y = x @ dequant(W)^T.
 
     x: [..., K] CPU tensor in the weight's dtype. ``num_sms`` and ``blocks_per_sm`` drive the
-    kernel's split-K plan, ``splits`` > 0 forces a number of K splits. Returns y [..., N] in
-    x's dtype.
+    kernel's split-K plan (``split_waves``: 1 or 2 waves of blocks), ``splits`` > 0 forces a
+    number of K splits, ``stage_chunks`` (2 or 4) is the pipeline variant. Returns y [..., N]
+    in x's dtype.
     """
     torch = _torch()
     N, K = w.shape
@@ -250,6 +272,7 @@ def emulate_gpu_gemm(
     if x.ndim < 1 or int(x.shape[-1]) != K:
         raise ValueError(f"x must be [..., K={K}], got {tuple(x.shape)}")
     code = dequant_code(w, dequant)
+    check_variant(stage_chunks, split_waves)
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, K).contiguous()
     M = int(x2.shape[0])
@@ -259,15 +282,59 @@ def emulate_gpu_gemm(
         C.emulate_gpu_gemm(
             x2.data_ptr(), T.DTYPE_CODE[w.dtype], M, K, N, w.group_size, wc.codes.data_ptr(),
             wc.scales.data_ptr(), wc.lut.data_ptr(), code, max(w.arith_neg2, 0), int(num_sms),
-            int(blocks_per_sm), int(splits), y.data_ptr(),
+            int(blocks_per_sm), int(splits), int(split_waves), int(stage_chunks), y.data_ptr(),
         )  # fmt: skip
     return y.reshape(lead + (N,))
 
 
-def tc_plan(M: int, N: int, K: int, num_sms: int, blocks_per_sm: int = 4, splits: int = 0) -> dict:
-    """The kernel's grid plan (B tiles per mma, m-tiles, blocks, K splits) for a shape on a GPU
-    with num_sms multiprocessors holding blocks_per_sm blocks each."""
-    return dict(C.tc_plan(int(M), int(N), int(K), int(num_sms), int(blocks_per_sm), int(splits)))
+def emulate_gpu_dequant(w: GpuWeight, *, dequant: Optional[str] = None) -> Any:
+    """Run the dequantize kernel of the large-batch path on the CPU (tests): W [N, K] in the
+    weight's dtype, as the GPU writes it before its dense matmul (the storage-layout weight
+    dequantized with the kernel's own lookups and one packed fma per value)."""
+    torch = _torch()
+    N, K = w.shape
+    code = dequant_code(w, dequant)
+    sizes = C.gpu_pack_sizes(N, K, w.group_size)
+    out = torch.empty(N, sizes["K_pad"], dtype=getattr(torch, w.dtype))
+    wc = w.cpu()
+    C.emulate_gpu_dequant(
+        T.DTYPE_CODE[w.dtype], K, N, w.group_size, wc.codes.data_ptr(), wc.scales.data_ptr(),
+        wc.lut.data_ptr(), code, max(w.arith_neg2, 0), out.data_ptr(),
+    )  # fmt: skip
+    return out[:, :K]
+
+
+def check_variant(stage_chunks: int, split_waves: int) -> None:
+    """Raise ValueError unless (stage_chunks, split_waves) names a kernel variant."""
+    if stage_chunks not in STAGE_CHUNKS:
+        raise ValueError(f"stage_chunks must be one of {STAGE_CHUNKS}, got {stage_chunks!r}")
+    if split_waves not in SPLIT_WAVES:
+        raise ValueError(f"split_waves must be one of {SPLIT_WAVES}, got {split_waves!r}")
+
+
+def tc_plan(
+    M: int,
+    N: int,
+    K: int,
+    num_sms: int,
+    blocks_per_sm: int = 4,
+    splits: int = 0,
+    split_waves: int = DEFAULT_SPLIT_WAVES,
+) -> dict:
+    """The kernel's grid plan (B tiles per mma, m-tiles, blocks, K splits, scratch sizes) for a
+    shape on a GPU with num_sms multiprocessors holding blocks_per_sm blocks each; the automatic
+    split-K (splits=0) fills at most ``split_waves`` waves."""
+    return dict(
+        C.tc_plan(
+            int(M), int(N), int(K), int(num_sms), int(blocks_per_sm), int(splits), int(split_waves)
+        )
+    )
+
+
+def tc_scratch_bound(num_sms: int, blocks_per_sm: int) -> tuple:
+    """(workspace floats, counters) that cover the split-K scratch of every automatic plan on a
+    GPU with num_sms multiprocessors holding at most blocks_per_sm blocks of any kernel."""
+    return tuple(int(v) for v in C.tc_scratch_bound(int(num_sms), int(blocks_per_sm)))
 
 
 def gpu_layout_sizes(N: int, K: int, group_size: int) -> dict:
@@ -276,6 +343,6 @@ def gpu_layout_sizes(N: int, K: int, group_size: int) -> dict:
 
 
 __all__ = [
-    "DEQUANTIZERS", "GpuWeight", "emulate_gpu_gemm", "gpu_layout_sizes", "pack_for_gpu",
-    "tc_plan", "unpack_from_gpu",
+    "DEQUANTIZERS", "GpuWeight", "emulate_gpu_dequant", "emulate_gpu_gemm", "gpu_layout_sizes",
+    "pack_for_gpu", "tc_plan", "tc_scratch_bound", "unpack_from_gpu",
 ]  # fmt: skip

@@ -2,7 +2,8 @@
 
 Every format produces the same three tensors (see :class:`QuantizedTensor`)::
 
-    packed  uint8 [N, ceil(K/2)]      codes, two per byte (any4.pack)
+    packed  uint8 [N, ceil(bits*K/8)] codes, one dense bit stream per row (any4.pack):
+                                       4-bit two per byte, 3-bit 8 per 3 bytes, 2-bit 4 per byte
     lut     [N, 2^bits] or [1, 2^bits] per-row (learned) or shared (fixed) table
     scales  [N, ceil(K/G), 2]          per-group (scale, zero)
 
@@ -31,7 +32,7 @@ from .stats import DEFAULT_WEIGHTING, ChannelStats, channel_weight
 class QuantizedTensor:
     """A quantized [N, K] weight: packed codes, table and group affine (CPU or CUDA tensors)."""
 
-    packed: Any  # uint8 [N, ceil(K/2)]
+    packed: Any  # uint8 [N, ceil(bits*K/8)]
     lut: Any  # [N or 1, 2^bits], dtype
     scales: Any  # [N, ceil(K / group_size), 2], dtype
     shape: tuple  # (N, K)
@@ -48,7 +49,7 @@ class QuantizedTensor:
 
     def codes(self) -> Any:
         """Unpacked codes, uint8 [N, K]."""
-        return unpack(self.packed, self.shape[1])
+        return unpack(self.packed, self.shape[1], self.bits)
 
     def dequantize(self) -> Any:
         return dequantize(self)
@@ -56,6 +57,11 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         """Bytes held by packed codes, table and scales."""
         return sum(T.nbytes(t) for t in (self.packed, self.lut, self.scales))
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits (codes, table, scales) per weight: 8 * nbytes() / (N * K)."""
+        return 8.0 * self.nbytes() / (self.shape[0] * self.shape[1])
 
 
 def check_group_size(group_size: int, K: int) -> None:
@@ -159,7 +165,7 @@ def quantize(
         int(seed), codes.ctypes.data, lut.ctypes.data, scales.ctypes.data,
     )  # fmt: skip
     _check_representable(w32, lut, scales, dtype, f.learned)
-    packed = pack(codes)
+    packed = pack(codes, f.bits)
     return QuantizedTensor(
         packed=T.from_numpy_like(w, packed),
         lut=T.from_numpy_like(w, lut, dtype),
@@ -197,8 +203,9 @@ def dequantize(qt: QuantizedTensor, dtype: Optional[str] = None) -> Any:
     table and scales), so a bad one raises ValueError/TypeError rather than giving garbage."""
     from .validate import check_quantized
 
-    check_quantized(qt)
+    check_quantized(qt)  # (packed holds qt.bits-bit codes in the dense layout, any4.pack)
     N, K = qt.shape
+    bits = qt.bits
     packed, lut, scales = (_cpu(t) for t in (qt.packed, qt.lut, qt.scales))
     pb = T.buffer(packed, "packed", dtypes=("uint8",), ndim=2)
     lb = T.buffer(
@@ -210,6 +217,7 @@ def dequantize(qt: QuantizedTensor, dtype: Optional[str] = None) -> Any:
         pb.ptr,
         N,
         K,
+        bits,
         lb.ptr,
         lb.shape[0],
         lb.shape[1],

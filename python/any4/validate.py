@@ -4,13 +4,15 @@ Every quantized weight is checked where it enters any4 (``gemm``, ``dequantize``
 ``pack_for_gpu``, ``QuantLinear`` construction and ``load_state_dict``, ``any4.load``):
 
 - shapes: ``packed`` [N, :func:`packed_shape`], ``lut`` [N or 1, L], ``scales`` [N, G_count, 2];
-- K: an odd K pads the last byte's high nibble with 0 (``any4.pack``); a non-zero pad means the
-  weight has K+1 columns (K and K+1 pack to the same bytes, so this is the only way to tell);
+- K: the bits of the last byte past the K codes are 0 (``any4.pack``: an odd K's high nibble for
+  4-bit codes); a non-zero pad means the weight has more columns (K and K+1 can pack to the
+  same bytes, so this is the only way to tell);
 - group size: an int, a positive multiple of 8, at most :func:`max_group_size` (K rounded up
   to a power of two >= 16), giving exactly the number of scale groups (:func:`group_size`);
 - table length: a format's 2^bits entries (:func:`table_length`); the kernels take 1..16;
 - codes in range: every code < the table length (3- and 2-bit codes stored in nibbles could
-  hold 8..15, which no kernel can look up) (:func:`check_values`);
+  hold 8..15, which no kernel can look up; in their dense layouts every code fits a full table)
+  (:func:`check_values`);
 - tables and scales finite in their dtype: fp16 overflows at 65504 (:func:`check_finite`,
   the error names the first bad row).
 
@@ -34,7 +36,9 @@ from ._tensor import check_real  # noqa: F401 (part of this layer: complex input
 
 MAX_LEVELS = 16  # table entries the kernels can look up (4-bit codes)
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-CODE_LAYOUTS = (None, "nibble")  # None: 4-bit nibbles, two codes per byte (format version 1, 2)
+# None / "dense": one bit stream per row at the format's width (any4.pack); "nibble": two codes
+# per byte whatever the width (3/2-bit codes in files written before the dense layouts).
+CODE_LAYOUTS = (None, "dense", "nibble")
 
 
 def _int(v: Any, name: str) -> int:
@@ -46,7 +50,8 @@ def _int(v: Any, name: str) -> int:
 def packed_shape(K: int, bits: int = 4, layout: Optional[str] = None) -> int:
     """Bytes per row of the packed codes of a K-column weight with ``bits``-bit codes.
 
-    ``layout`` None / "nibble": two codes per byte whatever ``bits`` (ceil(K/2)).
+    ``layout`` None / "dense": ceil(bits * K / 8) (any4.pack); "nibble": two codes per byte
+    whatever ``bits`` (ceil(K/2)).
     """
     K = _int(K, "K")
     if K < 1:
@@ -55,7 +60,7 @@ def packed_shape(K: int, bits: int = 4, layout: Optional[str] = None) -> int:
         raise ValueError(f"unknown code layout {layout!r}; known: {CODE_LAYOUTS[1:]}")
     if _int(bits, "bits") not in (2, 3, 4):
         raise ValueError(f"bits must be 2, 3 or 4, got {bits}")
-    return (K + 1) // 2
+    return (K + 1) // 2 if layout == "nibble" else (K * bits + 7) // 8
 
 
 def max_group_size(K: int) -> int:
@@ -213,35 +218,47 @@ def _max(dtype: str) -> float:
     return {"float16": 65504.0, "bfloat16": 3.3895313892515355e38}.get(dtype, math.inf)
 
 
-def check_codes(packed: Any, K: int, L: int) -> None:
-    """Every nibble code < L, and the pad nibble of an odd K zero (O(N K))."""
+def check_codes(packed: Any, K: int, L: int, bits: int = 4) -> None:
+    """Every code < L, and the pad bits of the last byte zero (O(N K)); ``packed`` holds
+    ``bits``-bit codes in the dense layout (any4.pack; 4: nibbles)."""
     is_t = T.is_torch(packed)
-    if K % 2:
-        pad = packed[:, -1] >> 4
+    used = bits * K % 8  # bits of the last byte that hold codes (0: all)
+    if used and packed.shape[0] and packed.shape[1]:
+        pad = packed[:, -1] >> used
         if bool(pad.any()):
             row = int(pad.nonzero()[0, 0]) if is_t else int(np.flatnonzero(pad)[0])
+            what = "pad nibble" if bits == 4 else "pad bits"
             raise ValueError(
-                f"packed row {row}: the pad nibble of the last byte is not 0, so the codes have "
+                f"packed row {row}: the {what} of the last byte is not 0, so the codes have "
                 f"more than K={K} columns (K={K + 1}?)"
             )
-    if L >= MAX_LEVELS or packed.shape[0] == 0 or packed.shape[1] == 0:
+    if L >= 1 << bits or packed.shape[0] == 0 or packed.shape[1] == 0:
         return
-    lo_max = int((packed & 0xF).max())
-    hi_max = int((packed >> 4).max())
-    if max(lo_max, hi_max) < L:
-        return
-    bad = ((packed & 0xF) >= L) | ((packed >> 4) >= L)
+    if bits == 4:
+        lo, hi = packed & 0xF, packed >> 4
+        top = max(int(lo.max()), int(hi.max()))
+        if top < L:
+            return
+        bad = (lo >= L) | (hi >= L)
+    else:
+        from .pack import unpack, unpack_torch
+
+        codes = unpack_torch(packed, K, bits) if is_t else unpack(packed, K, bits)
+        top = int(codes.max())
+        if top < L:
+            return
+        bad = codes >= L
     row = _first_row(bad)
     raise ValueError(
-        f"packed row {row} holds code {max(lo_max, hi_max)}, past the table of {L} entries "
-        f"(codes must be < {L})"
+        f"packed row {row} holds code {top}, past the table of {L} entries (codes must be < {L})"
     )
 
 
-def check_values(packed: Any, lut: Any, scales: Any, K: int) -> None:
-    """The O(size) checks: codes in range, pad nibbles zero, lut and scales finite."""
+def check_values(packed: Any, lut: Any, scales: Any, K: int, bits: int = 4) -> None:
+    """The O(size) checks: codes in range, pad bits zero, lut and scales finite (``bits``: the
+    width of the dense layout packed holds)."""
     L = int(lut.shape[-1])
-    check_codes(packed, K, L)
+    check_codes(packed, K, L, bits)
     check_finite(lut, "lut")
     check_finite(scales, "scales")
 
@@ -263,21 +280,22 @@ def check_quantized(qt: Any, *, values: bool = True) -> tuple:
     if not f.learned and parts[2] != 1:
         raise ValueError(f"format {f.name} has a fixed table: lut must be one row")
     if values:
-        check_values(qt.packed, lut, qt.scales, K)
+        check_values(qt.packed, lut, qt.scales, K, f.bits)
     return parts
 
 
 # ---- once per tensor version (gemm's hot path) ------------------------------------------------
 
-_CHECKED: dict = {}  # id(packed) -> (weakref, version, K, L)
+_CHECKED: dict = {}  # id(packed) -> (weakref, version, K, L, bits)
 
 
-def check_codes_once(packed: Any, K: int, L: int) -> None:
+def check_codes_once(packed: Any, K: int, L: int, bits: int = 4) -> None:
     """:func:`check_codes`, skipped when this torch tensor (same object, same in-place version)
-    already passed for (K, L). Only needed where a bad code is possible (L < 16 or an odd K)."""
+    already passed for (K, L, bits). Only needed where a bad code is possible (L < 2^bits or pad
+    bits in the last byte: see :func:`codes_need_check`)."""
     if not T.is_torch(packed) or packed.device.type == "meta":
         if not T.is_torch(packed):
-            check_codes(packed, K, L)
+            check_codes(packed, K, L, bits)
         return
     key = id(packed)
     try:
@@ -285,14 +303,20 @@ def check_codes_once(packed: Any, K: int, L: int) -> None:
     except RuntimeError:  # inference-mode tensors have no version counter
         version = -1
     entry = _CHECKED.get(key)
-    if entry is not None and entry[0]() is packed and entry[1:] == (version, K, L):
+    if entry is not None and entry[0]() is packed and entry[1:] == (version, K, L, bits):
         return
-    check_codes(packed, K, L)
+    check_codes(packed, K, L, bits)
     try:
         ref = weakref.ref(packed, lambda _, key=key: _CHECKED.pop(key, None))
     except TypeError:  # pragma: no cover - tensors support weak references
         return
-    _CHECKED[key] = (ref, version, K, L)
+    _CHECKED[key] = (ref, version, K, L, bits)
+
+
+def codes_need_check(K: int, L: int, bits: int = 4) -> bool:
+    """Whether ``bits``-bit codes of K columns can be invalid for an L-entry table: a code past
+    the table (L < 2^bits) or pad bits in the last byte (bits * K not a multiple of 8)."""
+    return L < 1 << bits or bits * K % 8 != 0
 
 
 __all__ = [
@@ -303,6 +327,7 @@ __all__ = [
     "check_quantized",
     "check_real",
     "check_values",
+    "codes_need_check",
     "group_size",
     "infer_group_size",
     "max_group_size",
