@@ -163,3 +163,23 @@ def test_cli_default_top_k_matches_the_library() -> None:
     from any4 import cli, metrics
 
     assert cli.DEFAULT_KLD_TOP_K == metrics.DEFAULT_TOP_K
+
+
+def test_evaluate_formats_scores_the_float_model_once_for_the_reference() -> None:
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama
+
+    from any4.eval import evaluate_formats
+
+    model = tiny_llama(seed=2)
+    windows = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(8))
+    ref = Reference(top_k=16, tail_samples=8)
+    rows = evaluate_formats(model, windows, ["int4"], [16], progress=False, reference=ref)
+    assert len(ref) == 2 and [r["fmt"] for r in rows] == ["int4"]  # no fp row was asked for
+    assert rows[0]["kld"] > 0 and 0 < rows[0]["top1"] <= 1
+    again = evaluate_formats(model, windows, ["fp", "int4"], [16], progress=False, reference=ref)
+    assert len(ref) == 2  # reused, not recorded again
+    assert abs(again[0]["kld"]) < 1e-6 and again[0]["top1"] == 1.0
+    assert again[1]["kld"] == pytest.approx(rows[0]["kld"], rel=1e-9)
+    off = evaluate_formats(model, windows, ["int4"], [16], progress=False, kld_top_k=None)
+    assert off[0]["kld"] is None and off[0]["ppl"] == pytest.approx(rows[0]["ppl"], rel=1e-9)

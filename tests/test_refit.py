@@ -171,3 +171,21 @@ def test_quantize_model_refit_lowers_the_output_error_on_the_calibration() -> No
     with pytest.raises(ValueError):
         any4.quantize_model(copy.deepcopy(model), "any4", 16, ids, refit="full")
     assert np.isfinite(err["lut"])
+
+
+def test_covariance_cache_shares_one_input_and_never_confuses_two() -> None:
+    from any4.refit import CovarianceCache
+
+    cache = CovarianceCache(rank=None)
+    x = torch.randn(2, 7, 12)
+    a = cache(x)
+    assert cache(x) is a  # same tensor (q/k/v projections): computed once
+    torch.testing.assert_close(a[0], x.reshape(-1, 12).double().T @ x.reshape(-1, 12).double() / 14)
+    x.mul_(2)  # modified in place: recomputed
+    b = cache(x)
+    assert b is not a and torch.allclose(b[0], 4 * a[0])
+    del x, a, b
+    for _ in range(5):  # fresh tensors of the same shape (the allocator may reuse memory)
+        y = torch.randn(2, 7, 12)
+        yy = y.reshape(-1, 12).double()
+        torch.testing.assert_close(cache(y)[0], yy.T @ yy / 14)

@@ -92,6 +92,13 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
         help="k-means method (default optimal: exact weighted 1-D k-means; lloyd: faster)",
     )
     p.add_argument(
+        "--refit",
+        choices=("none", "lut", "lut+zero"),
+        default="none",
+        help="refit learned tables (lut) and group zeros (lut+zero) to the output error with "
+        "the calibration's full input covariance (default none)",
+    )
+    p.add_argument(
         "--table-dtype",
         choices=("bfloat16", "float16", "float32"),
         default=None,
@@ -315,6 +322,7 @@ def _quant_options(args: argparse.Namespace) -> dict:
         "mode": args.mode,
         "weighting": args.weighting,
         "method": args.method,
+        "refit": args.refit,
         "table_dtype": getattr(torch, args.table_dtype) if args.table_dtype else None,
         "skip": tuple(args.skip),
     }

@@ -235,7 +235,7 @@ def evaluate_formats(
                     "fmt": fmt,
                     "group_size": G,
                     **(
-                        {k: options.get(k) for k in ("weighting", "method", "mode")}
+                        {k: options.get(k) for k in ("weighting", "method", "mode", "refit")}
                         if learned
                         else {}
                     ),

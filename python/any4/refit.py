@@ -73,18 +73,21 @@ class CovarianceCache:
 
     def __init__(self, rank: Optional[int] = DEFAULT_RANK):
         self.rank = rank
+        self._x: Optional[torch.Tensor] = None  # held, so its memory cannot be reused meanwhile
         self._key: Optional[tuple] = None
         self._value: Optional[tuple] = None
 
+    def _key_of(self, x: torch.Tensor) -> tuple:
+        return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
+
     def __call__(self, x: torch.Tensor) -> tuple:
         """(H float64 [K, K], (d, U) from :func:`factor`) of activations x [..., K]."""
-        key = (x.data_ptr(), tuple(x.shape), x.dtype, x._version)
-        if key != self._key:
-            self._value = None  # free the previous matrix first
+        if self._x is None or self._key_of(x) != self._key:
+            self._x = self._value = None  # free the previous matrix first
             cov = Covariance()
             cov.update(x)
             H = cov.matrix
-            self._key, self._value = key, (H, factor(H, self.rank))
+            self._x, self._key, self._value = x, self._key_of(x), (H, factor(H, self.rank))
         return self._value
 
 
