@@ -381,6 +381,8 @@ def cmd_quantize_checkpoint(args: argparse.Namespace) -> int:
         )
     options = _quant_options(args)
     options["table_dtype"] = args.table_dtype
+    if options.pop("refit") != "none":
+        raise ValueError("--refit is not supported with --stream (streaming quantization) yet")
     calibration = _calibration(args)
     if args.calibration_ids:
         with open(args.calibration_ids, encoding="utf-8") as f:
