@@ -77,7 +77,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
 
   std::vector<uint8_t> codes(c.N * c.K), packed(c.N * any4::packed_cols(c.K));
   for (auto& v : codes) v = static_cast<uint8_t>(code_dist(rng));
-  any4::pack_nibbles(codes.data(), c.N, c.K, packed.data());
+  any4::pack_codes(codes.data(), c.N, c.K, 4, packed.data());
   const int64_t n_groups = (c.K + c.G - 1) / c.G;
   std::vector<uint16_t> lut(lut_rows * L), scales(c.N * n_groups * 2);
   for (int64_t r = 0; r < lut_rows; ++r)
