@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import fsync_directory
 from .calibration import (
     DEFAULT_MAX_TOKENS,
     ActivationRecorder,
@@ -65,7 +66,6 @@ from .safetensors_stream import (
     TORCH_DTYPES,
     CheckpointError,
     Entry,
-    fsync_dir,
     read_header,
     write_file,
     write_json,
@@ -964,7 +964,7 @@ class _Run:
         for name in os.listdir(self.partial):
             if name.startswith("carry-") or name == STATE_NAME:
                 os.remove(os.path.join(self.partial, name))
-        fsync_dir(self.partial)
+        fsync_directory(self.partial)
         old = None
         if os.path.exists(self.dst):
             old = self.dst.rstrip("/\\") + ".any4-old"
@@ -972,7 +972,7 @@ class _Run:
                 shutil.rmtree(old)
             os.replace(self.dst, old)
         os.replace(self.partial, self.dst)
-        fsync_dir(os.path.dirname(os.path.abspath(self.dst)))
+        fsync_directory(os.path.dirname(os.path.abspath(self.dst)))
         if old is not None:
             shutil.rmtree(old)
         return {

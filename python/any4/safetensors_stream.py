@@ -26,6 +26,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from . import atomic
+
 ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -237,30 +239,11 @@ def write_file(
     return digests
 
 
-def fsync_dir(path: str) -> None:
-    """fsync a directory (makes renames inside it durable); a no-op where unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_json(path: str, obj: Any) -> None:
-    """Write JSON atomically: a temporary file next to ``path``, fsync, rename."""
-    tmp = f"{path}.tmp"
+    """Write JSON atomically (any4.atomic; keys in insertion order); a full disk is an OSError
+    naming the file."""
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic.write_json(path, obj, sort_keys=False)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(e.errno, f"disk full while writing {path}: {e.strerror}") from e
