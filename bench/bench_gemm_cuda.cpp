@@ -7,8 +7,9 @@
 //
 // Shapes N x K from SPEC §7 (Llama-3-8B), batch M in {1, 4, 16}, group size 128, bf16; every
 // dequantizer (arith on an int table, lut_reg / lut_smem on per-row tables), both pipeline
-// depths (stage_chunks 2 and 4) and both split-K plans (1 or 2 waves). Weights are random bytes
-// in the GPU layout (timing does not depend on the values; correctness: tests/test_gemm_cuda.py,
+// depths (stage_chunks 2 and 4) and both split-K plans (1 or 2 waves) for 4-bit codes; arith
+// and lut_reg at both depths for the dense 3- and 2-bit layouts (label "3-bit" / "2-bit"). Weights are random
+// bytes in the GPU layout (timing does not depend on the values; correctness: tests/test_gemm_cuda.py,
 // bench/gpu_selfcheck.cpp), rotated over copies totalling > 2x the L2 cache so every call reads
 // its weight from DRAM. Time per call from CUDA events over a batch of calls (manual time).
 // Counter GB/s: weight bytes (codes + scales + tables) plus x and y per second. BM_copy gives
@@ -64,22 +65,24 @@ struct Weight {
 // Copies of one random GPU-layout weight, x and y, and the split-K scratch of the largest plan.
 struct Problem {
   int64_t N, K, M;
+  int bits;
   TcShape s;
   std::vector<Weight> copies;
   std::unique_ptr<DeviceMem> x, y, ws, ctr, wd;
   int64_t weight_bytes() const { return s.code_bytes() + s.scale_elems() * 2 + s.lut_bytes(); }
 };
 
-Problem& problem(int64_t N, int64_t K, int64_t M) {
+Problem& problem(int64_t N, int64_t K, int64_t M, int bits) {
   static std::vector<std::unique_ptr<Problem>> cache;
   for (auto& p : cache)
-    if (p->N == N && p->K == K && p->M == M) return *p;
+    if (p->N == N && p->K == K && p->M == M && p->bits == bits) return *p;
   cache.clear();  // one shape's weights at a time
   auto p = std::make_unique<Problem>();
   p->N = N;
   p->K = K;
   p->M = M;
-  p->s = any4::gpu::tc_shape(N, K, kGroup);
+  p->bits = bits;
+  p->s = any4::gpu::tc_shape(N, K, kGroup, bits);
   int dev = 0;
   CHECK_CUDA(cudaGetDevice(&dev));
   int l2 = 0;
@@ -136,13 +139,13 @@ double time_calls(Fn&& fn, int calls) {
   return ms * 1e-3 / calls;
 }
 
-// Args: shape index, M, dequantizer, stage chunks, split waves.
+// Args: shape index, M, dequantizer, stage chunks, split waves, code bits.
 void BM_gemm_tc(benchmark::State& state) {
   const int64_t N = kShapes[state.range(0)][0], K = kShapes[state.range(0)][1], M = state.range(1);
   const int dq = static_cast<int>(state.range(2)), sc = static_cast<int>(state.range(3));
-  const int waves = static_cast<int>(state.range(4));
+  const int waves = static_cast<int>(state.range(4)), bits = static_cast<int>(state.range(5));
   try {
-    Problem& p = problem(N, K, M);
+    Problem& p = problem(N, K, M, bits);
     auto call = [&](int i) {
       const Weight& w = p.copies[i % p.copies.size()];
       any4::cuda::TcGemmArgs a;
@@ -164,16 +167,17 @@ void BM_gemm_tc(benchmark::State& state) {
       a.n_counters = any4::cuda::gemm_tc_scratch_bound(0).counters;
       a.stage_chunks = sc;
       a.split_waves = waves;
+      a.bits = bits;
       any4::cuda::gemm_tc(a);
     };
     time_calls(call, static_cast<int>(p.copies.size()));  // warm-up
     for (auto _ : state) state.SetIterationTime(time_calls(call, kCallsPerIteration));
     CHECK_CUDA(cudaGetLastError());
-    const any4::gpu::TcPlan plan = any4::cuda::gemm_tc_plan(M, N, K, 2, dq, 0, 0, sc, waves);
+    const any4::gpu::TcPlan plan = any4::cuda::gemm_tc_plan(M, N, K, 2, dq, 0, 0, sc, waves, bits);
     state.counters["splits"] = static_cast<double>(plan.splits);
     state.counters["GB/s"] = benchmark::Counter(static_cast<double>(p.weight_bytes() + M * K * 2 + M * N * 2),
                                                 benchmark::Counter::kIsIterationInvariantRate);
-    state.SetLabel(std::string(kDequantNames[dq]) + " stages=" + std::to_string(sc) +
+    state.SetLabel(std::to_string(bits) + "-bit " + kDequantNames[dq] + " stages=" + std::to_string(sc) +
                    " waves=" + std::to_string(waves));
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
@@ -183,9 +187,9 @@ void BM_gemm_tc(benchmark::State& state) {
 // The dequantize kernel of the M > 64 path (bytes: weight read + bf16 W written).
 void BM_dequant_tc(benchmark::State& state) {
   const int64_t N = kShapes[state.range(0)][0], K = kShapes[state.range(0)][1];
-  const int dq = static_cast<int>(state.range(1));
+  const int dq = static_cast<int>(state.range(1)), bits = static_cast<int>(state.range(2));
   try {
-    Problem& p = problem(N, K, 1);
+    Problem& p = problem(N, K, 1, bits);
     auto call = [&](int i) {
       const Weight& w = p.copies[i % p.copies.size()];
       any4::cuda::TcDequantArgs a;
@@ -198,6 +202,7 @@ void BM_dequant_tc(benchmark::State& state) {
       a.lut = w.lut->p;
       a.dequant = dq;
       a.arith_neg2 = 0xc100c100u;
+      a.bits = bits;
       a.w = p.wd->p;
       any4::cuda::gemm_tc_dequant(a);
     };
@@ -205,7 +210,7 @@ void BM_dequant_tc(benchmark::State& state) {
     for (auto _ : state) state.SetIterationTime(time_calls(call, kCallsPerIteration));
     state.counters["GB/s"] = benchmark::Counter(static_cast<double>(p.weight_bytes() + N * p.s.K_pad * 2),
                                                 benchmark::Counter::kIsIterationInvariantRate);
-    state.SetLabel(kDequantNames[dq]);
+    state.SetLabel(std::to_string(bits) + "-bit " + kDequantNames[dq]);
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
   }
@@ -227,14 +232,21 @@ void BM_copy(benchmark::State& state) {
 
 void gemm_args(benchmark::internal::Benchmark* b) {
   for (int shape = 0; shape < 4; ++shape)
-    for (int M : {1, 4, 16})
+    for (int M : {1, 4, 16}) {
       for (int dq = 0; dq < 3; ++dq)
         for (int sc : {2, 4})
-          for (int waves : {1, 2}) b->Args({shape, M, dq, sc, waves});
+          for (int waves : {1, 2}) b->Args({shape, M, dq, sc, waves, 4});
+      for (int bits : {3, 2})
+        for (int dq = 0; dq < 2; ++dq)
+          for (int sc : {2, 4}) b->Args({shape, M, dq, sc, 2, bits});
+    }
 }
 
 BENCHMARK(BM_copy)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_gemm_tc)->Apply(gemm_args)->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_dequant_tc)->ArgsProduct({{0, 1, 2, 3}, {0, 1}})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_dequant_tc)
+    ->ArgsProduct({{0, 1, 2, 3}, {0, 1}, {4, 3, 2}})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
 
 }  // namespace

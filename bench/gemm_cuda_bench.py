@@ -4,7 +4,9 @@ instance is timed: int4 (arithmetic conversion) and any4 (per-row tables) weight
 dequantizers, one B tile (M <= 8) and two (M = 16), bf16 and (at M = 1, 16) fp16, and the
 variants the device session should decide on: the deep register pipeline (stage_chunks=4),
 the one-wave split-K plan (split_waves=1, only where it differs from the default two-wave
-plan) and, at M = 128, the tensor-core kernel against the dequantize + cuBLAS path.
+plan) and, at M = 128, the tensor-core kernel against the dequantize + cuBLAS path. The dense
+3- and 2-bit layouts ("any4 any3 ...", "any4 int2 ...": per-row 8/4-entry tables and int tables)
+at every M <= 16, to compare with the 4-bit kernels on bytes moved.
 
 Shapes N x K: Llama-3-8B 4096x4096, 1024x4096, 14336x4096, 4096x14336; Llama-3-70B 8192x8192,
 28672x8192, 8192x28672; batch M in {1, 2, 4, 8, 16} (+ 128); group size 128; bf16 activations.
@@ -46,7 +48,7 @@ import torch
 import any4
 from any4._core import C
 from any4.cuda import gemm_gpu
-from any4.pack_gpu import GpuWeight, gpu_layout_sizes, unpack_from_gpu
+from any4.pack_gpu import GpuWeight, gpu_codes_shape, gpu_layout_sizes, unpack_from_gpu
 
 SHAPES = [
     ("L3-8B qkv/o", 4096, 4096),
@@ -105,29 +107,31 @@ def copies_for(nbytes: int, l2: int) -> int:
     return max(2, -(-2 * l2 // max(nbytes, 1)))
 
 
-def random_gpu_weight(N, K, int4_table, dev):
-    """Random codes and (scale, zero) in the GPU layout; the int4 table (c - 7.5, so the
-    arithmetic dequantizer applies) or random per-row tables."""
-    sizes = gpu_layout_sizes(N, K, G)
-    codes = torch.randint(
-        0, 256, (sizes["n_tiles"], sizes["k_chunks"], 32, 16), dtype=torch.uint8, device=dev
-    )
+def random_gpu_weight(N, K, int4_table, dev, bits=4):
+    """Random codes and (scale, zero) in the GPU layout of ``bits``-bit codes; the int table
+    (c - (L-1)/2, so the arithmetic dequantizer applies) or random per-row tables of L = 2^bits
+    entries (zero-padded to 16). Stored as if from nibbles (storage_bits=4), so that
+    unpack_from_gpu gives 4-bit codes for dequantized()."""
+    L = 1 << bits
+    sizes = gpu_layout_sizes(N, K, G, bits)
+    codes = torch.randint(0, 256, gpu_codes_shape(N, K, bits), dtype=torch.uint8, device=dev)
     scales = (
         torch.rand(sizes["n_tiles"], sizes["n_groups_pad"], 8, 4, device=dev) * 0.02
     ).bfloat16()
     if int4_table:
-        table = (torch.arange(16, dtype=torch.float32) - 7.5).bfloat16().view(torch.int16)
-        entries = table.to(dev).expand(sizes["N_pad"], 16)
+        table = (torch.arange(L, dtype=torch.float32) - (L - 1) / 2).bfloat16().view(torch.int16)
+        entries = table.to(dev).expand(sizes["N_pad"], L)
     else:
-        entries = torch.randn(sizes["N_pad"], 16, device=dev).bfloat16().view(torch.int16)
+        entries = torch.randn(sizes["N_pad"], L, device=dev).bfloat16().view(torch.int16)
+    entries = torch.nn.functional.pad(entries, (0, 16 - L))
     lut = torch.cat([(entries & 0xFF), (entries >> 8) & 0xFF], dim=1).to(torch.uint8).contiguous()
-    neg2 = int4_neg2() if int4_table else -1
-    return GpuWeight(codes, scales, lut, (N, K), G, 16, int4_table, neg2)
+    neg2 = int4_neg2(L) if int4_table else -1
+    return GpuWeight(codes, scales, lut, (N, K), G, L, int4_table, neg2, 4, bits)
 
 
-def int4_neg2() -> int:
-    table = torch.arange(16, dtype=torch.float32) - 7.5
-    return int(C.gpu_arith_constant(table.data_ptr(), 1, 16, 0, 2))
+def int4_neg2(L: int = 16) -> int:
+    table = torch.arange(L, dtype=torch.float32) - (L - 1) / 2
+    return int(C.gpu_arith_constant(table.data_ptr(), 1, L, 0, 2))
 
 
 def dequantized(w) -> torch.Tensor:
@@ -170,6 +174,12 @@ def bench_shape(name, N, K, batches, l2, dev, records, deadline, done):
     W = [torch.randn(N, K, dtype=torch.bfloat16, device=dev) * 0.02 for _ in range(n_bf16)]
     w_int4 = [random_gpu_weight(N, K, True, dev) for _ in range(n_q)]
     w_any4 = [random_gpu_weight(N, K, False, dev) for _ in range(n_q)]
+    low = {}  # dense 3/2-bit weights, each width with enough copies to leave the L2 behind
+    for bits in (3, 2):
+        n_b = copies_for(N * K * bits // 8 + N * (K // G) * 4 + N * 32, l2)
+        for name, arith in ((f"int{bits}", True), (f"any{bits}", False)):
+            low[name] = [random_gpu_weight(N, K, arith, dev, bits) for _ in range(n_b)]
+    n_low = max(len(v) for v in low.values())
     packed = [torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=dev) for _ in range(n_q)]
     lut_rows = torch.randn(N, 16, dtype=torch.bfloat16, device=dev)
     scales_st = torch.rand(N, K // G, 2, device=dev).bfloat16()
@@ -187,7 +197,7 @@ def bench_shape(name, N, K, batches, l2, dev, records, deadline, done):
             return False
         nx = max(n_bf16, n_q)
         xs = [torch.randn(M, K, dtype=torch.bfloat16, device=dev) for _ in range(nx)]
-        reps = max(nx, 20)
+        reps = max(nx, n_low, 20)
         kernels = {
             "bf16 cuBLAS": [
                 partial(torch.nn.functional.linear, xs[i % nx], W[i % n_bf16]) for i in range(reps)
@@ -213,10 +223,21 @@ def bench_shape(name, N, K, batches, l2, dev, records, deadline, done):
             if M in (1, 16):
                 add("any4 int4 arith stages=4", w_int4, dequant="arith", stage_chunks=4)
                 add("any4 any4 lut_reg stages=4", w_any4, dequant="lut_reg", stage_chunks=4)
-                one = C.cuda_gemm_tc_scratch(M, N, K, 2, 1, 0, 0, 2, 1)[2]
-                two = C.cuda_gemm_tc_scratch(M, N, K, 2, 1, 0, 0, 2, 2)[2]
+                one = C.cuda_gemm_tc_scratch(M, N, K, 2, 1, 0, 0, 2, 1, 4)[2]
+                two = C.cuda_gemm_tc_scratch(M, N, K, 2, 1, 0, 0, 2, 2, 4)[2]
                 if one != two:  # the split-K plans differ for this shape
                     add("any4 any4 lut_reg waves=1", w_any4, dequant="lut_reg", split_waves=1)
+            for bits in (3, 2):  # the dense 3/2-bit layouts
+                add(f"any4 int{bits} arith", low[f"int{bits}"], dequant="arith")
+                add(f"any4 any{bits} lut_reg", low[f"any{bits}"], dequant="lut_reg")
+                if M in (1, 16):
+                    add(f"any4 any{bits} lut_smem", low[f"any{bits}"], dequant="lut_smem")
+                    add(
+                        f"any4 any{bits} lut_reg stages=4",
+                        low[f"any{bits}"],
+                        dequant="lut_reg",
+                        stage_chunks=4,
+                    )
         if M == 1:
             kernels["any4 storage-layout (no tensor cores)"] = [
                 partial(any4.gemm, xs[i % nx], packed[i % n_q], lut_rows, scales_st, G)
@@ -252,9 +273,10 @@ def bench_shape(name, N, K, batches, l2, dev, records, deadline, done):
             try:
                 us = time_graph(fns)
                 rec["us"] = us
-                moved = (
-                    (bf16_bytes if kname.startswith("bf16") else q_bytes) + M * K * 2 + M * N * 2
-                )
+                w_bytes = w_of[kname].nbytes() if kname in w_of else None
+                if w_bytes is None:
+                    w_bytes = bf16_bytes if kname.startswith("bf16") else q_bytes
+                moved = w_bytes + M * K * 2 + M * N * 2
                 rec["GBps"] = moved / (us * 1e-6) / 1e9
                 if kname == "bf16 cuBLAS":
                     base = us

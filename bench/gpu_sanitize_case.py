@@ -7,7 +7,8 @@ Covers the grids production shapes produce, not only toy ones: several blocks wi
 idle last block (N = 72: 5 tiles in 2 blocks of 4 warps), an automatic split-K plan (N = 64,
 K = 4096), forced splits, N and K not multiples of the tile, G = 32 and 128, bf16 and fp16,
 every dequantizer, both pipeline depths, one and two B tiles (M = 5, 13), several m-tiles
-(M = 33), the large-batch dequantize + matmul path (M = 80), and the storage-layout kernel
+(M = 33), the large-batch dequantize + matmul path (M = 80), the dense 3- and 2-bit layouts
+(odd chunk counts end on a half-filled unit; forced odd splits), and the storage-layout kernel
 (fp32 x, odd group size). ``--smoke`` runs a subset (a few seconds without a sanitizer).
 Fixed seeds. Exit status 1 on a wrong result, 2 without a CUDA device / CUDA build.
 """
@@ -27,7 +28,7 @@ TOL = {"bfloat16": 1e-2, "float16": 2e-3, "float32": 1e-5}
 def ref(x, qt, K, G):
     from any4.pack import unpack
 
-    codes = unpack(qt.packed, K).numpy().astype(np.int64)
+    codes = unpack(qt.packed, K, qt.bits).numpy().astype(np.int64)
     lut = qt.lut.double().numpy()
     rows = np.arange(codes.shape[0])[:, None] if lut.shape[0] > 1 else np.zeros_like(codes[:, :1])
     sc = qt.scales.double().numpy()
@@ -51,6 +52,8 @@ def cases(smoke: bool):
             ("bfloat16", "any4", 72, 640, 32, (5, 33), (2,), (0,)),
             ("float16", "int4", 64, 4096, 128, (13,), (2,), (0, 3)),
             ("bfloat16", "nf4", 45, 333, 64, (1, 80), (4,), (0,)),
+            ("bfloat16", "any3", 45, 333, 64, (5, 80), (4,), (0, 3)),
+            ("float16", "int2", 64, 4096, 128, (13,), (2,), (0,)),
         ]
     return [
         ("bfloat16", "any4", 72, 640, 32, (5, 13, 33, 80), (2, 4), (0, 3)),
@@ -59,6 +62,10 @@ def cases(smoke: bool):
         ("float16", "int4", 64, 4096, 128, (5, 80), (2,), (0, 3)),
         ("bfloat16", "nf4", 45, 333, 64, (5, 13), (2, 4), (0, 3)),
         ("float16", "any3", 45, 333, 64, (13,), (2,), (0,)),
+        ("bfloat16", "any3", 72, 640, 32, (5, 33, 80), (2, 4), (0, 3)),
+        ("float16", "int3", 45, 333, 64, (5,), (4,), (0, 3)),
+        ("float16", "int2", 64, 4096, 128, (1, 13), (2, 4), (0, 5)),
+        ("bfloat16", "any2", 45, 333, 64, (13, 80), (2,), (0, 3)),
     ]
 
 
@@ -85,7 +92,7 @@ def main() -> int:
                     for splits in forced:
                         y = torch.full((M, N), float("nan"), dtype=dt, device="cuda")
                         gemm_gpu(xc, w, dequant=dq, splits=splits, stage_chunks=sc, out=y)
-                        what = f"tc {dtype} {fmt} N={N} K={K} G={G} M={M} {dq} stages={sc} splits={splits}"
+                        what = f"tc {dtype} {fmt} ({w.bits}-bit) N={N} K={K} G={G} M={M} {dq} stages={sc} splits={splits}"
                         good &= check(y, r, TOL[dtype], what)
             if M > 64 or args.smoke:
                 y = gemm_gpu(xc, w, impl="dequant_matmul")

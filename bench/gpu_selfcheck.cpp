@@ -4,12 +4,12 @@
 //   nvcc -std=c++17 -O2 -arch=sm_90 -Icpp -Icuda -o gpu_selfcheck bench/gpu_selfcheck.cpp
 //        cuda/*.cu cpp/pack_gpu.cpp cpp/emulate_gpu.cpp cpp/pack.cpp cpp/parallel.cpp
 //
-// For every case: random codes, tables and scales are packed into the GPU layout on the CPU
-// (cpp/pack_gpu.h); the tensor-core kernel (cuda/gemm_tc.cu) runs on the GPU into a
-// NaN-poisoned output and is compared with the CPU emulation of the same kernel
-// (cpp/emulate_gpu.h) and with a float64 reference; the dequantize kernel of the large-batch
-// path is compared with its emulation. One line per case; exit status 0 when every case
-// passes, 1 when one fails, 2 when there is no usable GPU.
+// For every case (4-, 3- and 2-bit codes): random codes, tables and scales are packed into the
+// GPU layout of their width on the CPU (cpp/pack_gpu.h); the tensor-core kernel
+// (cuda/gemm_tc.cu) runs on the GPU into a NaN-poisoned output and is compared with the CPU
+// emulation of the same kernel (cpp/emulate_gpu.h) and with a float64 reference; the
+// dequantize kernel of the large-batch path is compared with its emulation. One line per case;
+// exit status 0 when every case passes, 1 when one fails, 2 when there is no usable GPU.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -42,6 +42,7 @@ struct Case {
   int dequant;  // 0 arith (int table), 1 lut_reg, 2 lut_smem (per-row tables)
   int64_t splits;
   int stage_chunks;
+  int bits;  // code width: 4, 3 or 2 (stored densely in both layouts)
 };
 
 template <class T>
@@ -70,28 +71,29 @@ double rel_err(const std::vector<double>& y, const std::vector<double>& ref, boo
 
 bool run_case(const Case& c, std::mt19937& rng) {
   const DType dt = c.bf16 ? DType::BF16 : DType::F16;
-  const int64_t L = 16, lut_rows = c.dequant == 0 ? 1 : c.N;
+  const int64_t L = int64_t(1) << c.bits, lut_rows = c.dequant == 0 ? 1 : c.N;
   std::uniform_int_distribution<int> code_dist(0, L - 1);
   std::normal_distribution<float> normal(0.f, 1.f);
   std::uniform_real_distribution<float> uni(0.5f, 1.5f);
 
-  std::vector<uint8_t> codes(c.N * c.K), packed(c.N * any4::packed_cols(c.K));
+  std::vector<uint8_t> codes(c.N * c.K), packed(c.N * any4::packed_cols(c.K, c.bits));
   for (auto& v : codes) v = static_cast<uint8_t>(code_dist(rng));
-  any4::pack_codes(codes.data(), c.N, c.K, 4, packed.data());
+  any4::pack_codes(codes.data(), c.N, c.K, c.bits, packed.data());
   const int64_t n_groups = (c.K + c.G - 1) / c.G;
   std::vector<uint16_t> lut(lut_rows * L), scales(c.N * n_groups * 2);
   for (int64_t r = 0; r < lut_rows; ++r)
     for (int64_t i = 0; i < L; ++i)
-      lut[r * L + i] = any4::gpu::f32_to_h16(c.dequant == 0 ? float(i) - 7.5f : normal(rng), c.bf16);
+      lut[r * L + i] =
+          any4::gpu::f32_to_h16(c.dequant == 0 ? float(i) - float(L - 1) / 2 : normal(rng), c.bf16);
   for (int64_t i = 0; i < c.N * n_groups; ++i) {
     scales[2 * i] = any4::gpu::f32_to_h16(uni(rng) * 0.1f, c.bf16);
     scales[2 * i + 1] = any4::gpu::f32_to_h16(uni(rng) - 1.f, c.bf16);
   }
-  const any4::GpuPackSizes sz = any4::gpu_pack_sizes(c.N, c.K, c.G);
+  const any4::GpuPackSizes sz = any4::gpu_pack_sizes(c.N, c.K, c.G, c.bits);
   std::vector<uint8_t> g_codes(sz.code_bytes), g_lut(sz.lut_bytes);
   std::vector<uint16_t> g_scales(sz.scale_elems);
-  any4::pack_for_gpu(packed.data(), c.N, c.K, lut.data(), lut_rows, L, scales.data(), n_groups, c.G, dt, dt,
-                     g_codes.data(), g_scales.data(), g_lut.data());
+  any4::pack_for_gpu(packed.data(), c.bits, c.N, c.K, lut.data(), lut_rows, L, scales.data(), n_groups, c.G,
+                     dt, dt, c.bits, g_codes.data(), g_scales.data(), g_lut.data());
   const int64_t neg2 = any4::gpu_arith_constant(lut.data(), lut_rows, L, dt, dt);
   if (c.dequant == 0 && neg2 < 0) throw std::runtime_error("int table not recognised as arithmetic");
 
@@ -126,6 +128,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
   e.arith_neg2 = static_cast<uint32_t>(neg2 < 0 ? 0 : neg2);
   e.force_splits = c.splits;
   e.stage_chunks = c.stage_chunks;
+  e.bits = c.bits;
   e.y = y_emu.data();
   any4::emulate_gpu_gemm(e);
 
@@ -138,8 +141,9 @@ bool run_case(const Case& c, std::mt19937& rng) {
   CHECK_CUDA(cudaMemcpy(d_lut.p, g_lut.data(), g_lut.size(), cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemset(d_y.p, 0xff, y_emu.size() * 2));  // NaN poison
   const int dtype_code = c.bf16 ? 2 : 1;
-  const any4::gpu::TcPlan plan = any4::cuda::gemm_tc_plan(c.M, c.N, c.K, dtype_code, c.dequant, 0, c.splits,
-                                                          c.stage_chunks, any4::gpu::kDefaultSplitWaves);
+  const any4::gpu::TcPlan plan =
+      any4::cuda::gemm_tc_plan(c.M, c.N, c.K, dtype_code, c.dequant, 0, c.splits, c.stage_chunks,
+                               any4::gpu::kDefaultSplitWaves, c.bits);
   DeviceBuffer<float> d_ws(plan.workspace_floats() + 1);
   DeviceBuffer<int> d_ctr(plan.counters() + 1);
   CHECK_CUDA(cudaMemset(d_ctr.p, 0, (plan.counters() + 1) * sizeof(int)));
@@ -162,6 +166,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
   a.n_counters = plan.counters() + 1;
   a.force_splits = c.splits;
   a.stage_chunks = c.stage_chunks;
+  a.bits = c.bits;
   any4::cuda::gemm_tc(a);
   CHECK_CUDA(cudaDeviceSynchronize());
   std::vector<uint16_t> y_gpu(y_emu.size());
@@ -195,6 +200,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
   d.lut = d_lut.p;
   d.dequant = c.dequant;
   d.arith_neg2 = e.arith_neg2;
+  d.bits = c.bits;
   d.w = d_w.p;
   any4::cuda::gemm_tc_dequant(d);
   CHECK_CUDA(cudaDeviceSynchronize());
@@ -209,9 +215,9 @@ bool run_case(const Case& c, std::mt19937& rng) {
 
   const bool ok = fin_g && err_ref < tol && err_emu < tol && counters_zero && fin_w && err_w < tol;
   std::printf(
-      "%s M=%lld N=%lld K=%lld G=%lld %s dequant=%d splits=%lld(plan %lld) stages=%d: "
+      "%s %d-bit M=%lld N=%lld K=%lld G=%lld %s dequant=%d splits=%lld(plan %lld) stages=%d: "
       "rel err vs float64 %.2e, vs emulation %.2e, dequant kernel vs emulation %.2e%s\n",
-      ok ? "ok " : "BAD", (long long)c.M, (long long)c.N, (long long)c.K, (long long)c.G,
+      ok ? "ok " : "BAD", c.bits, (long long)c.M, (long long)c.N, (long long)c.K, (long long)c.G,
       c.bf16 ? "bf16" : "fp16", c.dequant, (long long)c.splits, (long long)plan.splits, c.stage_chunks,
       err_ref, err_emu, err_w, counters_zero ? "" : " (split-K counters not reset)");
   return ok;
@@ -234,12 +240,20 @@ int main() {
   std::printf("gpu_selfcheck on %s (sm_%s, %d SMs)\n", "device 0", any4::cuda::device_capability(0).c_str(),
               any4::cuda::num_sms(0));
   const Case cases[] = {
-      {1, 64, 4096, 128, true, 1, 0, 2},     // automatic split-K (small N, long K)
-      {5, 72, 640, 32, true, 0, 0, 2},       // int4 arith, partly idle last block, G = 32
-      {13, 45, 333, 64, false, 2, 3, 2},     // fp16, smem tables, forced splits, odd N and K
-      {33, 200, 1000, 128, true, 1, 0, 4},   // several m-tiles, deep pipeline variant
-      {16, 4096, 4096, 128, true, 1, 0, 2},  // a production shape
-      {8, 64, 8192, 64, false, 0, 0, 4},     // fp16 arith, split-K, deep pipeline
+      {1, 64, 4096, 128, true, 1, 0, 2, 4},     // automatic split-K (small N, long K)
+      {5, 72, 640, 32, true, 0, 0, 2, 4},       // int4 arith, partly idle last block, G = 32
+      {13, 45, 333, 64, false, 2, 3, 2, 4},     // fp16, smem tables, forced splits, odd N and K
+      {33, 200, 1000, 128, true, 1, 0, 4, 4},   // several m-tiles, deep pipeline variant
+      {16, 4096, 4096, 128, true, 1, 0, 2, 4},  // a production shape
+      {8, 64, 8192, 64, false, 0, 0, 4, 4},     // fp16 arith, split-K, deep pipeline
+      // 3- and 2-bit dense layouts: odd chunk counts (half-filled last unit), odd forced splits
+      // (rounded to whole units), every dequantizer, both depths, a production shape
+      {1, 64, 4096, 128, true, 1, 0, 2, 3},
+      {13, 45, 333, 64, false, 2, 3, 2, 3},
+      {5, 72, 640, 32, true, 0, 5, 4, 3},
+      {16, 4096, 4096, 128, true, 1, 0, 2, 2},
+      {33, 200, 1000, 128, false, 0, 3, 4, 2},
+      {8, 37, 2880, 64, true, 2, 0, 4, 2},
   };
   int bad = 0;
   std::mt19937 rng(20261201);

@@ -24,6 +24,7 @@ struct EmulateGpuArgs {
   int64_t force_splits = 0;          // > 0: use this many K splits
   int split_waves = 2;               // waves the split-K plan may fill (gpu::make_tc_plan)
   int stage_chunks = 2;              // chunks per pipeline stage: 2 or 4 (the kernel variants)
+  int bits = 4;                      // code width of the GPU layout: 4, 3 or 2
   uint16_t* y = nullptr;             // [M, N] bf16 / fp16
 };
 

@@ -41,16 +41,17 @@ struct TcGemmArgs {
   int64_t force_splits = 0;                   // > 0: this many K splits (tests)
   int stage_chunks = gpu::kStageChunks;       // chunks per pipeline stage: 2 (default) or 4
   int split_waves = gpu::kDefaultSplitWaves;  // waves the automatic split-K plan may fill: 1 or 2
+  int bits = 4;                               // code width of the GPU layout: 4, 3 or 2
   int device = 0;
   uintptr_t stream = 0;  // cudaStream_t
 };
 
 // The grid plan (split-K, scratch sizes) gemm_tc will use on this device for this kernel
-// (dtype, dequantizer, rows per mma and stage depth decide the kernel, whose occupancy sizes
-// the grid).
+// (code width, dtype, dequantizer, rows per mma and stage depth decide the kernel, whose
+// occupancy sizes the grid; 3/2-bit splits start on even chunks).
 gpu::TcPlan gemm_tc_plan(int64_t M, int64_t N, int64_t K, int dtype, int dequant, int device,
                          int64_t force_splits, int stage_chunks = gpu::kStageChunks,
-                         int split_waves = gpu::kDefaultSplitWaves);
+                         int split_waves = gpu::kDefaultSplitWaves, int bits = 4);
 
 // Split-K scratch that covers every automatic plan on this device (any shape, any kernel
 // instance; see gpu::tc_workspace_floats_bound): allocate it once per stream and reuse it.
@@ -75,6 +76,7 @@ struct TcDequantArgs {
   const void* lut = nullptr;     // 16-byte aligned (unused by Arith)
   int dequant = 1;               // gpu::Dequant (LutSmem runs as LutReg)
   uint32_t arith_neg2 = 0;
+  int bits = 4;       // code width of the GPU layout: 4, 3 or 2
   void* w = nullptr;  // [N, K_pad], 16-byte aligned
   int device = 0;
   uintptr_t stream = 0;

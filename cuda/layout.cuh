@@ -39,6 +39,32 @@
 // (reg1, reg3). Rows >= N and k >= K are padding with code 0 (their scale and zero are 0, and
 // x is zero-padded, so they add nothing).
 //
+// ---- Packed weight, 3- and 2-bit codes (dense) ----------------------------------------------
+// A lane's 32 codes of a chunk take 64 bits (2-bit) or 96 bits (3-bit), so one 16-byte vector
+// per lane covers a *pair* of chunks (128 k, a "unit"), still one coalesced 512-byte warp load:
+//   codes: uint8 [n_tiles][n_units = ceil(k_chunks / 2)][unit bytes], per (tile, unit):
+//     2-bit: 512 bytes = lo plane [32 lanes][16 bytes]
+//     3-bit: 768 bytes = lo plane [32 lanes][16 bytes], then hi plane [32 lanes][8 bytes]
+//   (an odd k_chunks leaves the second chunk of the last unit as code-0 padding).
+// lo plane: word w (0..3) of a lane's 16-byte vector belongs to chunk 2 * unit + (w >> 1) and
+//   holds its k-tiles j = 2 (w & 1) and j + 1: bits 4i, 4i+1 are the low two bits of code i of
+//   k-tile 2 (w & 1), bits 4i+2, 4i+3 those of k-tile 2 (w & 1) + 1 (code i = row code_row(lane,
+//   i), k code_k(lane, j, i), exactly as nibble i of the 4-bit word).
+// hi plane (3-bit only): word v (0, 1) of a lane's 8-byte vector belongs to chunk 2 * unit + v;
+//   bit 4i + j is bit 2 of code i of k-tile j.
+// Why this layout: the 8 codes of k-tile j land in the nibble positions of the 4-bit word with
+//     q_j = (lo >> 2 (j & 1)) & 0x33333333                    2-bit: one shift, one and
+//     q_j |= (hi << (2 - j)) & 0x44444444    (j = 3: hi >> 1)  3-bit: + one shift, one lop3
+// (lowbit_nibbles), after which the 4-bit kernel's dequantizers run unchanged, and the table
+// lookup of 8- and 4-entry tables needs half the byte permutes (codes < 8 never reach the upper
+// half of the register table: dequant_lut_reg_small). The alternatives cost more per code: the
+// storage layout's bit stream (8 codes in 3 bytes) splits codes across bytes and words in the
+// lane's k order (a funnel shift and mask per code pair), and nibble-aligned planes without the
+// interleave need a shift and mask per code. The price is that a vector covers two chunks:
+// pipeline stages (2 or 4 chunks) and K splits start on even chunks (make_tc_plan rounds
+// chunks_per_split up to kLowBitChunkAlign), and a stage holds half (2-bit) or three quarters
+// (3-bit) of the 4-bit code bytes, so fewer bytes are in flight per warp.
+//
 // ---- Scales / zeros -------------------------------------------------------------------------
 // scales: compute dtype (bf16 or fp16) [n_tiles][n_groups_pad][8][4] =
 // (scale[g], zero[g], scale[g+8], zero[g+8]): one 8-byte load per lane per chunk. A lane's 16
@@ -48,7 +74,8 @@
 // ---- Tables ---------------------------------------------------------------------------------
 // lut: bytes [N_pad][32]: the 16 entries (compute dtype, 16 bit) of each row split in their low
 // bytes (bytes 0..15) and high bytes (16..31). Fixed-table formats are broadcast to every row;
-// 3- and 2-bit tables are padded with zeros. Three dequantizers read it (a format is a table,
+// 3- and 2-bit tables are padded with zeros (the 3/2-bit kernels read only bytes 0..7 and
+// 16..23 of a row: entries 0..7). Three dequantizers read it (a format is a table,
 // the dequantizer is a template parameter of the one kernel):
 //   Arith   : shared table c + offset (int4/int3/int2, centred or not): no table, the code is
 //             OR-ed into the mantissa of 16.0 (bf16) / 64.0 (fp16) and one exact fma with
@@ -90,6 +117,22 @@ constexpr int kMinChunksPerSplit = 4;
 constexpr int kMaxTileFloats = 2 * 4 * kWarpSize;  // fp32 accumulators of one warp (MT = 2)
 constexpr int kDefaultSplitWaves = 2;              // split-K may fill up to this many waves of blocks
 constexpr int kMaxSplitWaves = 2;
+constexpr int kLowBitChunkAlign = 2;           // 3/2-bit: a 16-byte code vector covers two chunks
+constexpr int kLoPlaneBytes = kWarpSize * 16;  // 3/2-bit: lo plane bytes per (tile, unit)
+constexpr int kHiPlaneBytes = kWarpSize * 8;   // 3-bit: hi plane bytes per (tile, unit)
+
+// Code widths of the GPU layout (4: nibbles, 3 and 2: the dense layouts above).
+ANY4_HD bool valid_code_bits(int bits) {
+  return bits == 2 || bits == 3 || bits == 4;
+}
+// Chunks per code unit (one 16-byte vector per lane): 1 for 4-bit codes, 2 for 3/2-bit codes.
+ANY4_HD int chunks_per_unit(int bits) {
+  return bits == 4 ? 1 : kLowBitChunkAlign;
+}
+// Bytes per (16-row tile, code unit).
+ANY4_HD int unit_bytes(int bits) {
+  return bits == 3 ? kLoPlaneBytes + kHiPlaneBytes : kLoPlaneBytes;
+}
 
 // Stage depths (chunks per pipeline stage) the kernel is instantiated for.
 ANY4_HD bool valid_stage_chunks(int sc) {
@@ -103,7 +146,9 @@ struct TcShape {
   int64_t N = 0, K = 0, group_size = 0;
   int64_t n_tiles = 0, k_chunks = 0, N_pad = 0, K_pad = 0, n_groups = 0, n_groups_pad = 0;
   int log2_group = 0;
-  int64_t code_bytes() const { return n_tiles * k_chunks * kWarpSize * 16; }
+  int bits = 4;         // code width of the layout
+  int64_t n_units = 0;  // code units per tile (k_chunks for 4-bit, ceil(k_chunks / 2) for 3/2-bit)
+  int64_t code_bytes() const { return n_tiles * n_units * unit_bytes(bits); }
   int64_t scale_elems() const { return n_tiles * n_groups_pad * 8 * 4; }
   int64_t lut_bytes() const { return N_pad * kLutBytes; }
 };
@@ -117,8 +162,9 @@ ANY4_HD int tc_log2_group(int64_t group_size) {
   return l;
 }
 
-inline TcShape tc_shape(int64_t N, int64_t K, int64_t group_size) {
+inline TcShape tc_shape(int64_t N, int64_t K, int64_t group_size, int bits = 4) {
   TcShape s;
+  s.bits = bits;
   s.N = N;
   s.K = K;
   s.group_size = group_size;
@@ -127,6 +173,7 @@ inline TcShape tc_shape(int64_t N, int64_t K, int64_t group_size) {
   s.k_chunks = (K + kChunkK - 1) / kChunkK;
   s.N_pad = s.n_tiles * kTileN;
   s.K_pad = s.k_chunks * kChunkK;
+  s.n_units = (s.k_chunks + chunks_per_unit(bits) - 1) / chunks_per_unit(bits);
   s.n_groups = group_size > 0 ? (K + group_size - 1) / group_size : 0;
   s.n_groups_pad = group_size > 0 ? (s.K_pad + group_size - 1) / group_size : 0;
   return s;
@@ -174,9 +221,17 @@ ANY4_HD int mma_c_col(int lane, int e) {
 }
 
 // ------------------------------------------------------------------------------- offsets
-// Index of the lane's 16-byte code vector of (tile, chunk).
+// Index of the lane's 16-byte code vector of (tile, chunk) (4-bit layout).
 ANY4_HD int64_t codes_vec_index(int64_t tile, int64_t chunk, int lane, int64_t k_chunks) {
   return (tile * k_chunks + chunk) * kWarpSize + lane;
+}
+// 3/2-bit layout: byte offsets of the lane's lo-plane 16-byte vector and hi-plane 8-byte vector
+// of (tile, unit); chunk c is in unit c / 2, half c % 2 (lo words 2 (c % 2), +1; hi word c % 2).
+ANY4_HD int64_t lowbit_lo_offset(int64_t tile, int64_t unit, int lane, int64_t n_units, int bits) {
+  return (tile * n_units + unit) * unit_bytes(bits) + lane * 16;
+}
+ANY4_HD int64_t lowbit_hi_offset(int64_t tile, int64_t unit, int lane, int64_t n_units) {
+  return (tile * n_units + unit) * unit_bytes(3) + kLoPlaneBytes + lane * 8;
 }
 // Group of the lane's 16 k's in a chunk.
 ANY4_HD int64_t lane_group(int64_t chunk, int lane, int log2_group) {
@@ -232,8 +287,15 @@ ANY4_HD int64_t ceil_div64(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// chunk_align: splits start on multiples of it (kLowBitChunkAlign for the 3/2-bit layouts, whose
+// code vectors cover two chunks; 1 for 4-bit): chunks_per_split is rounded up to it.
+ANY4_HD int64_t align_up64(int64_t a, int64_t b) {
+  return (a + b - 1) / b * b;
+}
+
 ANY4_HD TcPlan make_tc_plan(int64_t M, int64_t n_tiles, int64_t k_chunks, int num_sms, int blocks_per_sm,
-                            int64_t force_splits = 0, int max_waves = kDefaultSplitWaves) {
+                            int64_t force_splits = 0, int max_waves = kDefaultSplitWaves,
+                            int chunk_align = 1) {
   TcPlan p;
   p.mt = M <= 8 ? 1 : 2;
   p.m_tiles = ceil_div64(M, 8 * p.mt);
@@ -248,7 +310,7 @@ ANY4_HD TcPlan make_tc_plan(int64_t M, int64_t n_tiles, int64_t k_chunks, int nu
     if (limit > max_splits) limit = max_splits;
     int64_t best_cost = k_chunks;  // s = 1: one wave, every block runs all of K
     for (int64_t s = 2; s <= limit; ++s) {
-      const int64_t cps = ceil_div64(k_chunks, s);
+      const int64_t cps = align_up64(ceil_div64(k_chunks, s), chunk_align);
       const int64_t used = ceil_div64(k_chunks, cps);  // splits left after dropping empty ones
       const int64_t cost = ceil_div64(blocks * used, target) * cps;
       if (cost < best_cost) {
@@ -261,7 +323,7 @@ ANY4_HD TcPlan make_tc_plan(int64_t M, int64_t n_tiles, int64_t k_chunks, int nu
   if (splits > k_chunks) splits = k_chunks;
   if (splits > 65535) splits = 65535;
   if (splits < 1) splits = 1;
-  p.chunks_per_split = ceil_div64(k_chunks, splits);
+  p.chunks_per_split = align_up64(ceil_div64(k_chunks, splits), chunk_align < 1 ? 1 : chunk_align);
   p.splits = ceil_div64(k_chunks, p.chunks_per_split);  // no empty split
   if (p.splits < 1) p.splits = 1;
   return p;
@@ -476,6 +538,43 @@ ANY4_HD void dequant_lut_reg(uint32_t q, const RowTable& row_g, const RowTable& 
   const uint32_t half = ((q >> 1) & 0x44444444u) | 0x32103210u;  // code >= 8: upper half
   lut_lookup4(sel, half, row_g, &r[0], &r[2]);
   lut_lookup4(sel >> 16, half >> 16, row_g8, &r[1], &r[3]);
+}
+
+// LutReg for tables of at most 8 entries (3/2-bit codes, so every nibble of q is < 8): entries
+// 0..7 are bytes 0..7 of {lo[0], lo[1]} and {hi[0], hi[1]}, one prmt per four codes and byte
+// half, no upper-half selection (8 prmt per k-tile instead of 16, and 8 table registers).
+ANY4_HD void lut_lookup4_small(uint32_t sel, const RowTable& T, uint32_t* r01, uint32_t* r23) {
+  const uint32_t lo = prmt(T.lo[0], T.lo[1], sel), hi = prmt(T.hi[0], T.hi[1], sel);
+  *r01 = prmt(lo, hi, 0x5140);
+  *r23 = prmt(lo, hi, 0x7362);
+}
+ANY4_HD void dequant_lut_reg_small(uint32_t q, const RowTable& row_g, const RowTable& row_g8, uint32_t r[4]) {
+  lut_lookup4_small(q, row_g, &r[0], &r[2]);
+  lut_lookup4_small(q >> 16, row_g8, &r[1], &r[3]);
+}
+
+// ---- 3/2-bit layout: decode into the 4-bit word, and its inverse (see the layout above)
+// The 4-bit word (8 codes in nibbles, as the 4-bit layout's word j) of k-tile j of a chunk from
+// the chunk's lo-plane word lo (= word j / 2 of the chunk: k-tiles 2 (j / 2), +1) and, 3-bit,
+// its hi-plane word hi.
+template <int BITS>
+ANY4_HD uint32_t lowbit_nibbles(uint32_t lo, uint32_t hi, int j) {
+  const uint32_t l = (lo >> (2 * (j & 1))) & 0x33333333u;
+  if constexpr (BITS == 2) {
+    return l;
+  } else {
+    const uint32_t h = j == 3 ? hi >> 1 : hi << (2 - j);
+    return l | (h & 0x44444444u);
+  }
+}
+// The chunk's lo-plane words lo[2] and hi-plane word *hi from its four 4-bit words q[4]
+// (codes < 2^bits). Exact inverse of lowbit_nibbles.
+ANY4_HD void lowbit_encode(const uint32_t q[4], int bits, uint32_t lo[2], uint32_t* hi) {
+  for (int w = 0; w < 2; ++w) lo[w] = (q[2 * w] & 0x33333333u) | ((q[2 * w + 1] & 0x33333333u) << 2);
+  uint32_t h = 0;
+  if (bits == 3)
+    for (int j = 0; j < kKTiles; ++j) h |= ((q[j] >> 2) & 0x11111111u) << j;
+  *hi = h;
 }
 
 // 16-bit entry c of a row table.

@@ -234,7 +234,7 @@ def test_automatic_plan_splits_and_uses_the_stream_scratch():
     from any4.cuda import SCRATCH
 
     qt, w, wref = split_k_weight(1)
-    floats, counters, n_splits = any4._core.C.cuda_gemm_tc_scratch(3, 64, 4096, 2, 1, 0, 0, 2, 2)
+    floats, counters, n_splits = any4._core.C.cuda_gemm_tc_scratch(3, 64, 4096, 2, 1, 0, 0, 2, 2, 4)
     assert n_splits > 1
     bound = any4._core.C.cuda_gemm_tc_scratch_bound(0)
     assert floats <= bound[0] and counters <= bound[1]
@@ -415,9 +415,130 @@ def test_large_batch_dequant_matmul_path(dtype):
         code = any4.pack_gpu.DEQUANTIZERS[dq]
         C.cuda_gemm_tc_dequant(
             any4._tensor.DTYPE_CODE[dtype], N, K, 64, w.codes.data_ptr(), w.scales.data_ptr(),
-            w.lut.data_ptr(), code, max(w.arith_neg2, 0), wd.data_ptr(), 0,
+            w.lut.data_ptr(), code, max(w.arith_neg2, 0), w.bits, wd.data_ptr(), 0,
             int(torch.cuda.current_stream().cuda_stream),
         )  # fmt: skip
         emu = emulate_gpu_dequant(w.cpu(), dequant=dq)  # [N, K]; columns >= K are padding
         assert torch.isfinite(wd[:, :K]).all()
         assert rel_err(wd[:, :K].cpu(), emu) < TOL[dtype], dq
+
+
+# ---------------------------------------------------------------- 3- and 2-bit dense layouts
+
+
+def low_bit_weight(rng, N, K, G, bits, table, dtype):
+    """Random bits-bit codes stored densely, a per-row ("rows"), shared random ("shared") or int
+    table ("int": c - (L-1)/2, the arithmetic dequantizer), and scales; torch CPU tensors."""
+    L = 1 << bits
+    packed = any4.pack(torch.from_numpy(rng.integers(0, L, size=(N, K), dtype=np.uint8)), bits)
+    if table == "int":
+        lut = (torch.arange(L, dtype=torch.float64) - (L - 1) / 2)[None]
+    else:
+        lut = torch.from_numpy(np.sort(rng.normal(size=(N if table == "rows" else 1, L)), axis=1))
+    scales = torch.from_numpy(rng.uniform(0.5, 1.5, size=(N, -(-K // G), 2)))
+    scales[..., 1] -= 1.0
+    return packed, lut.to(dtype), scales.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("bits", [3, 2])
+def test_low_bit_kernels(bits, dtype):
+    """The 3/2-bit kernels on the dense layout: float64, the CPU emulation of the same grid, and
+    bit for bit the 4-bit kernel on the same codes (splits=1: the same mma sequence); odd N and
+    K (half-filled last unit), G variants, every dequantizer, forced odd splits, both depths."""
+    dt = DTYPES[dtype]
+    rng = np.random.default_rng(stable_seed("low-bit", bits, dtype))
+    for N, K, G, tables in (
+        (45, 333, 64, ("rows", "shared", "int")),
+        (16, 200, 32, ("rows", "int")),
+        (72, 4096, 128, ("rows",)),
+    ):
+        for table in tables:
+            packed, lut, scales = low_bit_weight(rng, N, K, G, bits, table, dt)
+            w = any4.pack_for_gpu(packed, lut, scales, K, G)
+            assert w.bits == bits and w.arith == (table == "int")
+            w4 = any4.pack_for_gpu(packed, lut, scales, K, G, bits=4)
+            wc, w4c = w.cuda(), w4.cuda()
+            wref = dequant_ref(packed, lut, scales, K, G)
+            for M in (1, 13, 33):
+                x = torch.from_numpy(rng.normal(size=(M, K))).to(dt)
+                ref = x.double().numpy() @ wref.T
+                xc = x.cuda()
+                for dq in dequants(w):
+                    for splits, sc in ((0, 2), (1, 4), (3, 4), (5, 2)):
+                        y = poisoned(M, N, dt)
+                        gemm_gpu(xc, wc, dequant=dq, splits=splits, stage_chunks=sc, out=y)
+                        torch.cuda.synchronize()
+                        what = (N, K, table, M, dq, splits, sc)
+                        assert rel_err(y, ref) < TOL[dtype], what
+                        y_emu = emulate_gpu_gemm(x, w, dequant=dq, splits=splits, stage_chunks=sc)
+                        assert rel_err(y, y_emu) < TOL[dtype], what
+                        if splits == 1:
+                            y4 = gemm_gpu(xc, w4c, dequant=dq, splits=1, stage_chunks=sc)
+                            assert torch.equal(y, y4), what
+
+
+@pytest.mark.parametrize("bits", [3, 2])
+def test_low_bit_exact_identity_and_large_batch(bits):
+    """w = [I 0] in 3/2-bit codes: exactly x[:, :N] on every path (tensor core, every
+    dequantizer and split; dequantize + matmul); and the GPU dequantize kernel against its
+    emulation on a random weight."""
+    rng = np.random.default_rng(bits)
+    N, K, G = 40, 200, 64
+    codes = np.zeros((N, K), np.uint8)
+    codes[np.arange(N), np.arange(N)] = 1
+    packed = any4.pack(torch.from_numpy(codes), bits)
+    scales = torch.zeros(N, -(-K // G), 2, dtype=torch.bfloat16)
+    scales[..., 0] = 1.0
+    L = 1 << bits
+    per_row = torch.from_numpy(rng.normal(size=(N, L))).bfloat16()
+    per_row[:, 0], per_row[:, 1] = 0.0, 1.0
+    for lut in (torch.arange(float(L))[None].bfloat16(), per_row):
+        w = any4.pack_for_gpu(packed, lut, scales, K, G).cuda()
+        assert w.bits == bits
+        for M in (1, 16, 80):
+            x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+            for dq in dequants(w):
+                for splits in (0, 3):
+                    y = poisoned(M, N, torch.bfloat16)
+                    gemm_gpu(x, w, dequant=dq, splits=splits, out=y, impl="tensor_core")
+                    assert torch.equal(y, x[:, :N]), (M, dq, splits)
+                y = poisoned(M, N, torch.bfloat16)
+                gemm_gpu(x, w, dequant=dq, out=y, impl="dequant_matmul")
+                assert torch.equal(y, x[:, :N]), (M, dq, "dequant_matmul")
+    from any4.pack_gpu import emulate_gpu_dequant
+
+    packed, lut, scales = low_bit_weight(rng, 45, 333, 64, bits, "rows", torch.float16)
+    w = any4.pack_for_gpu(packed, lut, scales, 333, 64)
+    wc = w.cuda()
+    K_pad = 64 * -(-333 // 64)
+    wd = torch.full((45, K_pad), float("nan"), dtype=torch.float16, device="cuda")
+    any4._core.C.cuda_gemm_tc_dequant(
+        1, 45, 333, 64, wc.codes.data_ptr(), wc.scales.data_ptr(), wc.lut.data_ptr(), 1, 0,
+        bits, wd.data_ptr(), 0, int(torch.cuda.current_stream().cuda_stream),
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    emu = emulate_gpu_dequant(w)
+    assert torch.isfinite(wd[:, :333]).all()
+    assert rel_err(wd[:, :333].cpu(), emu) < TOL["float16"]
+
+
+@pytest.mark.parametrize("fmt", ["any3", "any2", "int3"])
+def test_low_bit_quant_linear_on_the_gpu(fmt):
+    """QuantLinear of a 3/2-bit format on CUDA holds the dense GPU layout (bits/weight from the
+    bytes stored), and its forward matches float64 (tensor core and the large-batch path)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 96, bias=True)
+    q = any4.QuantLinear.from_linear(lin, fmt, group_size=128).cuda()
+    bits = {"any3": 3, "any2": 2, "int3": 3}[fmt]
+    ks = q.kernel_state
+    assert ks is not None and ks.bits == bits
+    stored = sum(t.numel() * t.element_size() for t in (q.gpu_codes, q.gpu_scales, q.gpu_lut))
+    assert ks.bits_per_weight == 8 * stored / (96 * 512) < bits + 0.4
+    qt = q.quantized_tensor()
+    wref = dequant_ref(qt.packed.cpu(), qt.lut.cpu(), qt.scales.cpu(), 512, 128)
+    for M in (1, 7, 100):
+        x = torch.randn(M, 512, dtype=torch.bfloat16)
+        ref = x.double().numpy() @ wref.T + lin.bias.detach().double().numpy()
+        y = q(x.cuda())
+        assert rel_err(y, ref) < TOL["bfloat16"], M

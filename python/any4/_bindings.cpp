@@ -159,8 +159,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_impl_supported", [](int impl) { return cpu_impl_supported(static_cast<CpuImpl>(impl)); });
 
   // ---- GPU layout (pack_gpu.h), its CPU emulation (emulate_gpu.h) and the CUDA gemm kernels ----
-  m.def("gpu_pack_sizes", [](int64_t N, int64_t K, int64_t group_size) {
-    GpuPackSizes z = gpu_pack_sizes(N, K, group_size);
+  m.def("gpu_pack_sizes", [](int64_t N, int64_t K, int64_t group_size, int bits) {
+    GpuPackSizes z = gpu_pack_sizes(N, K, group_size, bits);
     py::dict d;
     d["n_tiles"] = z.n_tiles;
     d["k_chunks"] = z.k_chunks;
@@ -168,6 +168,9 @@ PYBIND11_MODULE(_C, m) {
     d["K_pad"] = z.K_pad;
     d["n_groups"] = z.n_groups;
     d["n_groups_pad"] = z.n_groups_pad;
+    d["bits"] = z.bits;
+    d["n_units"] = z.n_units;
+    d["unit_bytes"] = z.unit_bytes;
     d["code_bytes"] = z.code_bytes;
     d["scale_elems"] = z.scale_elems;
     d["lut_bytes"] = z.lut_bytes;
@@ -175,12 +178,12 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def(
       "pack_for_gpu",
-      [](uintptr_t packed, int64_t N, int64_t K, uintptr_t lut, int64_t lut_rows, int64_t lut_len,
-         uintptr_t scales, int64_t n_groups, int64_t group_size, int table_dtype, int compute_dtype,
-         uintptr_t codes_out, uintptr_t scales_out, uintptr_t lut_out) {
-        pack_for_gpu(ptr<const uint8_t>(packed), N, K, ptr<const void>(lut), lut_rows, lut_len,
+      [](uintptr_t packed, int storage_bits, int64_t N, int64_t K, uintptr_t lut, int64_t lut_rows,
+         int64_t lut_len, uintptr_t scales, int64_t n_groups, int64_t group_size, int table_dtype,
+         int compute_dtype, int gpu_bits, uintptr_t codes_out, uintptr_t scales_out, uintptr_t lut_out) {
+        pack_for_gpu(ptr<const uint8_t>(packed), storage_bits, N, K, ptr<const void>(lut), lut_rows, lut_len,
                      ptr<const void>(scales), n_groups, group_size, to_dtype(table_dtype),
-                     to_dtype(compute_dtype), ptr<uint8_t>(codes_out), ptr<uint16_t>(scales_out),
+                     to_dtype(compute_dtype), gpu_bits, ptr<uint8_t>(codes_out), ptr<uint16_t>(scales_out),
                      ptr<uint8_t>(lut_out));
       },
       gil());
@@ -192,17 +195,19 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "unpack_from_gpu",
       [](uintptr_t codes, uintptr_t scales_gpu, uintptr_t lut_gpu, int64_t N, int64_t K, int64_t group_size,
-         int64_t lut_rows, int64_t lut_len, uintptr_t packed_out, uintptr_t scales_out, uintptr_t lut_out) {
+         int gpu_bits, int64_t lut_rows, int64_t lut_len, int storage_bits, uintptr_t packed_out,
+         uintptr_t scales_out, uintptr_t lut_out) {
         unpack_from_gpu(ptr<const uint8_t>(codes), ptr<const uint16_t>(scales_gpu),
-                        ptr<const uint8_t>(lut_gpu), N, K, group_size, lut_rows, lut_len,
-                        ptr<uint8_t>(packed_out), ptr<uint16_t>(scales_out), ptr<uint16_t>(lut_out));
+                        ptr<const uint8_t>(lut_gpu), N, K, group_size, gpu_bits, lut_rows, lut_len,
+                        storage_bits, ptr<uint8_t>(packed_out), ptr<uint16_t>(scales_out),
+                        ptr<uint16_t>(lut_out));
       },
       gil());
   m.def(
       "emulate_gpu_gemm",
       [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, int64_t group_size, uintptr_t codes,
          uintptr_t scales, uintptr_t lut, int dequant, uint32_t arith_neg2, int num_sms, int blocks_per_sm,
-         int64_t force_splits, int split_waves, int stage_chunks, uintptr_t y) {
+         int64_t force_splits, int split_waves, int stage_chunks, int bits, uintptr_t y) {
         EmulateGpuArgs a;
         a.x = ptr<const uint16_t>(x);
         a.dtype = to_dtype(dtype);
@@ -220,6 +225,7 @@ PYBIND11_MODULE(_C, m) {
         a.force_splits = force_splits;
         a.split_waves = split_waves;
         a.stage_chunks = stage_chunks;
+        a.bits = bits;
         a.y = ptr<uint16_t>(y);
         emulate_gpu_gemm(a);
       },
@@ -227,7 +233,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "emulate_gpu_dequant",
       [](int dtype, int64_t K, int64_t N, int64_t group_size, uintptr_t codes, uintptr_t scales,
-         uintptr_t lut, int dequant, uint32_t arith_neg2, uintptr_t w_out) {
+         uintptr_t lut, int dequant, uint32_t arith_neg2, int bits, uintptr_t w_out) {
         EmulateGpuArgs a;
         a.dtype = to_dtype(dtype);
         a.K = K;
@@ -238,6 +244,7 @@ PYBIND11_MODULE(_C, m) {
         a.lut = ptr<const uint8_t>(lut);
         a.dequant = dequant;
         a.arith_neg2 = arith_neg2;
+        a.bits = bits;
         emulate_gpu_dequant(a, ptr<uint16_t>(w_out));
       },
       gil());
@@ -246,12 +253,13 @@ PYBIND11_MODULE(_C, m) {
                           gpu::tc_counters_bound(num_sms, blocks_per_sm));
   });
   m.def("tc_plan", [](int64_t M, int64_t N, int64_t K, int num_sms, int blocks_per_sm, int64_t force_splits,
-                      int split_waves) {
+                      int split_waves, int bits) {
     if (split_waves < 1 || split_waves > gpu::kMaxSplitWaves)
       throw std::invalid_argument("split_waves must be 1 or 2");
-    gpu::TcShape s = gpu::tc_shape(N, K, 16);
-    gpu::TcPlan p =
-        gpu::make_tc_plan(M, s.n_tiles, s.k_chunks, num_sms, blocks_per_sm, force_splits, split_waves);
+    if (!gpu::valid_code_bits(bits)) throw std::invalid_argument("bits must be 2, 3 or 4");
+    gpu::TcShape s = gpu::tc_shape(N, K, 16, bits);
+    gpu::TcPlan p = gpu::make_tc_plan(M, s.n_tiles, s.k_chunks, num_sms, blocks_per_sm, force_splits,
+                                      split_waves, gpu::chunks_per_unit(bits));
     py::dict d;
     d["mt"] = p.mt;
     d["m_tiles"] = p.m_tiles;
@@ -267,9 +275,9 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cuda_gemm_tc_scratch",
       [](int64_t M, int64_t N, int64_t K, int dtype, int dequant, int device, int64_t force_splits,
-         int stage_chunks, int split_waves) {
-        gpu::TcPlan p =
-            cuda::gemm_tc_plan(M, N, K, dtype, dequant, device, force_splits, stage_chunks, split_waves);
+         int stage_chunks, int split_waves, int bits) {
+        gpu::TcPlan p = cuda::gemm_tc_plan(M, N, K, dtype, dequant, device, force_splits, stage_chunks,
+                                           split_waves, bits);
         return py::make_tuple(p.workspace_floats(), p.counters(), p.splits);
       },
       gil());
@@ -283,7 +291,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cuda_gemm_tc_dequant",
       [](int dtype, int64_t N, int64_t K, int64_t group_size, uintptr_t codes, uintptr_t scales,
-         uintptr_t lut, int dequant, uint32_t arith_neg2, uintptr_t w, int device, uintptr_t stream) {
+         uintptr_t lut, int dequant, uint32_t arith_neg2, int bits, uintptr_t w, int device,
+         uintptr_t stream) {
         cuda::TcDequantArgs a;
         a.dtype = dtype;
         a.N = N;
@@ -294,6 +303,7 @@ PYBIND11_MODULE(_C, m) {
         a.lut = ptr<const void>(lut);
         a.dequant = dequant;
         a.arith_neg2 = arith_neg2;
+        a.bits = bits;
         a.w = ptr<void>(w);
         a.device = device;
         a.stream = stream;
@@ -305,7 +315,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, int dtype, int64_t M, int64_t N, int64_t K, int64_t group_size, uintptr_t codes,
          uintptr_t scales, uintptr_t lut, int dequant, uint32_t arith_neg2, uintptr_t y, uintptr_t workspace,
          int64_t workspace_floats, uintptr_t counters, int64_t n_counters, int64_t force_splits,
-         int stage_chunks, int split_waves, int device, uintptr_t stream) {
+         int stage_chunks, int split_waves, int bits, int device, uintptr_t stream) {
         cuda::TcGemmArgs a;
         a.x = ptr<const void>(x);
         a.dtype = dtype;
@@ -326,6 +336,7 @@ PYBIND11_MODULE(_C, m) {
         a.force_splits = force_splits;
         a.stage_chunks = stage_chunks;
         a.split_waves = split_waves;
+        a.bits = bits;
         a.device = device;
         a.stream = stream;
         cuda::gemm_tc(a);

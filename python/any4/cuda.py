@@ -37,8 +37,10 @@ from .pack_gpu import (
     DEFAULT_SPLIT_WAVES,
     DEFAULT_STAGE_CHUNKS,
     GpuWeight,
+    check_gpu_weight,
     check_variant,
     dequant_code,
+    natural_bits,
 )
 
 GPU_IMPLS = ("auto", "tensor_core", "dequant_matmul")
@@ -265,10 +267,11 @@ def gemm_gpu(
         )
     if x.ndim < 1 or int(x.shape[-1]) != K:
         raise ValueError(f"x must be [..., K={K}], got shape {tuple(x.shape)}")
-    if tuple(w.codes.shape) != (-(-N // 16), -(-K // 64), 32, 16) or not all(
-        t.is_contiguous() for t in (w.codes, w.scales, w.lut)
-    ):
-        raise ValueError("GpuWeight tensors must be contiguous and match its shape")
+    check_gpu_weight(w)
+    if not all(t.is_contiguous() for t in (w.codes, w.scales, w.lut)):
+        raise ValueError("GpuWeight tensors must be contiguous")
+    if w.scales.device != x.device or w.lut.device != x.device:
+        raise ValueError("the GpuWeight's codes, scales and lut must be on one device")
     if impl not in GPU_IMPLS:
         raise ValueError(f"impl must be one of {GPU_IMPLS}, got {impl!r}")
     check_variant(stage_chunks, split_waves)
@@ -301,21 +304,20 @@ def gemm_gpu(
         wd = torch.empty((N, K_pad), dtype=x.dtype, device=x.device)
         C.cuda_gemm_tc_dequant(
             dtype_code, N, K, w.group_size, w.codes.data_ptr(), w.scales.data_ptr(),
-            w.lut.data_ptr(), code, max(w.arith_neg2, 0), wd.data_ptr(), dev, stream,
+            w.lut.data_ptr(), code, max(w.arith_neg2, 0), w.bits, wd.data_ptr(), dev, stream,
         )  # fmt: skip
         torch.mm(x2, wd[:, :K].t(), out=y)
         return y.reshape(lead + (N,))
     K_pad = int(w.codes.shape[1]) * 64
     if K_pad != K or not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = torch.nn.functional.pad(x2, (0, K_pad - K)).contiguous()
-    key = (M, N, K, dtype_code, code, dev, int(splits), int(stage_chunks), int(split_waves))
+    variant = (int(splits), int(stage_chunks), int(split_waves), int(w.bits))
+    key = (M, N, K, dtype_code, code, dev) + variant
     plan = _PLAN.get(key)
     if plan is None:
         if len(_PLAN) > 4096:
             _PLAN.clear()
-        plan = _PLAN[key] = C.cuda_gemm_tc_scratch(
-            M, N, K, dtype_code, code, dev, int(splits), int(stage_chunks), int(split_waves)
-        )
+        plan = _PLAN[key] = C.cuda_gemm_tc_scratch(M, N, K, dtype_code, code, dev, *variant)
     floats, counters, n_splits = plan
     ws_ptr = ctr_ptr = 0
     ws_n = ctr_n = 0
@@ -329,7 +331,8 @@ def gemm_gpu(
     C.cuda_gemm_tc(
         x2.data_ptr(), dtype_code, M, N, K, w.group_size, w.codes.data_ptr(),
         w.scales.data_ptr(), w.lut.data_ptr(), code, max(w.arith_neg2, 0), y.data_ptr(), ws_ptr,
-        ws_n, ctr_ptr, ctr_n, int(splits), int(stage_chunks), int(split_waves), dev, stream,
+        ws_n, ctr_ptr, ctr_n, int(splits), int(stage_chunks), int(split_waves), w.bits, dev,
+        stream,
     )  # fmt: skip
     return y.reshape(lead + (N,))
 
@@ -345,10 +348,22 @@ def gemm_gpu_tensors(
     lut_len: int = 16,
     arith_neg2: int = -1,
     dequant: Optional[str] = None,
+    bits: Optional[int] = None,
 ) -> Any:
     """:func:`gemm_gpu` on the GPU layout given as plain tensors and ints (the fields of a
-    GpuWeight), e.g. for a torch custom op or module buffers: y [..., N] = x [..., K] @ W^T."""
+    GpuWeight), e.g. for a torch custom op or module buffers: y [..., N] = x [..., K] @ W^T.
+    ``bits``: the layout's code width; default: the narrowest holding ``lut_len`` entries (what
+    pack_for_gpu chooses by default)."""
+    b = natural_bits(int(lut_len)) if bits is None else int(bits)
     w = GpuWeight(
-        codes, scales, lut, (int(N), int(K)), int(group_size), int(lut_len), False, int(arith_neg2)
+        codes,
+        scales,
+        lut,
+        (int(N), int(K)),
+        int(group_size),
+        int(lut_len),
+        False,
+        int(arith_neg2),
+        bits=b,
     )
     return gemm_gpu(x, w, dequant=dequant)

@@ -1,15 +1,20 @@
 """GPU weight layout (SPEC §4): repack once into tensor-core fragment order, and back.
 
-``any4.pack_for_gpu`` turns the storage layout (``packed`` uint8 [N, ceil(K/2)], ``lut``,
+``any4.pack_for_gpu`` turns the storage layout (``packed`` uint8 [N, ceil(bits*K/8)], ``lut``,
 ``scales``) into a :class:`GpuWeight`: three tensors in the order in which the CUDA kernel's
 ``mma.sync.m16n8k16`` instructions consume them (layout documented in ``cuda/layout.cuh``)::
 
-    codes   uint8 [n_tiles, k_chunks, 32, 16]      16-row x 64-k tiles, one 16-byte vector per lane
+    codes   uint8 [n_tiles, k_chunks, 32, 16]      4-bit: 16-row x 64-k tiles, one 16-byte vector
+                                                   per lane
+            uint8 [n_tiles, n_units, 32, 16]       2-bit: one 16-byte vector per lane per 128 k
+            uint8 [n_tiles, n_units, 48, 16]       3-bit: the same (2-bit plane) + an 8-byte
+                                                   high-bit plane per lane
     scales  dtype [n_tiles, n_groups_pad, 8, 4]    (scale, zero) of rows g and g+8, per group
     lut     uint8 [N_pad, 32]                      16 table entries per row: low bytes, high bytes
 
-with n_tiles = ceil(N/16), k_chunks = ceil(K/64), N_pad = 16 n_tiles; rows and k past the
-matrix are padding (code 0, scale and zero 0). ``dtype`` is the compute dtype of the kernel
+with n_tiles = ceil(N/16), k_chunks = ceil(K/64), n_units = ceil(k_chunks/2), N_pad = 16 n_tiles;
+rows and k past the matrix are padding (code 0, scale and zero 0). 3- and 2-bit codes are dense
+on the GPU too (3 and 2 bits per weight plus scales and tables: :attr:`GpuWeight.bits_per_weight`). ``dtype`` is the compute dtype of the kernel
 (bfloat16 or float16) and must be the activations' dtype; tables given in another dtype are
 rounded to it once, here. The repacking runs in C++ on the CPU; ``unpack_from_gpu`` is its
 exact inverse. ``emulate_gpu_gemm`` runs the kernel's lanes on the CPU (tests, no GPU needed).
@@ -22,7 +27,7 @@ from typing import Any, Optional
 
 from . import _tensor as T
 from ._core import C
-from .pack import code_bits, pack, unpack
+from .pack import code_bits, packed_bytes
 from .quantize import QuantizedTensor
 from .validate import check_values, infer_group_size
 from .validate import group_size as checked_group_size
@@ -60,6 +65,7 @@ class GpuWeight:
     lut_shared: bool  # the table was one row for all (fixed formats)
     arith_neg2: int  # >= 0: the table is c + offset (int formats), the kernel's Arith constant
     storage_bits: int = 4  # code width of the storage layout it was packed from (pack.py)
+    bits: int = 4  # code width of the GPU layout (4, 3 or 2; cuda/layout.cuh)
 
     @property
     def dtype(self) -> str:
@@ -90,7 +96,14 @@ class GpuWeight:
         return self.to("cpu")
 
     def nbytes(self) -> int:
+        """Bytes stored on the device: codes, scales and tables (padding included)."""
         return sum(T.nbytes(t) for t in (self.codes, self.scales, self.lut))
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits stored per weight in the GPU layout: 8 * nbytes() / (N * K)."""
+        N, K = self.shape
+        return 8 * self.nbytes() / (N * K)
 
     def default_dequant(self) -> str:
         """The dequantizer used when none is named: arith for int tables, else the table
@@ -102,6 +115,21 @@ def _lut_2d(lut: Any) -> Any:
     return lut.reshape(1, -1) if lut.ndim == 1 else lut
 
 
+def natural_bits(lut_len: int) -> int:
+    """The narrowest GPU code width that holds a table of lut_len entries: 2, 3 or 4."""
+    return 2 if lut_len <= 4 else 3 if lut_len <= 8 else 4
+
+
+def gpu_codes_shape(N: int, K: int, bits: int = 4) -> tuple:
+    """Shape of the ``codes`` tensor of the GPU layout of ``bits``-bit codes for an [N, K] weight."""
+    n_tiles, k_chunks = -(-int(N) // 16), -(-int(K) // 64)
+    if bits == 4:
+        return (n_tiles, k_chunks, 32, 16)
+    if bits not in (2, 3):
+        raise ValueError(f"the GPU layout holds 2-, 3- or 4-bit codes, got bits={bits!r}")
+    return (n_tiles, -(-k_chunks // 2), 48 if bits == 3 else 32, 16)
+
+
 def pack_for_gpu(
     packed: Any,
     lut: Any = None,
@@ -110,14 +138,14 @@ def pack_for_gpu(
     group_size: Optional[int] = None,
     *,
     dtype: Optional[str] = None,
+    bits: Optional[int] = None,
 ) -> GpuWeight:
     """Repack a quantized weight into the GPU layout (done once, at load time).
 
     Args:
         packed: uint8 [N, ceil(bits*K/8)] codes (torch tensor, CPU or CUDA), or a
-            QuantizedTensor (then lut, scales, K and group_size come from it). 3- and 2-bit codes
-            are widened to nibbles here: the GPU layout and kernels hold 4-bit codes, so on the
-            GPU a 3/2-bit weight costs what a 4-bit one does.
+            QuantizedTensor (then lut, scales, K and group_size come from it). Any storage
+            width (4, 3 or 2 bits, or 3/2-bit codes in nibbles: any4.pack).
         lut: [N, L] or [1, L] / [L] table, L <= 16 (float32, float16 or bfloat16).
         scales: [N, ceil(K/G), 2] (scale, zero), lut's dtype.
         K: number of input features (needed: an odd K and K+1 pack to the same bytes).
@@ -125,6 +153,9 @@ def pack_for_gpu(
             from K and scales when omitted.
         dtype: compute dtype, "bfloat16" or "float16" (the activations' dtype); default: the
             table's dtype when it is 16-bit, else bfloat16.
+        bits: code width of the GPU layout (4, 3 or 2); default: the narrowest that holds the
+            table (L <= 4: 2, L <= 8: 3, else 4), which is what QuantLinear uses. A wider one
+            (e.g. 4 for a 3-bit weight) runs the same codes through the wider kernel.
     Returns:
         GpuWeight on the device of ``packed``.
     """
@@ -158,7 +189,7 @@ def pack_for_gpu(
     lut_rows, lut_len = (int(s) for s in lut2.shape)
     if lut_rows not in (1, N) or not 1 <= lut_len <= 16:
         raise ValueError(f"lut must be [1, L] or [N={N}, L] with L <= 16, got {tuple(lut.shape)}")
-    bits = code_bits(K, int(packed.shape[1]), lut_len, name="packed")
+    storage_bits = code_bits(K, int(packed.shape[1]), lut_len, name="packed")
     table_dtype = T.dtype_name(lut2)
     if table_dtype not in T.DTYPE_CODE or T.dtype_name(scales) != table_dtype:
         raise TypeError(
@@ -185,25 +216,33 @@ def pack_for_gpu(
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype must be bfloat16 or float16, got {dtype}")
 
-    sizes = C.gpu_pack_sizes(N, K, group_size)
+    gpu_bits = natural_bits(lut_len) if bits is None else bits
+    if isinstance(gpu_bits, bool) or gpu_bits not in (2, 3, 4) or lut_len > 1 << gpu_bits:
+        raise ValueError(
+            f"bits must be 2, 3 or 4 and hold the {lut_len}-entry table (>= "
+            f"{natural_bits(lut_len)}), got {bits!r}"
+        )
+    sizes = C.gpu_pack_sizes(N, K, group_size, gpu_bits)
     p_cpu = packed.detach().to("cpu").contiguous()
     l_cpu = lut2.detach().to("cpu").contiguous()
     s_cpu = scales.detach().to("cpu").contiguous()
-    check_values(p_cpu, l_cpu, s_cpu, K, bits)  # once, at load time: codes < L, pads 0, finite
-    if bits != 4:  # the GPU layout holds nibbles
-        p_cpu = pack(unpack(p_cpu, K, bits), 4)
-    codes = torch.empty(sizes["n_tiles"], sizes["k_chunks"], 32, 16, dtype=torch.uint8)
+    check_values(
+        p_cpu, l_cpu, s_cpu, K, storage_bits
+    )  # once, at load time: codes < L, pads 0, finite
+    codes = torch.empty(gpu_codes_shape(N, K, gpu_bits), dtype=torch.uint8)
     sc = torch.empty(sizes["n_tiles"], sizes["n_groups_pad"], 8, 4, dtype=getattr(torch, dtype))
     lt = torch.empty(sizes["N_pad"], 32, dtype=torch.uint8)
     C.pack_for_gpu(
-        p_cpu.data_ptr(), N, K, l_cpu.data_ptr(), lut_rows, lut_len, s_cpu.data_ptr(), n_groups,
-        group_size, T.DTYPE_CODE[table_dtype], T.DTYPE_CODE[dtype], codes.data_ptr(),
-        sc.data_ptr(), lt.data_ptr(),
+        p_cpu.data_ptr(), storage_bits, N, K, l_cpu.data_ptr(), lut_rows, lut_len,
+        s_cpu.data_ptr(), n_groups, group_size, T.DTYPE_CODE[table_dtype], T.DTYPE_CODE[dtype],
+        gpu_bits, codes.data_ptr(), sc.data_ptr(), lt.data_ptr(),
     )  # fmt: skip
     neg2 = C.gpu_arith_constant(
         l_cpu.data_ptr(), lut_rows, lut_len, T.DTYPE_CODE[table_dtype], T.DTYPE_CODE[dtype]
     )
-    w = GpuWeight(codes, sc, lt, (N, K), group_size, lut_len, lut_rows == 1, int(neg2), bits)
+    w = GpuWeight(
+        codes, sc, lt, (N, K), group_size, lut_len, lut_rows == 1, int(neg2), storage_bits, gpu_bits
+    )
     return w if device.type == "cpu" else w.to(device)
 
 
@@ -213,26 +252,44 @@ def unpack_from_gpu(w: GpuWeight) -> tuple:
     storage layout they were packed from (``w.storage_bits``)."""
     torch = _torch()
     N, K = w.shape
-    sizes = C.gpu_pack_sizes(N, K, w.group_size)
+    sizes = check_gpu_weight(w)
     codes, sc, lt = (t.detach().to("cpu").contiguous() for t in (w.codes, w.scales, w.lut))
-    if (
-        codes.numel() != sizes["code_bytes"]
-        or sc.numel() != sizes["scale_elems"]
-        or lt.numel() != sizes["lut_bytes"]
-    ):
-        raise ValueError("GpuWeight tensors do not match its shape and group size")
     dt = getattr(torch, w.dtype)
     lut_rows = 1 if w.lut_shared else N
-    packed = torch.empty(N, (K + 1) // 2, dtype=torch.uint8)
+    packed = torch.empty(N, packed_bytes(K, w.storage_bits), dtype=torch.uint8)
     scales = torch.empty(N, sizes["n_groups"], 2, dtype=dt)
     lut = torch.empty(lut_rows, w.lut_len, dtype=dt)
     C.unpack_from_gpu(
-        codes.data_ptr(), sc.data_ptr(), lt.data_ptr(), N, K, w.group_size, lut_rows, w.lut_len,
-        packed.data_ptr(), scales.data_ptr(), lut.data_ptr(),
+        codes.data_ptr(), sc.data_ptr(), lt.data_ptr(), N, K, w.group_size, w.bits, lut_rows,
+        w.lut_len, w.storage_bits, packed.data_ptr(), scales.data_ptr(), lut.data_ptr(),
     )  # fmt: skip
-    if w.storage_bits != 4:
-        packed = pack(unpack(packed, K, 4), w.storage_bits)
     return packed, lut, scales
+
+
+def check_gpu_weight(w: GpuWeight) -> dict:
+    """Raise ValueError unless w's tensors have the GPU layout's shapes and dtypes for its shape,
+    group size and code width (the kernels and the emulation read them by these sizes); returns
+    the layout sizes (:func:`gpu_layout_sizes`)."""
+    N, K = w.shape
+    if w.bits not in (2, 3, 4) or not 1 <= w.lut_len <= 1 << w.bits:
+        raise ValueError(f"GpuWeight: {w.lut_len}-entry table with {w.bits}-bit codes")
+    sizes = C.gpu_pack_sizes(N, K, w.group_size, w.bits)
+    torch = _torch()
+    ok = (
+        tuple(w.codes.shape) == gpu_codes_shape(N, K, w.bits)
+        and w.codes.dtype == torch.uint8
+        and tuple(w.scales.shape) == (sizes["n_tiles"], sizes["n_groups_pad"], 8, 4)
+        and T.dtype_name(w.scales) in COMPUTE_DTYPES
+        and tuple(w.lut.shape) == (sizes["N_pad"], 32)
+        and w.lut.dtype == torch.uint8
+    )
+    if not ok:
+        raise ValueError(
+            f"GpuWeight tensors do not match its shape {tuple(w.shape)}, group size "
+            f"{w.group_size} and {w.bits}-bit codes: codes {tuple(w.codes.shape)} (expected "
+            f"{gpu_codes_shape(N, K, w.bits)}), scales {tuple(w.scales.shape)}, lut {tuple(w.lut.shape)}"
+        )
+    return sizes
 
 
 def dequant_code(w: GpuWeight, dequant: Optional[str]) -> int:
@@ -273,6 +330,7 @@ def emulate_gpu_gemm(
         raise ValueError(f"x must be [..., K={K}], got {tuple(x.shape)}")
     code = dequant_code(w, dequant)
     check_variant(stage_chunks, split_waves)
+    check_gpu_weight(w)
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, K).contiguous()
     M = int(x2.shape[0])
@@ -282,7 +340,8 @@ def emulate_gpu_gemm(
         C.emulate_gpu_gemm(
             x2.data_ptr(), T.DTYPE_CODE[w.dtype], M, K, N, w.group_size, wc.codes.data_ptr(),
             wc.scales.data_ptr(), wc.lut.data_ptr(), code, max(w.arith_neg2, 0), int(num_sms),
-            int(blocks_per_sm), int(splits), int(split_waves), int(stage_chunks), y.data_ptr(),
+            int(blocks_per_sm), int(splits), int(split_waves), int(stage_chunks), w.bits,
+            y.data_ptr(),
         )  # fmt: skip
     return y.reshape(lead + (N,))
 
@@ -294,12 +353,12 @@ def emulate_gpu_dequant(w: GpuWeight, *, dequant: Optional[str] = None) -> Any:
     torch = _torch()
     N, K = w.shape
     code = dequant_code(w, dequant)
-    sizes = C.gpu_pack_sizes(N, K, w.group_size)
+    sizes = check_gpu_weight(w)
     out = torch.empty(N, sizes["K_pad"], dtype=getattr(torch, w.dtype))
     wc = w.cpu()
     C.emulate_gpu_dequant(
         T.DTYPE_CODE[w.dtype], K, N, w.group_size, wc.codes.data_ptr(), wc.scales.data_ptr(),
-        wc.lut.data_ptr(), code, max(w.arith_neg2, 0), out.data_ptr(),
+        wc.lut.data_ptr(), code, max(w.arith_neg2, 0), w.bits, out.data_ptr(),
     )  # fmt: skip
     return out[:, :K]
 
@@ -320,15 +379,14 @@ def tc_plan(
     blocks_per_sm: int = 4,
     splits: int = 0,
     split_waves: int = DEFAULT_SPLIT_WAVES,
+    bits: int = 4,
 ) -> dict:
     """The kernel's grid plan (B tiles per mma, m-tiles, blocks, K splits, scratch sizes) for a
     shape on a GPU with num_sms multiprocessors holding blocks_per_sm blocks each; the automatic
-    split-K (splits=0) fills at most ``split_waves`` waves."""
-    return dict(
-        C.tc_plan(
-            int(M), int(N), int(K), int(num_sms), int(blocks_per_sm), int(splits), int(split_waves)
-        )
-    )
+    split-K (splits=0) fills at most ``split_waves`` waves; ``bits``-bit codes (3/2-bit splits
+    start on even chunks)."""
+    args = (M, N, K, num_sms, blocks_per_sm, splits, split_waves, bits)
+    return dict(C.tc_plan(*(int(a) for a in args)))
 
 
 def tc_scratch_bound(num_sms: int, blocks_per_sm: int) -> tuple:
@@ -337,12 +395,13 @@ def tc_scratch_bound(num_sms: int, blocks_per_sm: int) -> tuple:
     return tuple(int(v) for v in C.tc_scratch_bound(int(num_sms), int(blocks_per_sm)))
 
 
-def gpu_layout_sizes(N: int, K: int, group_size: int) -> dict:
-    """Tile counts and tensor sizes of the GPU layout of an [N, K] weight."""
-    return dict(C.gpu_pack_sizes(int(N), int(K), int(group_size)))
+def gpu_layout_sizes(N: int, K: int, group_size: int, bits: int = 4) -> dict:
+    """Tile counts and tensor sizes of the GPU layout of an [N, K] weight of ``bits``-bit codes."""
+    return dict(C.gpu_pack_sizes(int(N), int(K), int(group_size), int(bits)))
 
 
 __all__ = [
-    "DEQUANTIZERS", "GpuWeight", "emulate_gpu_dequant", "emulate_gpu_gemm", "gpu_layout_sizes",
-    "pack_for_gpu", "tc_plan", "tc_scratch_bound", "unpack_from_gpu",
+    "DEQUANTIZERS", "GpuWeight", "emulate_gpu_dequant", "emulate_gpu_gemm", "gpu_codes_shape",
+    "gpu_layout_sizes", "natural_bits", "pack_for_gpu", "tc_plan", "tc_scratch_bound",
+    "unpack_from_gpu",
 ]  # fmt: skip
