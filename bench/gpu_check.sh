@@ -11,11 +11,13 @@
 #   preflight    Python headers, cmake, nvcc, compute-sanitizer, pytest-timeout, torch, GPU
 #   build        pip install . offline (PIP_NO_INDEX=1), this GPU's architecture only  <= 240 s
 #   selfcheck    only when the build (or `import any4` with CUDA) failed: nvcc alone builds
-#                bench/gpu_selfcheck.cpp (tensor-core and dequantize kernels vs their CPU
-#                emulation and float64), so the kernels are still checked               <= 200 s
+#                bench/gpu_selfcheck.cpp (tensor-core and dequantize kernels, 4-, 3- and 2-bit
+#                codes, vs their CPU emulation and float64), so the kernels are still checked
+#                                                                                        <= 200 s
 #   smoke        bench/gpu_sanitize_case.py --smoke (a few products vs float64)         <= 60 s
 #   memcheck     compute-sanitizer memcheck on bench/gpu_sanitize_case.py               <= 150 s
-#   tests        the GPU tests only (-m gpu), -v, per-test timeout, PYTHONHASHSEED=0    <= 150 s
+#   tests        the GPU tests only (-m gpu; 3/2-bit kernels included), -v, per-test
+#                timeout, PYTHONHASHSEED=0                                              <= 150 s
 #   bench-quick  bench/gemm_cuda_bench.py --quick (2 shapes, M in {1, 16, 128})         <= 75 s
 #   bench-full   bench/gemm_cuda_bench.py --merge (the rest, what the budget leaves)
 #   initcheck    compute-sanitizer initcheck on the same case                           <= 75 s

@@ -188,8 +188,18 @@ __device__ __forceinline__ void decode_k_tile(uint32_t q, uint32_t neg2, const R
   }
 }
 
+// Minimum resident blocks per multiprocessor promised to ptxas (__launch_bounds__). 1 (no
+// register cap) except for the 2-bit arith MT=1 2-stage instance: on sm_80, ptxas (CUDA 13.0)
+// otherwise aims at 7 blocks (72 registers) and spills 28 bytes; promising 6 lets it use 75-77
+// registers without spills (sm_90 uses 78 either way).
+template <int BITS, int DQ, int MT, int SC>
+constexpr int tc_min_blocks() {
+  return BITS == 2 && DQ == 0 && MT == 1 && SC == kStageChunks ? 6 : 1;
+}
+
 template <int BITS, bool BF16, int DQ, int MT, int SC>
-__global__ void __launch_bounds__(kWarps* kWarpSize) gemm_tc_kernel(const TcParams p) {
+__global__ void __launch_bounds__(kWarps* kWarpSize, (tc_min_blocks<BITS, DQ, MT, SC>()))
+    gemm_tc_kernel(const TcParams p) {
   constexpr Dequant kDq = static_cast<Dequant>(DQ);
   static_assert(BITS == 4 || SC % kLowBitChunkAlign == 0, "3/2-bit stages cover whole code units");
 
