@@ -188,13 +188,15 @@ __device__ __forceinline__ void decode_k_tile(uint32_t q, uint32_t neg2, const R
   }
 }
 
-// Minimum resident blocks per multiprocessor promised to ptxas (__launch_bounds__). 1 (no
-// register cap) except for the 2-bit arith MT=1 2-stage instance: on sm_80, ptxas (CUDA 13.0)
-// otherwise aims at 7 blocks (72 registers) and spills 28 bytes; promising 6 lets it use 75-77
-// registers without spills (sm_90 uses 78 either way).
+// Minimum resident blocks per multiprocessor promised to ptxas (__launch_bounds__). 0 (no
+// promise, as without the argument: 1 would emit .minnctapersm 1, which ptxas takes as leave to
+// spend 20-30 more registers on the table kernels) except for the arith MT=1 2-stage instances,
+// the lightest, promised 6 (at most 85 registers): without it ptxas (CUDA 13.0) gives the 4-bit
+// one 86 registers on sm_90 (5 blocks/SM instead of 6 at 80), and aims the 2-bit one at 7 blocks
+// on sm_80, spilling 28 bytes.
 template <int BITS, int DQ, int MT, int SC>
 constexpr int tc_min_blocks() {
-  return BITS == 2 && DQ == 0 && MT == 1 && SC == kStageChunks ? 6 : 1;
+  return DQ == 0 && MT == 1 && SC == kStageChunks ? 6 : 0;
 }
 
 template <int BITS, bool BF16, int DQ, int MT, int SC>

@@ -300,7 +300,7 @@ def gemm_gpu(
     stream = _stream(dev)
     dtype_code = T.DTYPE_CODE[w.dtype]
     if impl == "dequant_matmul" or (impl == "auto" and M > TENSOR_CORE_MAX_M):
-        K_pad = int(w.codes.shape[1]) * 64
+        K_pad = 64 * -(-K // 64)  # the dequantize kernel writes whole 64-k chunks
         wd = torch.empty((N, K_pad), dtype=x.dtype, device=x.device)
         C.cuda_gemm_tc_dequant(
             dtype_code, N, K, w.group_size, w.codes.data_ptr(), w.scales.data_ptr(),
@@ -308,7 +308,7 @@ def gemm_gpu(
         )  # fmt: skip
         torch.mm(x2, wd[:, :K].t(), out=y)
         return y.reshape(lead + (N,))
-    K_pad = int(w.codes.shape[1]) * 64
+    K_pad = 64 * -(-K // 64)  # x zero-padded to whole 64-k chunks (any code width)
     if K_pad != K or not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = torch.nn.functional.pad(x2, (0, K_pad - K)).contiguous()
     variant = (int(splits), int(stage_chunks), int(split_waves), int(w.bits))
