@@ -13,8 +13,9 @@
 // Work decomposition:
 //   block  = kWarps (4) warps; warp w owns the 16-row tile 4 * blockIdx.x + w of W for one K
 //            range (blockIdx.y, split-K) and one tile of 8 * MT rows of x (blockIdx.z).
-//   warp   : for every 64-k chunk of its range, per lane: one 16-byte load of codes, two 16-byte
-//            loads of x per B tile, one 8-byte load of (scale, zero) for rows g and g + 8; then
+//   warp   : for every 64-k chunk of its range, per lane: one 16-byte load of codes (3/2-bit:
+//            one per two chunks, 3-bit also one 8-byte hi-plane load), two 16-byte loads of x
+//            per B tile, one 8-byte load of (scale, zero) for rows g and g + 8; then
 //            for each of the 4 k-tiles: dequantize 8 codes into the 4 A registers (table lookup
 //            or arithmetic conversion, then one packed fma with scale and zero per register) and
 //            issue MT mma.sync (MT = 1 for M <= 8, 2 for M <= 16: the A fragment is reused).

@@ -56,7 +56,7 @@ def _torch():
 class GpuWeight:
     """A quantized [N, K] weight in the GPU layout (see the module docstring)."""
 
-    codes: Any  # uint8 [n_tiles, k_chunks, 32, 16]
+    codes: Any  # uint8, gpu_codes_shape(N, K, bits): [n_tiles, k_chunks or n_units, 32 or 48, 16]
     scales: Any  # dtype [n_tiles, n_groups_pad, 8, 4]
     lut: Any  # uint8 [N_pad, 32]
     shape: tuple  # (N, K)
