@@ -297,6 +297,7 @@ ANY4_HD TcPlan make_tc_plan(int64_t M, int64_t n_tiles, int64_t k_chunks, int nu
                             int64_t force_splits = 0, int max_waves = kDefaultSplitWaves,
                             int chunk_align = 1) {
   TcPlan p;
+  if (chunk_align < 1) chunk_align = 1;
   p.mt = M <= 8 ? 1 : 2;
   p.m_tiles = ceil_div64(M, 8 * p.mt);
   p.grid_x = ceil_div64(n_tiles, kWarps);
@@ -323,7 +324,7 @@ ANY4_HD TcPlan make_tc_plan(int64_t M, int64_t n_tiles, int64_t k_chunks, int nu
   if (splits > k_chunks) splits = k_chunks;
   if (splits > 65535) splits = 65535;
   if (splits < 1) splits = 1;
-  p.chunks_per_split = align_up64(ceil_div64(k_chunks, splits), chunk_align < 1 ? 1 : chunk_align);
+  p.chunks_per_split = align_up64(ceil_div64(k_chunks, splits), chunk_align);
   p.splits = ceil_div64(k_chunks, p.chunks_per_split);  // no empty split
   if (p.splits < 1) p.splits = 1;
   return p;
