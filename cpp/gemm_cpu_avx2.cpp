@@ -228,7 +228,7 @@ inline int64_t shuf_k(int64_t q, int64_t i) {
   return 16 * (q / 2) + 2 * (q % 2) + 4 * (i % 4) + i / 4;
 }
 
-// x rows and code rows are processed in whole units (see direct_tile), zero past K.
+// x rows and code rows are processed in whole units (see direct_tile_scaled), zero past K.
 int64_t padded_k(const GemmArgs& a) {
   const int64_t block = shuf_mode(a) ? kShufBlock : block_codes(a.bits);
   if (a.n_groups > 1 && a.group_size % block == 0) return round_up(a.K, a.group_size);
@@ -440,13 +440,11 @@ inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t 
   }
 }
 
-// Scale of unit u as 8 lanes. kAligned (group_size a multiple of the block or a single group):
-// a unit is a group. Otherwise a unit is a block, which spans at most two groups (group_size a
-// multiple of 8 and larger than a block: the kPerLane codes of a lane share their group).
-template <int kBits, bool kAligned>
-inline __m256 unit_scale(const float* scale, int64_t G, int64_t u) {
-  if (kAligned) return _mm256_set1_ps(scale[u]);
-  const int64_t k0 = u * Codes<kBits>::kBlockCodes, g0 = k0 / G;
+// Scale of the lanes of block b (unaligned groups: a block spans at most two groups, group_size
+// being a multiple of 8 and larger than a block, so the kPerLane codes of a lane share their group).
+template <int kBits>
+inline __m256 block_scale(const float* scale, int64_t G, int64_t b) {
+  const int64_t k0 = b * Codes<kBits>::kBlockCodes, g0 = k0 / G;
   const __m256i k = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k0)),
                                      _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                                         _mm256_set1_epi32(Codes<kBits>::kPerLane)));
@@ -455,63 +453,40 @@ inline __m256 unit_scale(const float* scale, int64_t G, int64_t u) {
   return _mm256_blendv_ps(_mm256_set1_ps(scale[g0]), _mm256_set1_ps(scale[g0 + 1]), next);
 }
 
-// Direct path: MR x rows against weight rows [r0, r0 + RS) of the tile, blocks decoded into
-// registers; totals in registers when MR * RS <= 4, else in acc (memory).
-template <int kBits, int MR, int RS, bool kAligned>
-void direct_tile(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, const float* x,
-                 int64_t x_stride, __m256* acc) {
+// Direct path for groups that are not whole blocks: MR x rows against weight row r of the tile,
+// blocks decoded into registers, each block's sum scaled lane by lane (block_scale).
+template <int kBits, int MR>
+void direct_row_unaligned(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r, const float* x,
+                          int64_t x_stride, __m256* acc) {
   using Cd = Codes<kBits>;
   constexpr int64_t kB = Cd::kBlockCodes;
+  // Separate accumulators for the decoded vectors of a block, so that enough independent fma
+  // chains are in flight (dependent fmas per block would be latency-bound).
+  constexpr int kAcc = MR <= 2 ? Cd::kPerLane : 2;
   const int64_t P = row_bytes(a), G = a.group_size, Kx = padded_k(a);
-  const int64_t unit = kAligned ? (a.n_groups == 1 ? Kx : G) : kB, blocks_per_unit = unit / kB;
-  constexpr bool kRegTotals = MR * RS <= 4;
-  __m256 t_lo[RS], t_hi[RS];  // local copies: the compiler reloads tile members in the loop
-  const uint8_t* rows[RS];
-  for (int r = 0; r < RS; ++r) {
-    t_lo[r] = tile.t_lo[r0 + r];
-    t_hi[r] = tile.t_hi[r0 + r];
-    rows[r] = tile.rows[r0 + r];
-  }
-  __m256 tot[MR][RS];
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < RS; ++r) tot[m][r] = _mm256_setzero_ps();
-  for (int64_t u = 0; u * unit < Kx; ++u) {
-    if (r0 == 0) pf.advance((u + 1) * unit * kBits / 8);
-    // Few accumulators: separate ones for the decoded vectors of a block, so that enough
-    // independent fma chains are in flight (dependent fmas per block would be latency-bound).
-    constexpr int kAcc = MR * RS <= 2 ? Cd::kPerLane : MR * RS <= 4 ? 2 : 1;
-    __m256 c[MR][RS][kAcc];
+  const __m256 t_lo = tile.t_lo[r], t_hi = tile.t_hi[r];  // local copies: the compiler reloads
+  const uint8_t* row = tile.rows[r];                      // tile members in the loop
+  __m256 tot[MR];
+  for (int m = 0; m < MR; ++m) tot[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b * kB < Kx; ++b) {
+    if (r == 0) pf.advance((b + 1) * kB * kBits / 8);
+    __m256 c[MR][kAcc];
     for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < RS; ++r)
-        for (int h = 0; h < kAcc; ++h) c[m][r][h] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < blocks_per_unit; ++j) {
-      const int64_t b = u * blocks_per_unit + j, k = b * kB;
-      for (int r = 0; r < RS; ++r) {
-        __m256 w[Cd::kPerLane];
-        decode_block<kBits>(rows[r], P, b, t_lo[r], t_hi[r], w);
-        for (int m = 0; m < MR; ++m)
-          for (int q = 0; q < Cd::kPerLane; ++q)
-            c[m][r][q % kAcc] =
-                _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k + 8 * q), w[q], c[m][r][q % kAcc]);
-      }
-    }
-    for (int r = 0; r < RS; ++r) {
-      const __m256 s = unit_scale<kBits, kAligned>(tile.scale[r0 + r], G, u);
-      for (int m = 0; m < MR; ++m) {
-        __m256 sum = c[m][r][0];
-        for (int h = 1; h < kAcc; ++h) sum = _mm256_add_ps(sum, c[m][r][h]);
-        if (kRegTotals)
-          tot[m][r] = _mm256_fmadd_ps(sum, s, tot[m][r]);
-        else
-          acc[m * kRows + r0 + r] =
-              _mm256_fmadd_ps(sum, s, u > 0 ? acc[m * kRows + r0 + r] : _mm256_setzero_ps());
-      }
-    }
-    if (!kRegTotals) asm volatile("" ::: "memory");  // keep the totals in memory
-  }
-  if (kRegTotals)
+      for (int h = 0; h < kAcc; ++h) c[m][h] = _mm256_setzero_ps();
+    __m256 w[Cd::kPerLane];
+    decode_block<kBits>(row, P, b, t_lo, t_hi, w);
     for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < RS; ++r) acc[m * kRows + r0 + r] = tot[m][r];
+      for (int q = 0; q < Cd::kPerLane; ++q)
+        c[m][q % kAcc] =
+            _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + b * kB + 8 * q), w[q], c[m][q % kAcc]);
+    const __m256 s = block_scale<kBits>(tile.scale[r], G, b);
+    for (int m = 0; m < MR; ++m) {
+      __m256 sum = c[m][0];
+      for (int h = 1; h < kAcc; ++h) sum = _mm256_add_ps(sum, c[m][h]);
+      tot[m] = _mm256_fmadd_ps(sum, s, tot[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) acc[m * kRows + r] = tot[m];
 }
 
 // The blocks [b0, b1) of every row against MR x rows: c[m][r][q % kAcc] += x * table[code].
@@ -597,7 +572,7 @@ void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, Prefetcher& 
     for (int r0 = 0; r0 < kRows; r0 += kRS)
       direct_tile_scaled<kBits, MR, kRS>(a, tile, pf, r0, x, x_stride, acc);
   } else {
-    for (int r0 = 0; r0 < kRows; ++r0) direct_tile<kBits, MR, 1, false>(a, tile, pf, r0, x, x_stride, acc);
+    for (int r = 0; r < kRows; ++r) direct_row_unaligned<kBits, MR>(a, tile, pf, r, x, x_stride, acc);
   }
 }
 
