@@ -4,8 +4,12 @@
 // decoded as [8 even elements, 8 odd elements]; the 16-entry float32 table is two 8-entry
 // registers, vpermps looks up both halves and a blend on bit 3 of the code (moved to the sign
 // bit) picks one. Small batches (M <= 4) decode into registers and split each group's sum as
-// s * sum(x * lut[code]) + z * sum(x) (group sums of x computed once per call); larger batches
-// decode w = lut[code] * scale + zero with one fma into a small per-tile buffer, then a
+// sum(x * (s * lut)[code]) + z * sum(x) (group sums of x computed once per call): when every
+// block lies in one group the scale is folded into the table once per group and row, so the
+// loop over a row is just decode + fma into accumulators held for the whole row (cheapest per
+// weight, which is what makes 3/2-bit codes pay off at batch 1); groups that are not whole
+// blocks scale each block's sum lane by lane instead. Larger batches decode
+// w = lut[code] * scale + zero with one fma into a small per-tile buffer, then a
 // register-blocked micro-kernel reuses it for all x rows.
 //
 // bf16 tables (group size a multiple of 32) take a cheaper lookup: vpshufb looks 32 codes up at
