@@ -1,18 +1,22 @@
 """any3 / any2 against any4 on the CPU: the dense 3- and 2-bit layouts, measured in one run.
 
-Per shape N x K (4096 x 14336 and 14336 x 4096, SPEC §7), batch M (1 and 16) and group size
-128, any4.gemm on bf16 activations with per-row bf16 tables (what ``any4 quantize`` produces)
-for any4 (nibbles), any3 (8 codes in 3 bytes) and any2 (4 codes per byte). The weights rotate
-over copies totalling more than 2x the last-level cache (its size read from sysfs), so every
-call reads its weights from DRAM as a layer of a real model does. The candidates take turns
+Per thread count (1 and 2 by default), shape N x K (4096 x 14336 and 14336 x 4096, SPEC §7),
+batch M (1 and 16) and group size 128, any4.gemm on bf16 activations with per-row bf16 tables
+(what ``any4 quantize`` produces) for any4 (nibbles), any3 (8 codes in 3 bytes) and any2 (4
+codes per byte), and torch's dense bf16 ``x @ W.T`` for context. The weights rotate over
+copies totalling 3x the last-level cache (bench/machine.py, from sysfs), so every call reads
+its weights from DRAM as a layer of a real model does. The candidates take turns
 (bench/gemm_cpu_vs_torch.py's round robin: steady state, median), so load changes on a shared
 machine hit all alike; the load average is recorded before and after. Figures: time per call,
-GB/s of weight bytes read, and the speed-up of any3 / any2 over any4 in the same round robin.
+GB/s of weight bytes read, and the speed-ups over any4 in the same round robin. The memory
+read and copy bandwidth (torch, 256 MiB) is measured at each thread count in the same run: a
+kernel whose weight GB/s is near the read bandwidth is bound by DRAM, one well below it by
+its instructions.
 
 Also recorded: the stored bits per weight of each format at K = 4096 and K = 14336 (packed
 codes + table + scales bytes, times 8, over N * K), as QuantizedTensor.bits_per_weight computes it.
 
-    python bench/gemm_cpu_bits.py [--threads 2] [--rounds 8]
+    python bench/gemm_cpu_bits.py [--threads 1,2] [--rounds 8]
     python bench/gemm_cpu_bits.py --compute-only
 
 Writes bench/results/gemm_cpu_bits.json and bench/results/gemm_cpu_bits.md.
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +42,8 @@ import torch
 import any4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gemm_cpu_vs_torch import cpu_model, load_average, time_round_robin  # noqa: E402
+from gemm_cpu_vs_torch import memory_bandwidth, time_round_robin  # noqa: E402
+from machine import cpu_model, describe, header, load_average, rotation_bytes  # noqa: E402
 
 SHAPES = [(4096, 14336), (14336, 4096)]
 BATCHES = [1, 16]
@@ -47,23 +51,6 @@ GROUP = 128
 FORMATS = {"any4": 4, "any3": 3, "any2": 2}
 TARGETS = {(1, "any3"): 1.25, (1, "any2"): 1.6, (16, "any3"): 1.0, (16, "any2"): 1.0}
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def last_level_cache_bytes() -> int:
-    """Size of the highest-level cache of cpu0, from /sys/devices/system/cpu/cpu0/cache."""
-    best_level, best = -1, 0
-    root = Path("/sys/devices/system/cpu/cpu0/cache")
-    for d in sorted(root.glob("index*")):
-        try:
-            level = int((d / "level").read_text())
-            text = (d / "size").read_text().strip()
-        except OSError:
-            continue
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        size = int(text.rstrip("KMG")) * mult
-        if level > best_level or (level == best_level and size > best):
-            best_level, best = level, size
-    return best or (32 << 20)
 
 
 def operands(bits: int, N: int, K: int, gen: torch.Generator) -> tuple:
@@ -82,7 +69,11 @@ def operands(bits: int, N: int, K: int, gen: torch.Generator) -> tuple:
     return packed, lut, scales
 
 
+DENSE = "torch bf16"  # dense x @ W.T for context
+
+
 def candidates(N: int, K: int, gen: torch.Generator, rotate_bytes: int) -> dict:
+    """name -> (weight operand tuples to rotate over, fn(x, operands), weight bytes)."""
     out = {}
     for fmt, bits in FORMATS.items():
         one = operands(bits, N, K, gen)
@@ -90,6 +81,12 @@ def candidates(N: int, K: int, gen: torch.Generator, rotate_bytes: int) -> dict:
         copies = max(1, -(-rotate_bytes // nbytes))
         ops = [one] + [operands(bits, N, K, gen) for _ in range(copies - 1)]
         out[fmt] = (ops, lambda x, o: any4.gemm(x, *o, GROUP), nbytes)
+    nbytes = 2 * N * K
+    ops = [
+        (torch.randn(N, K, generator=gen).to(torch.bfloat16),)
+        for _ in range(max(1, -(-rotate_bytes // nbytes)))
+    ]
+    out[DENSE] = (ops, lambda x, o: x @ o[0].T, nbytes)
     return out
 
 
@@ -160,56 +157,59 @@ def compute_only(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--compute-only", action="store_true", help="the kernels' CPU time only")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.compute_only:
         return compute_only(args)
-    any4.set_num_threads(args.threads)
-    torch.set_num_threads(args.threads)
-    llc = last_level_cache_bytes()
-    rotate = 2 * llc + (8 << 20)  # > 2x the last-level cache
+    rotate = rotation_bytes()  # 3x the last-level cache
     info = {
-        "cpu": cpu_model(),
-        "threads": args.threads,
-        "any4": any4.__version__,
-        "any4_cpu_impls": any4.build_info()["cpu_impls"],
+        "machine": describe(),
+        "threads": [int(t) for t in args.threads.split(",")],
         "group_size": GROUP,
-        "llc_bytes": llc,
         "rotate_bytes": rotate,
-        "load_average_before": load_average(),
         "command": " ".join(["python", "bench/gemm_cpu_bits.py", *sys.argv[1:]]),
         "stored_bits_per_weight": {K: stored_bits(K) for K in (4096, 14336)},
+        "bandwidth": {},
         "results": [],
     }
+    print(header(info["machine"]), flush=True)
     gen = torch.Generator().manual_seed(0)
-    for N, K in SHAPES:
-        cands = candidates(N, K, gen, rotate)
-        for M in BATCHES:
-            x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
-            med, best = time_round_robin(cands, x, args.rounds, 4.0 * args.rounds)
-            for fmt in FORMATS:
-                nbytes = cands[fmt][2]
-                row = {
-                    "N": N,
-                    "K": K,
-                    "M": M,
-                    "fmt": fmt,
-                    "median_s": med[fmt],
-                    "min_s": best[fmt],
-                    "weight_bytes": nbytes,
-                    "weight_gbps": nbytes / med[fmt] / 1e9,
-                    "speedup_vs_any4": med["any4"] / med[fmt],
-                }
-                info["results"].append(row)
-                print(
-                    f"{N}x{K} M={M} {fmt}: {med[fmt] * 1e3:.3f} ms, {row['weight_gbps']:.1f} GB/s, "
-                    f"{row['speedup_vs_any4']:.2f}x any4",
-                    flush=True,
-                )
-        del cands
+    for threads in info["threads"]:
+        any4.set_num_threads(threads)
+        torch.set_num_threads(threads)
+        bw = info["bandwidth"][threads] = memory_bandwidth()
+        print(
+            f"{threads} threads: memory read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s"
+        )
+        for N, K in SHAPES:
+            cands = candidates(N, K, gen, rotate)
+            for M in BATCHES:
+                x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+                med, best = time_round_robin(cands, x, args.rounds, 4.0 * args.rounds)
+                for name in cands:
+                    nbytes = cands[name][2]
+                    row = {
+                        "threads": threads,
+                        "N": N,
+                        "K": K,
+                        "M": M,
+                        "fmt": name,
+                        "median_s": med[name],
+                        "min_s": best[name],
+                        "weight_bytes": nbytes,
+                        "weight_gbps": nbytes / med[name] / 1e9,
+                        "speedup_vs_any4": med["any4"] / med[name],
+                    }
+                    info["results"].append(row)
+                    print(
+                        f"{threads}t {N}x{K} M={M} {name}: {med[name] * 1e3:.3f} ms, "
+                        f"{row['weight_gbps']:.1f} GB/s, {row['speedup_vs_any4']:.2f}x any4",
+                        flush=True,
+                    )
+            del cands
     info["load_average_after"] = load_average()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gemm_cpu_bits.json").write_text(json.dumps(info, indent=2))
@@ -218,16 +218,22 @@ def main() -> None:
 
 
 def markdown(info: dict) -> str:
+    m = info["machine"]
     lines = [
         "# any3 / any2 vs any4, CPU, weights from DRAM",
         "",
-        f"`{info['command']}` on {info['cpu']}, {info['threads']} threads, group size "
-        f"{info['group_size']}, bf16 x and tables; weights rotate over {info['rotate_bytes'] >> 20} "
-        f"MiB (last-level cache {info['llc_bytes'] >> 20} MiB, from sysfs). Load average before "
-        f"{info['load_average_before']}, after {info['load_average_after']}.",
+        f"`{info['command']}`, group size {info['group_size']}, bf16 x and tables. Machine: "
+        f"{header(m)} (before); load average after {info['load_average_after']}.",
         "",
-        "| N x K | M | format | ms / call | weight GB/s | speed-up vs any4 | target |",
-        "|---|---|---|---|---|---|---|",
+        "Memory bandwidth in the same run (torch, 256 MiB): "
+        + "; ".join(
+            f"{t} threads read {b['read_gbps']:.1f} GB/s, copy {b['copy_gbps']:.1f} GB/s"
+            for t, b in info["bandwidth"].items()
+        )
+        + ".",
+        "",
+        "| threads | N x K | M | format | ms / call | weight GB/s | speed-up vs any4 | target |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in info["results"]:
         t = TARGETS.get((r["M"], r["fmt"]))
@@ -235,8 +241,9 @@ def markdown(info: dict) -> str:
             "" if t is None else f">= {t:.2f}x: {'met' if r['speedup_vs_any4'] >= t else 'NOT met'}"
         )
         lines.append(
-            f"| {r['N']}x{r['K']} | {r['M']} | {r['fmt']} | {r['median_s'] * 1e3:.3f} | "
-            f"{r['weight_gbps']:.1f} | {r['speedup_vs_any4']:.2f}x | {goal} |"
+            f"| {r['threads']} | {r['N']}x{r['K']} | {r['M']} | {r['fmt']} | "
+            f"{r['median_s'] * 1e3:.3f} | {r['weight_gbps']:.1f} | {r['speedup_vs_any4']:.2f}x | "
+            f"{goal} |"
         )
     lines += ["", "Stored bits per weight (codes + per-row bf16 table + bf16 scales, G = 128):", ""]
     lines += ["| K | " + " | ".join(info["stored_bits_per_weight"][4096]) + " |"]

@@ -4,8 +4,12 @@
 // decoded as [8 even elements, 8 odd elements]; the 16-entry float32 table is two 8-entry
 // registers, vpermps looks up both halves and a blend on bit 3 of the code (moved to the sign
 // bit) picks one. Small batches (M <= 4) decode into registers and split each group's sum as
-// s * sum(x * lut[code]) + z * sum(x) (group sums of x computed once per call); larger batches
-// decode w = lut[code] * scale + zero with one fma into a small per-tile buffer, then a
+// sum(x * (s * lut)[code]) + z * sum(x) (group sums of x computed once per call): when every
+// block lies in one group the scale is folded into the table once per group and row, so the
+// loop over a row is just decode + fma into accumulators held for the whole row (cheapest per
+// weight, which is what makes 3/2-bit codes pay off at batch 1); groups that are not whole
+// blocks scale each block's sum lane by lane instead. Larger batches decode
+// w = lut[code] * scale + zero with one fma into a small per-tile buffer, then a
 // register-blocked micro-kernel reuses it for all x rows.
 //
 // bf16 tables (group size a multiple of 32) take a cheaper lookup: vpshufb looks 32 codes up at
@@ -75,19 +79,15 @@ inline __m256 load8_f32(const void* p, DType d, int64_t offset, int64_t count) {
   }
 }
 
-// Converts count elements of dtype d at p[offset...] to float32 dst[0, count).
-inline void convert_f32(const void* p, DType d, int64_t offset, int64_t count, float* dst) {
-  for (int64_t i = 0; i < count; i += 8) {
-    alignas(32) float tmp[8];
-    _mm256_store_ps(tmp, load8_f32(p, d, offset + i, imin(8, count - i)));
-    for (int64_t j = 0; j < imin(8, count - i); ++j) dst[i + j] = tmp[j];
-  }
+// Bytes p[0, 8) widened to 8 dwords.
+inline __m256i load8_widened(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
 
 // The 8 packed bytes of block b of a row of P bytes, widened to 8 dwords (past the row end: 0).
 inline __m256i load_block_codes(const uint8_t* row, int64_t P, int64_t b) {
   const int64_t off = b * 8, rem = P - off;
-  if (rem >= 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + off)));
+  if (rem >= 8) return load8_widened(row + off);
   alignas(16) unsigned char tmp[16] = {0};
   if (rem > 0) std::memcpy(tmp, row + off, static_cast<size_t>(rem));
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tmp)));
@@ -109,16 +109,18 @@ struct Codes;
 template <>
 struct Codes<4> {
   static constexpr int kPerLane = 2;
-  static constexpr int64_t kBlockCodes = 16, kBlockBytes = 8;
+  static constexpr int64_t kBlockCodes = 16, kBlockBytes = 8, kLoadBytes = 8;
   static __m256i load(const uint8_t* row, int64_t P, int64_t b) { return load_block_codes(row, P, b); }
+  static __m256i load_full(const uint8_t* row, int64_t b) { return load8_widened(row + b * kBlockBytes); }
   static __m256 lookup(__m256i idx, __m256 t_lo, __m256 t_hi) { return lookup16(idx, t_lo, t_hi); }
 };
 
 template <>
 struct Codes<2> {
   static constexpr int kPerLane = 4;
-  static constexpr int64_t kBlockCodes = 32, kBlockBytes = 8;
+  static constexpr int64_t kBlockCodes = 32, kBlockBytes = 8, kLoadBytes = 8;
   static __m256i load(const uint8_t* row, int64_t P, int64_t b) { return load_block_codes(row, P, b); }
+  static __m256i load_full(const uint8_t* row, int64_t b) { return load8_widened(row + b * kBlockBytes); }
   // t_lo holds the 4 entries in both 128-bit halves: vpermilps (in-lane, cheaper than vpermps)
   // reads index bits 0-1 only.
   static __m256 lookup(__m256i idx, __m256 t_lo, __m256) { return _mm256_permutevar_ps(t_lo, idx); }
@@ -127,33 +129,35 @@ struct Codes<2> {
 template <>
 struct Codes<3> {
   static constexpr int kPerLane = 4;
-  static constexpr int64_t kBlockCodes = 32, kBlockBytes = 12;
+  static constexpr int64_t kBlockCodes = 32, kBlockBytes = 12, kLoadBytes = 16;
   // Lane i: the 16 bits at byte 3i/2 of the block's 12 bytes, shifted right by 4 for odd i.
-  static __m256i load(const uint8_t* row, int64_t P, int64_t b) {
-    const int64_t off = b * kBlockBytes, rem = P - off;
+  static __m256i spread(const unsigned char* p) {  // p[0, 16) readable; bytes 12-15 unused
     const __m256i gather = _mm256_setr_epi8(0, 1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1,  //
                                             6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
     const __m256i odd_shift = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
-    if (rem >= 16)  // (a 16-byte load broadcast to both halves; bytes 12-15 are not used)
-      return _mm256_srlv_epi32(
-          _mm256_shuffle_epi8(
-              _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + off))),
-              gather),
-          odd_shift);
+    return _mm256_srlv_epi32(
+        _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                            gather),
+        odd_shift);
+  }
+  static __m256i load_full(const uint8_t* row, int64_t b) { return spread(row + b * kBlockBytes); }
+  static __m256i load(const uint8_t* row, int64_t P, int64_t b) {
+    const int64_t off = b * kBlockBytes, rem = P - off;
+    if (rem >= kLoadBytes) return load_full(row, b);
     alignas(16) unsigned char tmp[16] = {0};
     if (rem > 0) std::memcpy(tmp, row + off, static_cast<size_t>(rem < 12 ? rem : 12));
-    const __m128i q = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
-    return _mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(q), gather), odd_shift);
+    return spread(tmp);
   }
   static __m256 lookup(__m256i idx, __m256 t_lo, __m256) { return _mm256_permutevar8x32_ps(t_lo, idx); }
 };
 
 // Decodes block b of a row into kPerLane vectors of table values (vector c lane i: code
-// kPerLane * i + c of the block).
-template <int kBits>
+// kPerLane * i + c of the block). kFull: the block's kLoadBytes bytes lie inside the row (no
+// check of the row end).
+template <int kBits, bool kFull = false>
 inline void decode_block(const uint8_t* row, int64_t P, int64_t b, __m256 t_lo, __m256 t_hi,
                          __m256 out[Codes<kBits>::kPerLane]) {
-  const __m256i v = Codes<kBits>::load(row, P, b);
+  const __m256i v = kFull ? Codes<kBits>::load_full(row, b) : Codes<kBits>::load(row, P, b);
   for (int c = 0; c < Codes<kBits>::kPerLane; ++c)
     out[c] = Codes<kBits>::lookup(c == 0 ? v : _mm256_srli_epi32(v, c * kBits), t_lo, t_hi);
 }
@@ -208,6 +212,15 @@ inline int64_t group_slots(int64_t n_groups) {
   return round_up(n_groups + 8, 8);
 }
 
+// The 16 values [lo, hi] split into their even elements (to ev[0, 8)) and odd ones (od[0, 8)).
+inline void store_even_odd(__m256 lo, __m256 hi, float* ev, float* od) {
+  // shuffle_ps works per 128-bit lane: [l0 l2 h0 h2 | l4 l6 h4 h6]; permute4x64 fixes the order.
+  const __m256 e = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+  const __m256 o = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+  _mm256_store_ps(ev, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xd8)));
+  _mm256_store_ps(od, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xd8)));
+}
+
 // The vpshufb lookup: bf16 tables, every 32-code block in one group.
 constexpr int64_t kShufBlock = 32;
 inline bool shuf_mode(const GemmArgs& a) {
@@ -219,7 +232,7 @@ inline int64_t shuf_k(int64_t q, int64_t i) {
   return 16 * (q / 2) + 2 * (q % 2) + 4 * (i % 4) + i / 4;
 }
 
-// x rows and code rows are processed in whole units (see direct_tile), zero past K.
+// x rows and code rows are processed in whole units (see direct_tile_scaled), zero past K.
 int64_t padded_k(const GemmArgs& a) {
   const int64_t block = shuf_mode(a) ? kShufBlock : block_codes(a.bits);
   if (a.n_groups > 1 && a.group_size % block == 0) return round_up(a.K, a.group_size);
@@ -258,13 +271,9 @@ void prepare_x(const GemmArgs& a, int64_t m0, int64_t mb, int64_t r0, int64_t r1
       for (int j = 0; j < kShufBlock; ++j) dst[k0 + j] = tmp[order[j]];
     }
     for (int64_t k0 = 0; !reorder && k0 < Kx; k0 += kBlock) {
-      const __m256 lo = load8_f32(a.x, a.x_dtype, src + k0, imax(0, imin(8, K - k0)));
-      const __m256 hi = load8_f32(a.x, a.x_dtype, src + k0 + 8, imax(0, imin(8, K - k0 - 8)));
-      // shuffle_ps works per 128-bit lane: [l0 l2 h0 h2 | l4 l6 h4 h6]; permute4x64 fixes the order.
-      const __m256 ev = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
-      const __m256 od = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
-      _mm256_store_ps(dst + k0, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xd8)));
-      _mm256_store_ps(dst + k0 + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xd8)));
+      store_even_odd(load8_f32(a.x, a.x_dtype, src + k0, imax(0, imin(8, K - k0))),
+                     load8_f32(a.x, a.x_dtype, src + k0 + 8, imax(0, imin(8, K - k0 - 8))), dst + k0,
+                     dst + k0 + 8);
     }
     float* sum_row = sums + r * slots;
     for (int64_t g = 0; g < slots; ++g) sum_row[g] = 0.f;
@@ -279,8 +288,7 @@ void prepare_x(const GemmArgs& a, int64_t m0, int64_t mb, int64_t r0, int64_t r1
 }
 
 size_t scratch_bytes(const GemmArgs& a, int64_t mb) {
-  return static_cast<size_t>(kRows * kChunk + 2 * kRows * group_slots(a.n_groups) + 2 * a.n_groups + 8 +
-                             mb * kRows * 8) *
+  return static_cast<size_t>(kRows * kChunk + 2 * kRows * group_slots(a.n_groups) + mb * kRows * 8) *
          sizeof(float);
 }
 
@@ -381,8 +389,8 @@ inline void decode_shuf(__m256i codes, __m256i b0, __m256i b1, __m256 v[4]) {
   v[3] = _mm256_castsi256_ps(_mm256_and_si256(wb, high_word));
 }
 
-// pairs: scratch for 2 * n_groups + 8 floats.
-inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, float* pairs, Tile& tile) {
+// scale_zero: 2 * kRows * group_slots floats, 32-byte aligned.
+inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, Tile& tile) {
   const int64_t P = row_bytes(a), ng = a.n_groups, slots = group_slots(ng);
   tile.t = t;
   tile.n0 = t * kRows;
@@ -394,14 +402,22 @@ inline void load_tile(const GemmArgs& a, int64_t t, float* scale_zero, float* pa
     tile.t_hi[r] = load8_f32(a.lut, a.table_dtype, lut_off + 8, imax(0, a.lut_len - 8));
     if (a.bits == 2)  // the 4 entries twice (see Codes<2>)
       tile.t_lo[r] = _mm256_permutevar8x32_ps(tile.t_lo[r], _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3));
-    if (a.table_dtype == DType::BF16) load_table_planes(a, n, tile.t_b0[r], tile.t_b1[r]);
+    if (shuf_mode(a)) load_table_planes(a, n, tile.t_b0[r], tile.t_b1[r]);
     tile.rows[r] = a.packed + n * P;
     float* s = scale_zero + 2 * r * slots;
     float* z = s + slots;
-    convert_f32(a.scales, a.table_dtype, n * ng * 2, ng * 2, pairs);
-    for (int64_t g = 0; g < slots; ++g) {
-      s[g] = g < ng ? pairs[2 * g] : 0.f;
-      z[g] = g < ng ? pairs[2 * g + 1] : 0.f;
+    for (int64_t g = 0; g < slots; g += 8) {  // (scale, zero) pairs -> scales, zeros; 0 past ng
+      const int64_t left = 2 * (ng - g), off = (n * ng + g) * 2;
+      if (a.table_dtype == DType::BF16 && left >= 16) {  // 8 pairs = 8 dwords (zero << 16 | scale)
+        const __m256i u = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(a.scales) + off));
+        _mm256_store_ps(s + g, _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)));
+        _mm256_store_ps(z + g, _mm256_castsi256_ps(
+                                   _mm256_and_si256(u, _mm256_set1_epi32(static_cast<int>(0xffff0000u)))));
+        continue;
+      }
+      store_even_odd(load8_f32(a.scales, a.table_dtype, off, imax(0, imin(8, left))),
+                     load8_f32(a.scales, a.table_dtype, off + 8, imax(0, imin(8, left - 8))), s + g, z + g);
     }
     tile.scale[r] = s;
   }
@@ -428,13 +444,11 @@ inline void store_tile(const GemmArgs& a, const Tile& tile, int64_t m0, int64_t 
   }
 }
 
-// Scale of unit u as 8 lanes. kAligned (group_size a multiple of the block or a single group):
-// a unit is a group. Otherwise a unit is a block, which spans at most two groups (group_size a
-// multiple of 8 and larger than a block: the kPerLane codes of a lane share their group).
-template <int kBits, bool kAligned>
-inline __m256 unit_scale(const float* scale, int64_t G, int64_t u) {
-  if (kAligned) return _mm256_set1_ps(scale[u]);
-  const int64_t k0 = u * Codes<kBits>::kBlockCodes, g0 = k0 / G;
+// Scale of the lanes of block b (unaligned groups: a block spans at most two groups, group_size
+// being a multiple of 8 and larger than a block, so the kPerLane codes of a lane share their group).
+template <int kBits>
+inline __m256 block_scale(const float* scale, int64_t G, int64_t b) {
+  const int64_t k0 = b * Codes<kBits>::kBlockCodes, g0 = k0 / G;
   const __m256i k = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k0)),
                                      _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                                         _mm256_set1_epi32(Codes<kBits>::kPerLane)));
@@ -443,74 +457,127 @@ inline __m256 unit_scale(const float* scale, int64_t G, int64_t u) {
   return _mm256_blendv_ps(_mm256_set1_ps(scale[g0]), _mm256_set1_ps(scale[g0 + 1]), next);
 }
 
-// Direct path: MR x rows against weight rows [r0, r0 + RS) of the tile, blocks decoded into
-// registers; totals in registers when MR * RS <= 4, else in acc (memory).
-template <int kBits, int MR, int RS, bool kAligned>
-void direct_tile(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, const float* x,
-                 int64_t x_stride, __m256* acc) {
+// Direct path for groups that are not whole blocks: MR x rows against weight row r of the tile,
+// blocks decoded into registers, each block's sum scaled lane by lane (block_scale).
+template <int kBits, int MR>
+void direct_row_unaligned(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r, const float* x,
+                          int64_t x_stride, __m256* acc) {
   using Cd = Codes<kBits>;
   constexpr int64_t kB = Cd::kBlockCodes;
+  // Separate accumulators for the decoded vectors of a block, so that enough independent fma
+  // chains are in flight (dependent fmas per block would be latency-bound).
+  constexpr int kAcc = MR <= 2 ? Cd::kPerLane : 2;
   const int64_t P = row_bytes(a), G = a.group_size, Kx = padded_k(a);
-  const int64_t unit = kAligned ? (a.n_groups == 1 ? Kx : G) : kB, blocks_per_unit = unit / kB;
-  constexpr bool kRegTotals = MR * RS <= 4;
-  __m256 t_lo[RS], t_hi[RS];  // local copies: the compiler reloads tile members in the loop
+  const __m256 t_lo = tile.t_lo[r], t_hi = tile.t_hi[r];  // local copies: the compiler reloads
+  const uint8_t* row = tile.rows[r];                      // tile members in the loop
+  __m256 tot[MR];
+  for (int m = 0; m < MR; ++m) tot[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b * kB < Kx; ++b) {
+    if (r == 0) pf.advance((b + 1) * kB * kBits / 8);
+    __m256 c[MR][kAcc];
+    for (int m = 0; m < MR; ++m)
+      for (int h = 0; h < kAcc; ++h) c[m][h] = _mm256_setzero_ps();
+    __m256 w[Cd::kPerLane];
+    decode_block<kBits>(row, P, b, t_lo, t_hi, w);
+    for (int m = 0; m < MR; ++m)
+      for (int q = 0; q < Cd::kPerLane; ++q)
+        c[m][q % kAcc] =
+            _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + b * kB + 8 * q), w[q], c[m][q % kAcc]);
+    const __m256 s = block_scale<kBits>(tile.scale[r], G, b);
+    for (int m = 0; m < MR; ++m) {
+      __m256 sum = c[m][0];
+      for (int h = 1; h < kAcc; ++h) sum = _mm256_add_ps(sum, c[m][h]);
+      tot[m] = _mm256_fmadd_ps(sum, s, tot[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) acc[m * kRows + r] = tot[m];
+}
+
+// The blocks [b0, b1) of every row against MR x rows: c[m][r][q % kAcc] += x * table[code].
+template <int kBits, bool kFull, int MR, int RS, int kAcc>
+inline void direct_blocks(const uint8_t* const* rows, int64_t P, const __m256* t_lo, const __m256* t_hi,
+                          int64_t b0, int64_t b1, const float* x, int64_t x_stride,
+                          __m256 (&c)[MR][RS][kAcc]) {
+  using Cd = Codes<kBits>;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t k = b * Cd::kBlockCodes;
+    for (int r = 0; r < RS; ++r) {
+      __m256 w[Cd::kPerLane];
+      decode_block<kBits, kFull>(rows[r], P, b, t_lo[r], t_hi[r], w);
+      for (int m = 0; m < MR; ++m)
+        for (int q = 0; q < Cd::kPerLane; ++q)
+          c[m][r][q % kAcc] =
+              _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k + 8 * q), w[q], c[m][r][q % kAcc]);
+    }
+  }
+}
+
+// Direct path when every block lies in one group (group_size a multiple of the block, or a
+// single group): MR x rows against weight rows [r0, r0 + RS) of the tile. Each group's scale is
+// folded into the table (RS multiplies per group, not one per block), so the products of all
+// groups go into the same accumulators, which stay in registers for the whole row; the group
+// zeros are added by store_tile from the group sums of x. Units whose blocks lie inside the row
+// load their codes without the row-end check.
+template <int kBits, int MR, int RS>
+void direct_tile_scaled(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int r0, const float* x,
+                        int64_t x_stride, __m256* acc) {
+  using Cd = Codes<kBits>;
+  constexpr int64_t kB = Cd::kBlockCodes;
+  // Enough independent fma chains (4-cycle latency, 2 per cycle) without spilling.
+  constexpr int kAcc = Cd::kPerLane < (MR * RS <= 2 ? 4 : 2) ? Cd::kPerLane : (MR * RS <= 2 ? 4 : 2);
+  const int64_t P = row_bytes(a), Kx = padded_k(a);
+  const int64_t unit = a.n_groups == 1 ? Kx : a.group_size, bpu = unit / kB, n_units = Kx / unit;
+  // Blocks whose kLoadBytes bytes lie inside the row: [0, full_blocks).
+  const int64_t full_blocks = P >= Cd::kLoadBytes ? (P - Cd::kLoadBytes) / Cd::kBlockBytes + 1 : 0;
+  __m256 t_lo[RS], t_hi[RS], ts_lo[RS], ts_hi[RS];
   const uint8_t* rows[RS];
+  const float* scale[RS];
   for (int r = 0; r < RS; ++r) {
     t_lo[r] = tile.t_lo[r0 + r];
     t_hi[r] = tile.t_hi[r0 + r];
     rows[r] = tile.rows[r0 + r];
+    scale[r] = tile.scale[r0 + r];
   }
-  __m256 tot[MR][RS];
+  __m256 c[MR][RS][kAcc];
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < RS; ++r) tot[m][r] = _mm256_setzero_ps();
-  for (int64_t u = 0; u * unit < Kx; ++u) {
+    for (int r = 0; r < RS; ++r)
+      for (int h = 0; h < kAcc; ++h) c[m][r][h] = _mm256_setzero_ps();
+  for (int64_t u = 0; u < n_units; ++u) {
     if (r0 == 0) pf.advance((u + 1) * unit * kBits / 8);
-    // Few accumulators: separate ones for the decoded vectors of a block, so that enough
-    // independent fma chains are in flight (dependent fmas per block would be latency-bound).
-    constexpr int kAcc = MR * RS <= 2 ? Cd::kPerLane : MR * RS <= 4 ? 2 : 1;
-    __m256 c[MR][RS][kAcc];
-    for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < RS; ++r)
-        for (int h = 0; h < kAcc; ++h) c[m][r][h] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < blocks_per_unit; ++j) {
-      const int64_t b = u * blocks_per_unit + j, k = b * kB;
-      for (int r = 0; r < RS; ++r) {
-        __m256 w[Cd::kPerLane];
-        decode_block<kBits>(rows[r], P, b, t_lo[r], t_hi[r], w);
-        for (int m = 0; m < MR; ++m)
-          for (int q = 0; q < Cd::kPerLane; ++q)
-            c[m][r][q % kAcc] =
-                _mm256_fmadd_ps(_mm256_load_ps(x + m * x_stride + k + 8 * q), w[q], c[m][r][q % kAcc]);
-      }
-    }
     for (int r = 0; r < RS; ++r) {
-      const __m256 s = unit_scale<kBits, kAligned>(tile.scale[r0 + r], G, u);
-      for (int m = 0; m < MR; ++m) {
-        __m256 sum = c[m][r][0];
-        for (int h = 1; h < kAcc; ++h) sum = _mm256_add_ps(sum, c[m][r][h]);
-        if (kRegTotals)
-          tot[m][r] = _mm256_fmadd_ps(sum, s, tot[m][r]);
-        else
-          acc[m * kRows + r0 + r] =
-              _mm256_fmadd_ps(sum, s, u > 0 ? acc[m * kRows + r0 + r] : _mm256_setzero_ps());
-      }
+      const __m256 s = _mm256_set1_ps(scale[r][u]);
+      ts_lo[r] = _mm256_mul_ps(t_lo[r], s);
+      ts_hi[r] = kBits == 4 ? _mm256_mul_ps(t_hi[r], s) : ts_lo[r];
     }
-    if (!kRegTotals) asm volatile("" ::: "memory");  // keep the totals in memory
+    const int64_t b0 = u * bpu, b1 = b0 + bpu;
+    if (b1 <= full_blocks)
+      direct_blocks<kBits, true>(rows, P, ts_lo, ts_hi, b0, b1, x, x_stride, c);
+    else
+      direct_blocks<kBits, false>(rows, P, ts_lo, ts_hi, b0, b1, x, x_stride, c);
   }
-  if (kRegTotals)
-    for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < RS; ++r) acc[m * kRows + r0 + r] = tot[m][r];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < RS; ++r) {
+      __m256 sum = c[m][r][0];
+      for (int h = 1; h < kAcc; ++h) sum = _mm256_add_ps(sum, c[m][r][h]);
+      acc[m * kRows + r0 + r] = sum;
+    }
 }
 
-// All weight rows of the tile for `rows` (1..kDirectRows) x rows, one weight row per sweep (16
-// registers: more rows at once spill the accumulators).
+// All weight rows of the tile for `rows` (1..kDirectRows) x rows: two weight rows per sweep for
+// one x row, else one (16 registers: more at once spill the accumulators).
 template <int kBits, int MR, bool kAligned>
 void direct_rows(int64_t rows, const GemmArgs& a, const Tile& tile, Prefetcher& pf, const float* x,
                  int64_t x_stride, __m256* acc) {
   if constexpr (MR > 1) {
     if (rows < MR) return direct_rows<kBits, MR - 1, kAligned>(rows, a, tile, pf, x, x_stride, acc);
   }
-  for (int r0 = 0; r0 < kRows; ++r0) direct_tile<kBits, MR, 1, kAligned>(a, tile, pf, r0, x, x_stride, acc);
+  if constexpr (kAligned) {
+    constexpr int kRS = MR == 1 ? 2 : 1;
+    for (int r0 = 0; r0 < kRows; r0 += kRS)
+      direct_tile_scaled<kBits, MR, kRS>(a, tile, pf, r0, x, x_stride, acc);
+  } else {
+    for (int r = 0; r < kRows; ++r) direct_row_unaligned<kBits, MR>(a, tile, pf, r, x, x_stride, acc);
+  }
 }
 
 // vpshufb mode, direct path: MR x rows against weight rows [r0, r0 + RS); units are groups.
@@ -604,11 +671,10 @@ void run_tiles_impl(const GemmArgs& a, int64_t m0, int64_t mb, const float* xb, 
   const bool shuf = kBits == 4 && shuf_mode(a);
   float* wbuf = scratch;
   float* scale_zero = wbuf + kRows * kChunk;
-  float* pairs = scale_zero + 2 * kRows * slots;
-  __m256* acc = reinterpret_cast<__m256*>(pairs + round_up(2 * ng + 8, 8));
+  __m256* acc = reinterpret_cast<__m256*>(scale_zero + 2 * kRows * slots);
   Tile tile;
   for (int64_t t = t0; t < t1; ++t) {
-    load_tile(a, t, scale_zero, pairs, tile);
+    load_tile(a, t, scale_zero, tile);
     Prefetcher pf;
     pf.start(a, t);
     if (mb <= kDirectRows) {
