@@ -110,7 +110,7 @@ def small_panels(monkeypatch):
 @pytest.mark.parametrize("x_dtype", list(DTYPES))
 @pytest.mark.parametrize("M", [1, 3, 16, 70])
 def test_panels_several_panels_poisoned_out(small_panels, x_dtype, M):
-    N, K, G = 45, 128, 32  # 7-row (fp32) or 14-row (16-bit) panels: the last one is short
+    N, K, G = 45, 128, 32  # 7-row float32 panels: the last one is short
     packed, lut, scales = random_weight(N, K, G, "bfloat16")
     ref_w = dequant_ref(packed, lut, scales, K, G)
     x = torch.randn(2, M, K).to(DTYPES[x_dtype])
@@ -119,6 +119,29 @@ def test_panels_several_panels_poisoned_out(small_panels, x_dtype, M):
     assert y is out
     err = rel_err(y.reshape(-1, N), x.double().reshape(-1, K).numpy() @ ref_w.T)
     assert err < TOL[x_dtype], err
+
+
+@pytest.mark.parametrize(
+    "x_dtype,scale,rounding",
+    [("float16", 1.0078125, 2.0**-14), ("bfloat16", 1.5, 2.0**-8)],
+)
+def test_panels_keep_weights_in_float32_under_cancellation(x_dtype, scale, rounding):
+    """y = w0 - w1 with w0 = 1.0078125 * scale (exact in float32, not in x's 16-bit dtype: a
+    16-bit panel rounds it by `rounding`) and w1 = 1.0 * scale: y = 2^-7 * scale exactly, and a
+    16-bit panel's error is 0.8% (fp16) / 33% (bf16) of it. Float32 panels leave only y's own
+    rounding."""
+    lut = torch.tensor([[1.0078125, 1.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    scales = torch.tensor([[[scale, 0.0]]], dtype=torch.bfloat16)
+    codes = torch.tensor([[0, 1, 3, 3, 3, 3, 3, 3]], dtype=torch.uint8)
+    packed = any4.pack(codes, bits=2)
+    x = torch.tensor([[1.0, -1.0, 0, 0, 0, 0, 0, 0]], dtype=DTYPES[x_dtype])
+    w0 = 1.0078125 * scale
+    assert abs(float(torch.tensor(w0).to(DTYPES[x_dtype])) - w0) == rounding
+    y = any4.gemm(x, packed, lut, scales, 8, impl="panels")
+    ref = x.double().numpy() @ dequant_ref(packed, lut, scales, 8, 8).T
+    assert ref[0, 0] == 2.0**-7 * scale
+    assert rel_err(y, ref) < TOL[x_dtype]
+    assert torch.equal(y, any4.gemm(x, packed, lut, scales, 8, impl="portable"))
 
 
 def test_auto_takes_panels_from_the_threshold(monkeypatch):

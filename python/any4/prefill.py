@@ -59,7 +59,7 @@ def plan(x_dtype: str) -> Optional[tuple]:
         m = int(override)
         if m <= 0:
             return None
-        return (m, entry[1] if entry else x_dtype)
+        return (m, entry[1] if entry else "float32")
     return entry
 
 
@@ -77,10 +77,12 @@ def min_batch(x_dtype: str) -> int:
 
 
 def compute_dtype(x_dtype: str) -> str:
-    """The dtype panels are decoded to and multiplied in for x of x_dtype (x's own unless the
-    instruction set's entry says otherwise)."""
+    """The dtype panels are decoded to and multiplied in for x of x_dtype: float32 unless the
+    instruction set's measured entry says otherwise. (Float32, like the fused kernels: weights
+    rounded to a 16-bit panel lose up to half an ulp each, and on a short row with cancelling
+    terms that exceeded the 16-bit output tolerances.)"""
     entry = plan(x_dtype)
-    return entry[1] if entry else x_dtype
+    return entry[1] if entry else "float32"
 
 
 def gemm_panels(x2: Any, packed: Any, lut: Any, scales: Any, group_size: int, y: Any) -> Any:
