@@ -58,6 +58,9 @@ SAMPLES = {
     "prose": _join("prose"),
     "shipped+prose": _join("shipped", "prose"),
     "prose+shipped": _join("prose", "shipped"),
+    "encyclopedia": _join("encyclopedia"),
+    "shipped+encyclopedia": _join("shipped", "encyclopedia"),
+    "all": _join("shipped", "prose", "encyclopedia", "reference"),
 }
 OPTIONS = {
     "": {},

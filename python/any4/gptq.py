@@ -16,13 +16,13 @@ lazy-batch update of the GPTQ paper). Cost O(N K^2) per layer; memory O(N K + K^
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .pack import pack
 from .quantize import QuantizedTensor
-from .refit import expand_scales, nearest_codes
+from .refit import expand_scales
 
 ORDERS = ("natural", "act")
 
@@ -68,8 +68,27 @@ def _inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(Hinv, upper=True)
 
 
+def column_order(H: torch.Tensor, order: str) -> torch.Tensor:
+    """The order in which GPTQ quantizes the columns, int64 [K]."""
+    if order == "act":
+        return torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    return torch.arange(H.shape[0])
+
+
+def prepare(H: torch.Tensor, settings: GPTQ = GPTQ()) -> tuple:
+    """(column order [K], upper Cholesky factor of the damped inverse in that order [K, K]):
+    what every layer fed the same input shares."""
+    H = torch.as_tensor(H).detach().double().cpu()
+    perm = column_order(H, settings.order)
+    return perm, _inverse_factor(H[perm][:, perm], settings.damp)
+
+
 def gptq_codes(
-    w: Any, qt: QuantizedTensor, H: torch.Tensor, settings: GPTQ = GPTQ()
+    w: Any,
+    qt: QuantizedTensor,
+    H: torch.Tensor,
+    settings: GPTQ = GPTQ(),
+    prepared: Optional[tuple] = None,
 ) -> QuantizedTensor:
     """Re-assign the codes of ``qt`` (the quantization of ``w``) by GPTQ error feedback with the
     input covariance ``H``; table and scales are kept.
@@ -79,6 +98,7 @@ def gptq_codes(
         qt: its quantization (any format; torch CPU tensors).
         H: E[x x^T] of the layer's input, float [K, K], symmetric positive semi-definite.
         settings: damp, column order and block size (:class:`GPTQ`).
+        prepared: :func:`prepare` (H, settings), when layers sharing an input reuse it.
     Returns:
         a new QuantizedTensor with the same table and scales and new codes.
     """
@@ -95,12 +115,10 @@ def gptq_codes(
     order = torch.argsort(lut, dim=1)  # nearest_codes needs each row's table sorted
     lut_sorted = lut.gather(1, order)
     s, z = expand_scales(qt.scales.cpu(), K, qt.group_size)
-    if settings.order == "act":
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-    else:
-        perm = torch.arange(K)
+    perm, U = prepared if prepared is not None else prepare(H, settings)
     W, s, z = W[:, perm], s[:, perm], z[:, perm]
-    U = _inverse_factor(H[perm][:, perm], settings.damp)
+    safe_s = torch.where(s > 0, s, torch.ones_like(s))
+    mid = (0.5 * (lut_sorted[:, 1:] + lut_sorted[:, :-1])).contiguous()  # [N, L-1] boundaries
     codes = torch.empty((N, K), dtype=torch.long)
     B = settings.block
     for a in range(0, K, B):
@@ -109,14 +127,15 @@ def gptq_codes(
         Ub = U[a:b, a:b]
         E = torch.empty((N, b - a), dtype=torch.float64)
         for j in range(b - a):
-            col = Wb[:, j : j + 1]
-            sj, zj = s[:, a + j : a + j + 1], z[:, a + j : a + j + 1]
-            c = nearest_codes(col, lut_sorted, sj, zj)
-            codes[:, a + j] = c[:, 0]
-            q = lut_sorted.gather(1, c) * sj + zj
-            err = (col - q)[:, 0] / Ub[j, j]
+            k = a + j
+            col = Wb[:, j]
+            # nearest entry of the sorted table (as any4.refit.nearest_codes, one column)
+            c = torch.searchsorted(mid, ((col - z[:, k]) / safe_s[:, k])[:, None], right=True)
+            codes[:, k] = c[:, 0]
+            q = lut_sorted.gather(1, c)[:, 0] * s[:, k] + z[:, k]
+            err = (col - q) / Ub[j, j]
             E[:, j] = err
-            Wb[:, j + 1 :] -= err[:, None] * Ub[j, j + 1 :][None, :]
+            Wb[:, j + 1 :].addr_(err, Ub[j, j + 1 :], alpha=-1.0)
         W[:, b:] -= E @ U[a:b, b:]
     # back to the original column order and to the table's own entry order
     out = torch.empty_like(codes)
@@ -132,9 +151,16 @@ def gptq_codes(
     )
 
 
-def gptq_layer(q: Any, linear: torch.nn.Linear, H: torch.Tensor, settings: GPTQ = GPTQ()) -> Any:
+def gptq_layer(
+    q: Any,
+    linear: torch.nn.Linear,
+    H: torch.Tensor,
+    settings: GPTQ = GPTQ(),
+    prepared: Optional[tuple] = None,
+) -> Any:
     """A QuantLinear ``q`` (quantized from ``linear``) with its codes re-assigned by
-    :func:`gptq_codes` (H: the layer input's E[x x^T], float64 [K, K])."""
+    :func:`gptq_codes` (H: the layer input's E[x x^T], float64 [K, K]; prepared: its
+    :func:`prepare`, optional)."""
     from .nn import QuantLinear, is_conv1d
 
     qt = QuantizedTensor(
@@ -143,7 +169,7 @@ def gptq_layer(q: Any, linear: torch.nn.Linear, H: torch.Tensor, settings: GPTQ 
     w = linear.weight.detach()
     if is_conv1d(linear):  # GPT-2 Conv1D stores the weight transposed [K, N]
         w = w.t()
-    return QuantLinear.from_quantized(gptq_codes(w, qt, H, settings), linear.bias)
+    return QuantLinear.from_quantized(gptq_codes(w, qt, H, settings, prepared), linear.bias)
 
 
-__all__ = ["GPTQ", "ORDERS", "gptq_codes", "gptq_layer"]
+__all__ = ["GPTQ", "ORDERS", "column_order", "gptq_codes", "gptq_layer", "prepare"]

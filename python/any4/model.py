@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .calibration import DEFAULT_MAX_TOKENS, ActivationRecorder, Calibration, calibration_runner
 from .formats import get_format
-from .gptq import GPTQ, gptq_layer
+from .gptq import GPTQ, gptq_layer, prepare
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
 from .nn import QuantLinear, dense_features, set_submodule
 from .refit import DEFAULT_REFIT, REFITS, CovarianceCache, refit_layer
@@ -281,7 +281,8 @@ def quantize_model(
         if x is not None and refit != "none":
             q = refit_layer(q, lin, refit_cache(x), zero=refit == "lut+zero")
         if x is not None and gptq is not None:
-            q = gptq_layer(q, lin, refit_cache.covariance(x), gptq)
+            prepared = refit_cache.derived(x, gptq, lambda H: prepare(H, gptq))
+            q = gptq_layer(q, lin, refit_cache.covariance(x), gptq, prepared)
         return q
 
     refit_cache = CovarianceCache()

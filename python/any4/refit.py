@@ -86,15 +86,21 @@ class CovarianceCache:
             self._x = self._value = None  # free the previous matrix first
             cov = Covariance()
             cov.update(x)
-            self._x, self._key, self._value = x, self._key_of(x), (cov.matrix, None)
+            self._x, self._key, self._value = x, self._key_of(x), (cov.matrix, {})
         return self._value[0]
+
+    def derived(self, x: torch.Tensor, name: Any, make: Any) -> Any:
+        """``make(H)`` for the covariance H of x, computed once per input (e.g. a factor that
+        the q/k/v projections share) and dropped with H."""
+        H = self.covariance(x)
+        cache = self._value[1]
+        if name not in cache:
+            cache[name] = make(H)
+        return cache[name]
 
     def __call__(self, x: torch.Tensor) -> tuple:
         """(H float64 [K, K], (d, U) from :func:`factor`) of activations x [..., K]."""
-        H = self.covariance(x)
-        if self._value[1] is None:
-            self._value = (H, factor(H, self.rank))
-        return self._value
+        return self.derived(x, "refit", lambda H: (H, factor(H, self.rank)))
 
 
 def refit_layer(q: Any, linear: torch.nn.Linear, entry: tuple, *, zero: bool = False) -> Any:
