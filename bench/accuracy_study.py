@@ -197,9 +197,18 @@ def main() -> None:
         with open(args.out + ".md", "w", encoding="utf-8") as f:
             f.write(markdown(out))
 
-    ref = Reference()
-    fp = evaluate_formats(model, windows, ["fp"], sizes, progress=False, reference=ref)
-    fp[0]["config"] = "fp"
+    cache = args.out + ".reference.pt"  # the float model's distributions on these windows
+    if args.resume and os.path.exists(cache):
+        saved = torch.load(cache, weights_only=False)
+        ref, fp = saved["reference"], [saved["fp"]]
+        if not torch.equal(saved["windows"], windows):
+            raise SystemExit(f"--resume: {cache} was recorded on other windows")
+    else:
+        ref = Reference()
+        fp = evaluate_formats(model, windows, ["fp"], sizes, progress=False, reference=ref)
+        fp[0]["config"] = "fp"
+        torch.save({"reference": ref, "fp": fp[0], "windows": windows}, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
     out["rows"].insert(0, fp[0])
     flush()
     print(f"fp ppl={fp[0]['ppl']:.4f} eval {fp[0]['eval_seconds']:.0f}s", flush=True)
