@@ -139,6 +139,46 @@ def markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summarize(paths: list, prefix: str) -> None:
+    """One table from several result files (the same windows per text): per text, every
+    (config, format, G) row with its gap to fp and its ratio to the default any4 gap."""
+    texts: dict = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        t = texts.setdefault(d["info"]["text"], {"info": d["info"], "rows": {}})
+        for r in d["rows"]:
+            t["rows"].setdefault((r["config"], r["fmt"], r["group_size"]), r)
+    lines = ["### any4 accuracy summary (machine printed from " + ", ".join(paths) + ")", ""]
+    out = []
+    for name, t in texts.items():
+        rows = t["rows"]
+        fp = rows[("fp", "fp", None)]["ppl"]
+        lines += [
+            f"#### {name}, {t['info']['windows']} x {t['info']['seq_len']} tokens: fp ppl {fp:.3f}",
+            "",
+            "| config | format | G | ppl | gap to fp | gap / default any4 gap | KLD | top-1 | quant s | load |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for (cfg, fmt, g), r in rows.items():
+            if fmt == "fp":
+                continue
+            base = rows.get(("shipped", "any4", g))
+            ratio = (r["ppl"] - fp) / (base["ppl"] - fp) if base else float("nan")
+            lines.append(
+                f"| {cfg} | {fmt} | {g} | {r['ppl']:.3f} | {r['ppl'] - fp:.3f} | {ratio:.3f} | "
+                f"{r['kld']:.4f} | {r['top1']:.4f} | {r['quant_seconds']:.0f} | "
+                f"{r.get('load_average', float('nan')):.1f} |"
+            )
+            out.append({"text": name, "gap_ratio": ratio, "fp_ppl": fp, **r})
+        lines.append("")
+    with open(prefix + ".json", "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=2)
+    with open(prefix + ".md", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -152,7 +192,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--resume", action="store_true", help="keep rows of an existing PREFIX.json")
     p.add_argument("--out", default="bench/results/accuracy_study")
+    p.add_argument("--summarize", help="comma list of result JSONs: print one table to --out")
     args = p.parse_args()
+    if args.summarize:
+        summarize(args.summarize.split(","), args.out)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
