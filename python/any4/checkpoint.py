@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -161,6 +162,31 @@ class SourceCheckpoint:
             st = os.stat(os.path.join(self.directory, name))
             out.append([name, st.st_size, st.st_mtime_ns])
         return out
+
+    def prefetch(self, keys: Sequence[str]) -> None:
+        """Ask the kernel to start reading these tensors' bytes into the page cache (readahead
+        in the background: the next block's reads then overlap this block's compute; page
+        cache is not this process's RSS). A no-op where posix_fadvise is missing."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        by_file: dict = {}
+        for key in keys:
+            info = self.tensors.get(key)
+            if info is not None and info.nbytes:
+                by_file.setdefault(info.file, []).append(info)
+        for path, infos in by_file.items():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue  # load() reports unreadable files
+            try:
+                for info in infos:
+                    advise(fd, info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def load(
         self, key: str, dtype: Optional[torch.dtype] = None, rows: Optional[tuple] = None
@@ -325,9 +351,13 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 
 
 def _release_memory() -> None:
-    """Give the heap pages freed with a block back to the OS (glibc keeps them otherwise, and
-    the heap, fragmented by the block's many-megabyte temporaries, grows block after block)."""
+    """Free what a finished block left behind and give the pages back to the OS: collect
+    reference cycles (a cycle holding one block's float weights would keep ~1 GB of an 8B
+    model's block alive into the next one), then ``malloc_trim(0)`` (glibc keeps freed heap
+    pages otherwise, and the heap, fragmented by the block's many-megabyte temporaries, grows
+    block after block)."""
     global _LIBC
+    gc.collect()
     if _LIBC is None:
         try:
             import ctypes
@@ -630,6 +660,9 @@ class _Run:
                 out = call()
                 if timed:
                     self.times["calibration"] += time.perf_counter() - t0 - pause[0]
+            # recorder <-> quantize_now is a reference cycle holding ``weights`` (the block's
+            # float weights): break it, or the block stays in memory until the cyclic GC runs
+            recorder.on_input = None
             stats = recorder.stats
             self.missing += [n for n in names if stats[n].count == 0]
         else:
@@ -639,6 +672,7 @@ class _Run:
         todo = [(n, stats.get(n)) for n in names if n not in done]
         if todo:
             done.update(self.quantize_layers(todo, weights, biases))
+        weights.clear()
         return out, done
 
     # -- blocks -----------------------------------------------------------------------------------
@@ -676,6 +710,9 @@ class _Run:
         prefix = f"{job.blocks_name}.{index}."
         self.block_bits, self.block_weights = 0.0, 0
         self._materialize(block, prefix)
+        if index + 1 < len(job.block_modules):  # read the next block while this one computes
+            after = f"{job.blocks_name}.{index + 1}."
+            job.src.prefetch([v for k, v in job.keys.items() if k.startswith(after)])
         names = job.block_layers[index]
         modules = {n: block.get_submodule(n[len(prefix) :]) for n in names}
         call = None
