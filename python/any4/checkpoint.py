@@ -61,7 +61,7 @@ from .dist import Group, local_world_size, row_ranges, row_slice_seed, threads_p
 from .integrity import metadata_text, seal_file
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT
 from .model import check_settings, layer_quantize_kwargs, plan_layers
-from .nn import QuantLinear
+from .nn import QuantLinear, dense_features, is_conv1d
 from .quantize import QuantizedTensor, quantize
 from .safetensors_stream import (
     TORCH_DTYPES,
@@ -405,12 +405,9 @@ class _Job:
             self.layers, self.group_sizes = plan_layers(
                 self.model, settings["group_size"], settings["skip"]
             )
-        odd = [n for n, m in self.layers.items() if not isinstance(m, nn.Linear)]
-        if odd:
-            raise CheckpointError(
-                f"streaming quantizes nn.Linear layers; {odd[0]} is a {type(self.layers[odd[0]]).__name__} "
-                "(quantize this model in memory: any4.quantize_model)"
-            )
+        # {name: (N, K)}; GPT-2-style Conv1D layers store their weight transposed, [K, N]
+        self.features = {n: dense_features(m) for n, m in self.layers.items()}
+        self.transposed = {n for n, m in self.layers.items() if is_conv1d(m)}
         self.needs_stats = self.f.learned and settings["weighting"] != "none"
         # any4's readers drop the guard, an empty tensor under the first quantized layer's weight
         # key: transformers without any4 refuses the checkpoint on its size (see any4.io)
@@ -448,14 +445,16 @@ class _Job:
         or None (no rows); an error string instead of raising (the writer reports it)."""
         out = []
         for name, stats in items:
-            lin = self.layers[name]
-            r0, r1 = row_ranges(lin.out_features, self.group.world)[self.group.rank]
+            r0, r1 = row_ranges(self.features[name][0], self.group.world)[self.group.rank]
             if r1 == r0:
                 out.append(None)
                 continue
             try:
                 if weights is not None and name in weights:
-                    w = weights[name][r0:r1].detach().cpu()
+                    w = weights[name].detach()
+                    w = (w.t() if name in self.transposed else w)[r0:r1].cpu()
+                elif name in self.transposed:  # [K, N] on file: this rank's output columns
+                    w = self.src.load(self.weight_key(name), self.dtype).t()[r0:r1]
                 else:
                     w = self.src.load(self.weight_key(name), self.dtype, rows=(r0, r1))
                 kw = layer_quantize_kwargs(self.f.name, stats, **self.options)
@@ -606,13 +605,12 @@ class _Run:
             if errors:
                 raise CheckpointError(errors[0])
             shares = [s for s in shares if s is not None]
-            lin = job.layers[name]
             lut = torch.cat([s[1] for s in shares]) if job.f.learned else shares[0][1]
             qt = QuantizedTensor(
                 packed=torch.cat([s[0] for s in shares]),
                 lut=lut,
                 scales=torch.cat([s[2] for s in shares]),
-                shape=(lin.out_features, lin.in_features),
+                shape=job.features[name],
                 fmt=job.f.name,
                 group_size=job.group_sizes[name],
             )
@@ -649,7 +647,10 @@ class _Run:
                 t_pause = time.perf_counter()
                 q = self.quantize_layers([(name, recorder.stats[name])], weights, biases)[name]
                 with torch.no_grad():  # the rest of this pass sees the quantized layer
-                    module.weight.data = q.dequantize(module.weight.dtype).to(module.weight.device)
+                    w = q.dequantize(module.weight.dtype)
+                    module.weight.data = (w.t() if name in job.transposed else w).to(
+                        module.weight.device
+                    )
                 done[name] = q
                 pause[0] += time.perf_counter() - t_pause
 

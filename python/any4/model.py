@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .calibration import DEFAULT_MAX_TOKENS, ActivationRecorder, Calibration, calibration_runner
 from .formats import get_format
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
-from .nn import QuantLinear, dense_features, set_submodule
+from .nn import QuantLinear, dense_features, is_conv1d, set_submodule
 from .refit import DEFAULT_REFIT, REFITS, CovarianceCache, refit_layer
 from .stats import DEFAULT_WEIGHTING, WEIGHTINGS, ChannelStats
 
@@ -283,7 +283,10 @@ def quantize_model(
             q = make(name, module, recorder.stats[name], x if refit != "none" else None)
             if mode == "sequential":
                 with torch.no_grad():  # the rest of this pass sees the quantized layer
-                    module.weight.data = q.dequantize(module.weight.dtype).to(module.weight.device)
+                    w = q.dequantize(module.weight.dtype)  # [N, K]; a Conv1D stores [K, N]
+                    module.weight.data = (w.t() if is_conv1d(module) else w).to(
+                        module.weight.device
+                    )
             done[name] = q
             bar.update(1)
 
