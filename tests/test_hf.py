@@ -525,3 +525,31 @@ def test_import_any4_without_transformers() -> None:
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_load_verifies_each_file_once_and_from_pretrained_still_verifies(
+    tmp_path, monkeypatch
+) -> None:
+    from any4 import integrity
+
+    model = tiny_llama(seed=5)
+    any4.quantize_model(model, "int4", 16, progress=False)
+    d = tmp_path / "q"
+    any4.save(model, d, max_shard_size="20KB")
+    shards = sorted(n for n in os.listdir(d) if n.startswith("model-"))
+    calls: list = []
+    real = integrity.verify_file
+    monkeypatch.setattr(
+        integrity, "verify_file", lambda f, *a, **k: calls.append(f) or real(f, *a, **k)
+    )
+    ids = random_ids(11, seed=3)
+    assert torch.equal(logits(any4.load(d), ids), logits(model, ids))
+    assert sorted(os.path.basename(f) for f in calls) == shards  # each shard hashed once
+    calls.clear()
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(d), ids), logits(model, ids))
+    assert sorted(os.path.basename(f) for f in calls) == shards  # the quantizer's own check
+    data = bytearray((d / shards[0]).read_bytes())
+    data[-3] ^= 0x11
+    (d / shards[0]).write_bytes(bytes(data))
+    with pytest.raises(Any4FormatError, match="checksum|digest"):
+        AutoModelForCausalLM.from_pretrained(d)

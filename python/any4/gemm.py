@@ -43,25 +43,8 @@ def check_operands(
             f"{tuple(packed_w.shape)}"
         )
     N = int(packed_w.shape[0])
-    ld = T.dtype_name(lut)
-    if ld not in FLOAT_DTYPES:
-        raise TypeError(f"lut must be float32, float16 or bfloat16, got {ld}")
-    if T.dtype_name(scales) != ld:
-        raise TypeError(f"scales must have lut's dtype {ld}, got {T.dtype_name(scales)}")
-    if lut.ndim == 1:
-        lut_rows, lut_len = 1, int(lut.shape[0])
-    elif lut.ndim == 2:
-        lut_rows, lut_len = int(lut.shape[0]), int(lut.shape[1])
-    else:
-        raise ValueError(f"lut must be [L], [1, L] or [N, L], got shape {tuple(lut.shape)}")
-    if lut_rows not in (1, N) or not 1 <= lut_len <= 16:
-        raise ValueError(
-            f"lut must be [1, L] or [N={N}, L] with L <= 16, got shape {tuple(lut.shape)}"
-        )
+    lut_rows, lut_len, n_groups = V.table_operands(lut, scales, N)
     bits = code_bits(K, int(packed_w.shape[1]), lut_len, bits)
-    if scales.ndim != 3 or int(scales.shape[0]) != N or int(scales.shape[2]) != 2:
-        raise ValueError(f"scales must be [N={N}, groups, 2], got shape {tuple(scales.shape)}")
-    n_groups = int(scales.shape[1])
     if group_size is None:
         group_size = infer_group_size(K, n_groups)
     group_size = V.group_size(group_size, K, n_groups)

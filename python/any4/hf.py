@@ -29,6 +29,7 @@ This module needs transformers; ``import any4`` works without it.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 import warnings
@@ -63,6 +64,12 @@ from .model import (
 from .nn import QuantLinear, dense_features, set_submodule
 from .refit import DEFAULT_REFIT, REFITS
 from .stats import DEFAULT_WEIGHTING, WEIGHTINGS
+
+# The directory any4.load has just verified (every digest and all metadata) before handing it to
+# from_pretrained: the quantizer then does not hash every weight file a second time.
+_VERIFIED_DIR: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "any4_verified_checkpoint_dir", default=None
+)
 
 QUANT_METHOD = io.QUANT_METHOD
 DEFAULT_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
@@ -213,7 +220,9 @@ class Any4HfQuantizer(HfQuantizer):
                     f"checkpoint written with any4 file format version {cfg.format_version}; this any4 "
                     f"reads versions up to {io.FORMAT_VERSION}: upgrade any4"
                 )
-            if self.checkpoint_dir is not None:
+            if self.checkpoint_dir is not None and _VERIFIED_DIR.get() != os.path.realpath(
+                self.checkpoint_dir
+            ):
                 io.verify_checkpoint(self.checkpoint_dir)  # digests, metadata, before reading
             for name, info in cfg.layers.items():
                 try:
@@ -460,16 +469,23 @@ def _is_transformers_model(model: nn.Module) -> bool:
 
 
 def from_pretrained_checkpoint(directory: str, dtype: Optional[torch.dtype] = None,
-                               device: Union[str, torch.device] = "cpu") -> nn.Module:  # fmt: skip
+                               device: Union[str, torch.device] = "cpu", *,
+                               verified: bool = False) -> nn.Module:  # fmt: skip
     """A format-2 any4 directory loaded with ``AutoModelForCausalLM.from_pretrained`` (any4's
-    quantizer: meta-device QuantLinear shells, no float weights), in ``dtype``, on ``device``."""
+    quantizer: meta-device QuantLinear shells, no float weights), in ``dtype``, on ``device``.
+    ``verified=True``: the caller has just run ``io.verify_checkpoint(directory)``, so the
+    quantizer skips its own (identical) verification."""
     from transformers import AutoModelForCausalLM
 
     register()
     kwargs: dict = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    token = _VERIFIED_DIR.set(os.path.realpath(directory) if verified else None)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    finally:
+        _VERIFIED_DIR.reset(token)
     return model.to(device).eval()
 
 

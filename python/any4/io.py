@@ -905,7 +905,9 @@ def load(
                 _read_tensors(meta, "meta", keep=False)  # verify every file before transformers
                 from .hf import from_pretrained_checkpoint
 
-                return from_pretrained_checkpoint(directory, saved_dtype(meta), device)
+                return from_pretrained_checkpoint(
+                    directory, saved_dtype(meta), device, verified=True
+                )
             model = _fresh_hf_model(directory)
         else:
             return _as_state(_read_tensors(meta, device), meta.get("layers", {}))

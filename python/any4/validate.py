@@ -94,6 +94,37 @@ def table_length(L: int, bits: Optional[int] = None) -> int:
     return L
 
 
+def table_operands(lut: Any, scales: Any, rows: int) -> tuple:
+    """O(1) checks of the table and group-affine tensors of an N-row weight (shared by gemm's
+    operand check and :func:`check_parts`).
+
+    Args:
+        lut: float32/float16/bfloat16 [L], [1, L] or [rows, L], 1 <= L <= 16;
+        scales: lut's dtype, [rows, groups, 2]; rows: N.
+    Returns:
+        (lut_rows, L, n_groups).
+    """
+    ld = T.dtype_name(lut)
+    if ld not in FLOAT_DTYPES:
+        raise TypeError(f"lut must be float32, float16 or bfloat16, got {ld}")
+    if T.dtype_name(scales) != ld:
+        raise TypeError(f"scales must have lut's dtype {ld}, got {T.dtype_name(scales)}")
+    if lut.ndim == 1:
+        lut_rows, L = 1, int(lut.shape[0])
+    elif lut.ndim == 2:
+        lut_rows, L = int(lut.shape[0]), int(lut.shape[1])
+    else:
+        raise ValueError(f"lut must be [L], [1, L] or [N, L], got shape {tuple(lut.shape)}")
+    if lut_rows not in (1, rows) or not 1 <= L <= MAX_LEVELS:
+        raise ValueError(
+            f"lut must be [1, L] or [N={rows}, L] with 1 <= L <= {MAX_LEVELS}, got shape "
+            f"{tuple(lut.shape)}"
+        )
+    if scales.ndim != 3 or int(scales.shape[0]) != rows or int(scales.shape[2]) != 2:
+        raise ValueError(f"scales must be [N={rows}, groups, 2], got shape {tuple(scales.shape)}")
+    return lut_rows, L, int(scales.shape[1])
+
+
 def check_parts(
     packed: Any,
     lut: Any,
@@ -129,23 +160,8 @@ def check_parts(
         raise ValueError(f"packed has {rows} rows, the weight has N={N}")
     if int(packed.shape[1]) != width:
         raise ValueError(f"packed has {packed.shape[1]} bytes per row; K={K} needs {width}")
-    ld = T.dtype_name(lut)
-    if ld not in FLOAT_DTYPES:
-        raise TypeError(f"lut must be float32, float16 or bfloat16, got {ld}")
-    if T.dtype_name(scales) != ld:
-        raise TypeError(f"scales must have lut's dtype {ld}, got {T.dtype_name(scales)}")
-    if lut.ndim == 1:
-        lut_rows, L = 1, int(lut.shape[0])
-    elif lut.ndim == 2:
-        lut_rows, L = int(lut.shape[0]), int(lut.shape[1])
-    else:
-        raise ValueError(f"lut must be [L], [1, L] or [N, L], got shape {tuple(lut.shape)}")
-    if lut_rows not in (1, rows):
-        raise ValueError(f"lut must have 1 or N={rows} rows, got shape {tuple(lut.shape)}")
+    lut_rows, L, n_groups = table_operands(lut, scales, rows)
     table_length(L, bits)
-    if scales.ndim != 3 or int(scales.shape[0]) != rows or int(scales.shape[2]) != 2:
-        raise ValueError(f"scales must be [N={rows}, groups, 2], got shape {tuple(scales.shape)}")
-    n_groups = int(scales.shape[1])
     if G is None:
         G = infer_group_size(K, n_groups)
     G = group_size(G, K, n_groups)
@@ -324,6 +340,7 @@ __all__ = [
     "check_codes_once",
     "check_finite",
     "check_parts",
+    "table_operands",
     "check_quantized",
     "check_real",
     "check_values",
