@@ -869,15 +869,18 @@ class _Run:
         prefix = job.blocks_name + "."
         rest_keys = [k for k in job.keys if not k.startswith(prefix)]
         layers = {n: self.layer_info[n] for n in sorted(outer_q)}
+        t_rest = time.perf_counter()
         self._write(
             os.path.join(self.partial, REST_FILE), self._entries(rest_keys, outer_q), layers
         )
+        t_rest = time.perf_counter() - t_rest  # the copy of embeddings, lm_head, norms (once)
         job.group.broadcast(("end",))
         peaks = job.group.gather(_peak_rss_mib())
         summary = self._finish(outer_bits)
         summary.update(
             seconds=round(time.perf_counter() - start, 3),
             **{f"seconds_{k}": round(v, 3) for k, v in self.times.items()},
+            seconds_write_outside_blocks=round(t_rest, 3),
             peak_rss_mib=round(max(peaks), 1),
             peak_rss_mib_ranks=[round(p, 1) for p in peaks],
             world_size=job.group.world,
