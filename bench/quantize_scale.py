@@ -1,7 +1,9 @@
-"""Streaming quantization at scale (SPEC §11): a Llama-3-8B-shaped random bf16 checkpoint.
+"""Streaming quantization at scale (SPEC §11): Llama-3-8B / 70B-shaped random bf16 checkpoints.
 
-    python bench/quantize_scale.py --layers 32          # the full 8B shape (~16 GB written)
+    python bench/quantize_scale.py --layers 32                  # the full 8B shape (~16 GB written)
     python bench/quantize_scale.py --layers 4 --procs 1,2 --block70b
+    python bench/quantize_scale.py --workdir W --write-only     # write the checkpoints only
+    python bench/quantize_scale.py --workdir W --keep ...       # reuse them (timed run)
 
 Writes a sharded safetensors checkpoint with random bf16 weights (the real config: hidden 4096,
 intermediate 14336, 32/8 heads, vocab 128256; ``--layers`` shrinks it), quantizes it with the
@@ -9,8 +11,11 @@ defaults (any4, G=128, exact k-means, one-pass, mse weighting) through ``any4 qu
 with 1 and 2 processes (torchrun), and records wall time split into load / calibration /
 k-means / write and peak RSS (the maximum over ranks; each run in its own process). With
 ``--block70b`` it also times one Llama-3-70B-shaped block (hidden 8192, intermediate 28672,
-64/8 heads, the real vocab) and projects it to 80 blocks. Results go to
-``bench/results/quantize_scale.{json,md}``; the big files are deleted afterwards.
+64/8 heads, the real vocab) and projects it to 80 blocks. With ``--workdir`` the checkpoints
+get fixed names there and are reused when present (write them beforehand with
+``--write-only``, so that a timed run does not include writing 16 GB). Results go to
+``bench/results/quantize_scale{tag}.{json,md}`` with the machine (CPU, ISA, LLC) and the load
+average; the checkpoints are deleted afterwards unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -68,8 +72,13 @@ def write_random_checkpoint(
         for key, shp in keys:
             if len(shp) == 1:
                 t = torch.ones(shp, dtype=torch.bfloat16)
-            else:
-                t = (torch.randn(shp, generator=g) * 0.02).to(torch.bfloat16)
+            else:  # in row chunks: no float32 copy of a 128256 x 8192 embedding
+                t = torch.empty(shp, dtype=torch.bfloat16)
+                step = max(1, (64 << 20) // (4 * shp[1]))
+                for r in range(0, shp[0], step):
+                    t[r : r + step] = torch.randn(
+                        (min(step, shp[0] - r), shp[1]), generator=g
+                    ).mul_(0.02)
             tensors[key] = t
             weight_map[key] = name
             total += t.numel() * 2
@@ -120,6 +129,23 @@ def run_quantize(src: str, dst: str, procs: int, ids_file: str, extra: list) -> 
     return out
 
 
+def checkpoint_path(work: str, name: str, layers: int) -> str:
+    return os.path.join(work, f"{name}-{layers}")
+
+
+def ensure_checkpoint(path: str, shape: dict, layers: int) -> tuple:
+    """(bytes of tensors, seconds spent writing): reuse ``path`` when a previous run wrote it
+    completely (its index is written last), else write it."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index) and os.path.isfile(os.path.join(path, "config.json")):
+        with open(index) as f:
+            return json.load(f)["metadata"]["total_size"], 0.0
+    shutil.rmtree(path, ignore_errors=True)
+    t0 = time.perf_counter()
+    nbytes = write_random_checkpoint(path, shape, layers)
+    return nbytes, time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,38 +153,49 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32, help="decoder blocks of the 8B shape (32)")
     ap.add_argument("--procs", default="1,2", help="process counts, comma list (default 1,2)")
     ap.add_argument("--block70b", action="store_true", help="also time one 70B-shaped block")
-    ap.add_argument(
-        "--workdir", default=None, help="where the checkpoints go (default: a temp dir)"
-    )
-    ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    ap.add_argument("--no-8b", action="store_true", help="skip the 8B-shaped case")
+    ap.add_argument("--workdir", default=None,
+                    help="where the checkpoints go, under fixed names, reused when present "
+                         "(default: a fresh temp dir)")  # fmt: skip
+    ap.add_argument("--write-only", action="store_true", help="write the checkpoints and stop")
+    ap.add_argument("--keep", action="store_true", help="keep the source checkpoints")
     ap.add_argument("--tag", default="", help="suffix of the results file names")
     args = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="any4-scale-", dir=args.workdir)
-    load0 = os.getloadavg()
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                           "load_average_start": [round(x, 2) for x in load0]}, "runs": []}  # fmt: skip
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from machine import describe, header
+
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
+        work = args.workdir
+    else:
+        work = tempfile.mkdtemp(prefix="any4-scale-")
+    machine = describe()
+    results = {"machine": machine, "command": " ".join(sys.argv[1:]), "runs": []}
+    cases = [] if args.no_8b else [("llama3-8b", LLAMA3_8B, args.layers)]
+    if args.block70b:
+        cases.append(("llama3-70b", LLAMA3_70B, 1))
     try:
         ids_file = calibration_ids_file(os.path.join(work, "calibration_ids.json"))
-        cases = [("llama3-8b", LLAMA3_8B, args.layers)]
-        if args.block70b:
-            cases.append(("llama3-70b", LLAMA3_70B, 1))
         for name, shape, layers in cases:
-            src = os.path.join(work, f"{name}-{layers}")
-            t0 = time.perf_counter()
-            nbytes = write_random_checkpoint(src, shape, layers)
-            gen_s = time.perf_counter() - t0
-            print(
-                f"{name}: wrote {layers} blocks, {nbytes / 1e9:.2f} GB in {gen_s:.0f} s", flush=True
-            )
+            src = checkpoint_path(work, name, layers)
+            nbytes, gen_s = ensure_checkpoint(src, shape, layers)
+            print(f"{name}: {layers} blocks, {nbytes / 1e9:.2f} GB (written in {gen_s:.0f} s)",
+                  flush=True)  # fmt: skip
+            if args.write_only:
+                continue
             for procs in [int(p) for p in args.procs.split(",")]:
                 if name == "llama3-70b" and procs != 1:
                     continue
+                load_before = [round(x, 2) for x in os.getloadavg()]
                 s = run_quantize(src, src + f"-any4-p{procs}", procs, ids_file, [])
                 s.update(case=name, layers=layers, procs=procs, checkpoint_gb=round(nbytes / 1e9, 3),
+                         load_average_before=load_before,
                          load_average_after=[round(x, 2) for x in os.getloadavg()])  # fmt: skip
-                # linear projection: the whole run (incl. the embeddings' copy) per block
+                # linear projection: the per-block part of the run times the real block count,
+                # plus the one-off copy of the tensors outside the blocks (embeddings, lm_head)
+                once = s["seconds_write_outside_blocks"]
                 s["projected_full_model_s"] = round(
-                    s["seconds"] / layers * shape["num_hidden_layers"], 1
+                    once + (s["seconds"] - once) / layers * shape["num_hidden_layers"], 1
                 )
                 results["runs"].append(s)
                 print(json.dumps(s), flush=True)
@@ -166,8 +203,10 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(src, ignore_errors=True)
     finally:
-        if not args.keep:
+        if not args.keep and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+    if args.write_only:
+        return
     os.makedirs(RESULTS, exist_ok=True)
     stem = os.path.join(RESULTS, f"quantize_scale{args.tag}")
     with open(stem + ".json", "w") as f:
@@ -175,19 +214,24 @@ def main() -> None:
     lines = [
         "# Streaming quantization at scale (bench/quantize_scale.py)",
         "",
-        f"Command: `python bench/quantize_scale.py {' '.join(sys.argv[1:])}`  ",
-        f"Machine: {results['machine']['cores']} CPUs, load average at start "
-        f"{', '.join(str(x) for x in results['machine']['load_average_start'])}.  ",
-        "Defaults: any4, G=128, exact (optimal) k-means, one-pass, mse weighting, float32 blocks.",
+        f"Command: `python bench/quantize_scale.py {results['command']}`  ",
+        f"Machine: {header(machine)}; {os.cpu_count()} CPUs.  ",
+        "Defaults: any4, G=128, exact (optimal) k-means, one-pass, mse weighting, float32 blocks, "
+        "the shipped calibration text as token ids.",
         "",
-        "| case | blocks | procs | wall s | load | calibration | k-means | write | peak RSS MiB (max rank) | bits/weight | projected full model s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | blocks | procs | wall s | load | calibration | k-means | write (of which outside "
+        "blocks) | peak RSS MiB (ranks) | bits/weight | projected full model s | load avg before / "
+        "after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in results["runs"]:
+        ranks = ", ".join(f"{p:.0f}" for p in s["peak_rss_mib_ranks"])
         lines.append(
             f"| {s['case']} | {s['layers']} | {s['procs']} | {s['seconds']:.1f} | {s['seconds_load']:.1f} | "
-            f"{s['seconds_calibration']:.1f} | {s['seconds_kmeans']:.1f} | {s['seconds_write']:.1f} | "
-            f"{s['peak_rss_mib']:.0f} | {s['bits_per_weight']} | {s['projected_full_model_s']:.0f} |"
+            f"{s['seconds_calibration']:.1f} | {s['seconds_kmeans']:.1f} | {s['seconds_write']:.1f} "
+            f"({s['seconds_write_outside_blocks']:.1f}) | "
+            f"{s['peak_rss_mib']:.0f} ({ranks}) | {s['bits_per_weight']} | {s['projected_full_model_s']:.0f} | "
+            f"{s['load_average_before'][0]} / {s['load_average_after'][0]} |"
         )
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

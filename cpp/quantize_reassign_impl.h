@@ -21,14 +21,18 @@ inline void reassign_codes_inline(const float* deq, int L, const float* w, uint8
       first[i] = 0;
       last[i] = 0;
     }
+    // Every lane is updated unconditionally with bitwise selects: written as `lt ? e : best[i]`
+    // compilers turn the updates into masked stores, which are slow on AMD processors
+    // (vmaskmovps / vpmaskmovd: ~16% of a quantize call on Zen 3 before this).
     for (int32_t j = 1; j < L; ++j) {
       const float d = deq[j];
       for (int i = 0; i < m; ++i) {
         const float e = std::fabs(d - x[i]);
-        const bool lt = e < best[i], le = e <= best[i];
-        best[i] = lt ? e : best[i];
-        first[i] = lt ? j : first[i];
-        last[i] = le ? j : last[i];
+        const int32_t lt = -static_cast<int32_t>(e < best[i]);  // all ones or zero
+        const int32_t le = -static_cast<int32_t>(e <= best[i]);
+        best[i] = std::min(best[i], e);  // (e < best) ? e : best, exactly
+        first[i] = (first[i] & ~lt) | (j & lt);
+        last[i] = (last[i] & ~le) | (j & le);
       }
     }
     uint8_t* __restrict c = codes + k0;

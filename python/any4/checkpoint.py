@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -60,7 +61,7 @@ from .dist import Group, local_world_size, row_ranges, row_slice_seed, threads_p
 from .integrity import metadata_text, seal_file
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT
 from .model import check_settings, layer_quantize_kwargs, plan_layers
-from .nn import QuantLinear
+from .nn import QuantLinear, dense_features, is_conv1d
 from .quantize import QuantizedTensor, quantize
 from .safetensors_stream import (
     TORCH_DTYPES,
@@ -161,6 +162,31 @@ class SourceCheckpoint:
             st = os.stat(os.path.join(self.directory, name))
             out.append([name, st.st_size, st.st_mtime_ns])
         return out
+
+    def prefetch(self, keys: Sequence[str]) -> None:
+        """Ask the kernel to start reading these tensors' bytes into the page cache (readahead
+        in the background: the next block's reads then overlap this block's compute; page
+        cache is not this process's RSS). A no-op where posix_fadvise is missing."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        by_file: dict = {}
+        for key in keys:
+            info = self.tensors.get(key)
+            if info is not None and info.nbytes:
+                by_file.setdefault(info.file, []).append(info)
+        for path, infos in by_file.items():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue  # load() reports unreadable files
+            try:
+                for info in infos:
+                    advise(fd, info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def load(
         self, key: str, dtype: Optional[torch.dtype] = None, rows: Optional[tuple] = None
@@ -325,9 +351,13 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 
 
 def _release_memory() -> None:
-    """Give the heap pages freed with a block back to the OS (glibc keeps them otherwise, and
-    the heap, fragmented by the block's many-megabyte temporaries, grows block after block)."""
+    """Free what a finished block left behind and give the pages back to the OS: collect
+    reference cycles (a cycle holding one block's float weights would keep ~1 GB of an 8B
+    model's block alive into the next one), then ``malloc_trim(0)`` (glibc keeps freed heap
+    pages otherwise, and the heap, fragmented by the block's many-megabyte temporaries, grows
+    block after block)."""
     global _LIBC
+    gc.collect()
     if _LIBC is None:
         try:
             import ctypes
@@ -375,12 +405,9 @@ class _Job:
             self.layers, self.group_sizes = plan_layers(
                 self.model, settings["group_size"], settings["skip"]
             )
-        odd = [n for n, m in self.layers.items() if not isinstance(m, nn.Linear)]
-        if odd:
-            raise CheckpointError(
-                f"streaming quantizes nn.Linear layers; {odd[0]} is a {type(self.layers[odd[0]]).__name__} "
-                "(quantize this model in memory: any4.quantize_model)"
-            )
+        # {name: (N, K)}; GPT-2-style Conv1D layers store their weight transposed, [K, N]
+        self.features = {n: dense_features(m) for n, m in self.layers.items()}
+        self.transposed = {n for n, m in self.layers.items() if is_conv1d(m)}
         self.needs_stats = self.f.learned and settings["weighting"] != "none"
         # any4's readers drop the guard, an empty tensor under the first quantized layer's weight
         # key: transformers without any4 refuses the checkpoint on its size (see any4.io)
@@ -418,14 +445,16 @@ class _Job:
         or None (no rows); an error string instead of raising (the writer reports it)."""
         out = []
         for name, stats in items:
-            lin = self.layers[name]
-            r0, r1 = row_ranges(lin.out_features, self.group.world)[self.group.rank]
+            r0, r1 = row_ranges(self.features[name][0], self.group.world)[self.group.rank]
             if r1 == r0:
                 out.append(None)
                 continue
             try:
                 if weights is not None and name in weights:
-                    w = weights[name][r0:r1].detach().cpu()
+                    w = weights[name].detach()
+                    w = (w.t() if name in self.transposed else w)[r0:r1].cpu()
+                elif name in self.transposed:  # [K, N] on file: this rank's output columns
+                    w = self.src.load(self.weight_key(name), self.dtype).t()[r0:r1]
                 else:
                     w = self.src.load(self.weight_key(name), self.dtype, rows=(r0, r1))
                 kw = layer_quantize_kwargs(self.f.name, stats, **self.options)
@@ -576,13 +605,12 @@ class _Run:
             if errors:
                 raise CheckpointError(errors[0])
             shares = [s for s in shares if s is not None]
-            lin = job.layers[name]
             lut = torch.cat([s[1] for s in shares]) if job.f.learned else shares[0][1]
             qt = QuantizedTensor(
                 packed=torch.cat([s[0] for s in shares]),
                 lut=lut,
                 scales=torch.cat([s[2] for s in shares]),
-                shape=(lin.out_features, lin.in_features),
+                shape=job.features[name],
                 fmt=job.f.name,
                 group_size=job.group_sizes[name],
             )
@@ -619,7 +647,10 @@ class _Run:
                 t_pause = time.perf_counter()
                 q = self.quantize_layers([(name, recorder.stats[name])], weights, biases)[name]
                 with torch.no_grad():  # the rest of this pass sees the quantized layer
-                    module.weight.data = q.dequantize(module.weight.dtype).to(module.weight.device)
+                    w = q.dequantize(module.weight.dtype)
+                    module.weight.data = (w.t() if name in job.transposed else w).to(
+                        module.weight.device
+                    )
                 done[name] = q
                 pause[0] += time.perf_counter() - t_pause
 
@@ -630,6 +661,9 @@ class _Run:
                 out = call()
                 if timed:
                     self.times["calibration"] += time.perf_counter() - t0 - pause[0]
+            # recorder <-> quantize_now is a reference cycle holding ``weights`` (the block's
+            # float weights): break it, or the block stays in memory until the cyclic GC runs
+            recorder.on_input = None
             stats = recorder.stats
             self.missing += [n for n in names if stats[n].count == 0]
         else:
@@ -639,6 +673,7 @@ class _Run:
         todo = [(n, stats.get(n)) for n in names if n not in done]
         if todo:
             done.update(self.quantize_layers(todo, weights, biases))
+        weights.clear()
         return out, done
 
     # -- blocks -----------------------------------------------------------------------------------
@@ -676,6 +711,9 @@ class _Run:
         prefix = f"{job.blocks_name}.{index}."
         self.block_bits, self.block_weights = 0.0, 0
         self._materialize(block, prefix)
+        if index + 1 < len(job.block_modules):  # read the next block while this one computes
+            after = f"{job.blocks_name}.{index + 1}."
+            job.src.prefetch([v for k, v in job.keys.items() if k.startswith(after)])
         names = job.block_layers[index]
         modules = {n: block.get_submodule(n[len(prefix) :]) for n in names}
         call = None
@@ -831,15 +869,18 @@ class _Run:
         prefix = job.blocks_name + "."
         rest_keys = [k for k in job.keys if not k.startswith(prefix)]
         layers = {n: self.layer_info[n] for n in sorted(outer_q)}
+        t_rest = time.perf_counter()
         self._write(
             os.path.join(self.partial, REST_FILE), self._entries(rest_keys, outer_q), layers
         )
+        t_rest = time.perf_counter() - t_rest  # the copy of embeddings, lm_head, norms (once)
         job.group.broadcast(("end",))
         peaks = job.group.gather(_peak_rss_mib())
         summary = self._finish(outer_bits)
         summary.update(
             seconds=round(time.perf_counter() - start, 3),
             **{f"seconds_{k}": round(v, 3) for k, v in self.times.items()},
+            seconds_write_outside_blocks=round(t_rest, 3),
             peak_rss_mib=round(max(peaks), 1),
             peak_rss_mib_ranks=[round(p, 1) for p in peaks],
             world_size=job.group.world,

@@ -16,7 +16,7 @@ from .calibration import DEFAULT_MAX_TOKENS, ActivationRecorder, Calibration, ca
 from .formats import get_format
 from .gptq import GPTQ, gptq_layer, prepare
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
-from .nn import QuantLinear, dense_features, set_submodule
+from .nn import QuantLinear, dense_features, is_conv1d, set_submodule
 from .refit import DEFAULT_REFIT, REFITS, CovarianceCache, refit_layer
 from .stats import DEFAULT_WEIGHTING, WEIGHTINGS, ChannelStats
 
@@ -303,7 +303,10 @@ def quantize_model(
             q = make(name, module, recorder.stats[name], x if needs_x else None)
             if mode == "sequential":
                 with torch.no_grad():  # the rest of this pass sees the quantized layer
-                    module.weight.data = q.dequantize(module.weight.dtype).to(module.weight.device)
+                    w = q.dequantize(module.weight.dtype)  # [N, K]; a Conv1D stores [K, N]
+                    module.weight.data = (w.t() if is_conv1d(module) else w).to(
+                        module.weight.device
+                    )
             done[name] = q
             bar.update(1)
 
