@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import validate as V
 from .pack import pack
 from .quantize import QuantizedTensor
 from .refit import expand_scales
@@ -103,11 +104,7 @@ def gptq_codes(
         a new QuantizedTensor with the same table and scales and new codes.
     """
     N, K = qt.shape
-    H = torch.as_tensor(H).detach().double().cpu()
-    if H.shape != (K, K):
-        raise ValueError(f"H must be [K, K] = {(K, K)}, got {tuple(H.shape)}")
-    if not torch.isfinite(H).all():
-        raise ValueError("H contains NaN or Inf")
+    H = V.covariance(H, K)
     W = torch.as_tensor(w).detach().double().cpu().clone()
     if W.shape != (N, K):
         raise ValueError(f"w must be [N, K] = {(N, K)}, got {tuple(W.shape)}")

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import validate as V
 from .pack import pack, unpack
 from .quantize import QuantizedTensor
 
@@ -240,11 +241,7 @@ def refit_table(
     if qt.lut.shape[0] != qt.shape[0]:
         raise ValueError(f"refit needs a per-row (learned) table, got lut {tuple(qt.lut.shape)}")
     N, K = qt.shape
-    H = torch.as_tensor(H).detach().double().cpu()
-    if H.shape != (K, K):
-        raise ValueError(f"H must be [K, K] = {(K, K)}, got {tuple(H.shape)}")
-    if not torch.isfinite(H).all():
-        raise ValueError("H contains NaN or Inf")
+    H = V.covariance(H, K)
     if iters < 1 or damp < 0:
         raise ValueError("iters must be >= 1 and damp >= 0")
     w64 = torch.as_tensor(w).detach().double().cpu()

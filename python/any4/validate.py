@@ -125,6 +125,19 @@ def table_operands(lut: Any, scales: Any, rows: int) -> tuple:
     return lut_rows, L, int(scales.shape[1])
 
 
+def covariance(H: Any, K: int) -> Any:
+    """An input covariance H = E[x x^T] for a K-column weight (refit, GPTQ): checked to be
+    [K, K] and finite; returned as a float64 CPU torch tensor."""
+    import torch
+
+    H = torch.as_tensor(H).detach().double().cpu()
+    if H.shape != (K, K):
+        raise ValueError(f"H must be [K, K] = {(K, K)}, got {tuple(H.shape)}")
+    if not torch.isfinite(H).all():
+        raise ValueError("H contains NaN or Inf")
+    return H
+
+
 def check_parts(
     packed: Any,
     lut: Any,
@@ -340,6 +353,7 @@ __all__ = [
     "check_codes_once",
     "check_finite",
     "check_parts",
+    "covariance",
     "table_operands",
     "check_quantized",
     "check_real",
