@@ -47,6 +47,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import io
+from . import validate as V
 from .calibration import DEFAULT_MAX_TOKENS
 from .formats import get_format
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
@@ -115,13 +116,7 @@ class Any4Config(QuantizationConfigMixin):
     ) -> None:
         self.quant_method = QUANT_METHOD
         f = get_format(fmt)
-        if (
-            not isinstance(group_size, int)
-            or isinstance(group_size, bool)
-            or group_size < 8
-            or group_size % 8
-        ):
-            raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+        V.group_size_setting(group_size)
         if weighting is not None and weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if method is not None and method not in METHODS:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import validate as V
 from .calibration import DEFAULT_MAX_TOKENS, ActivationRecorder, Calibration, calibration_runner
 from .formats import get_format
 from .gptq import GPTQ, gptq_layer, prepare
@@ -125,13 +126,7 @@ def quantize_layer(
 def check_settings(fmt: str, group_size: int, mode: str, weighting: str, method: str) -> Any:
     """The Format for ``fmt`` after checking quantize_model's settings (clear ValueErrors)."""
     f = get_format(fmt)
-    if (
-        not isinstance(group_size, int)
-        or isinstance(group_size, bool)
-        or group_size < 8
-        or group_size % 8
-    ):
-        raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+    V.group_size_setting(group_size)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if weighting not in WEIGHTINGS:

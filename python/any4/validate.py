@@ -69,6 +69,14 @@ def max_group_size(K: int) -> int:
     return 1 << (max(K, 16) - 1).bit_length()
 
 
+def group_size_setting(G: Any) -> int:
+    """Check a group-size setting before any weight is seen (quantize_model, Any4Config): an
+    int (not bool) that is a positive multiple of 8; a ValueError otherwise."""
+    if not isinstance(G, (int, np.integer)) or isinstance(G, bool) or G < 8 or G % 8:
+        raise ValueError(f"group_size must be a positive multiple of 8, got {G!r}")
+    return int(G)
+
+
 def group_size(G: Any, K: int, n_groups: Optional[int] = None) -> int:
     """Check a group size: a positive multiple of 8, <= max_group_size(K), and (when given)
     giving ``n_groups`` groups (ceil(K / G)). Returns it as an int."""
@@ -353,6 +361,7 @@ __all__ = [
     "check_codes_once",
     "check_finite",
     "check_parts",
+    "group_size_setting",
     "covariance",
     "table_operands",
     "check_quantized",
