@@ -523,8 +523,13 @@ void direct_tile_scaled(const GemmArgs& a, const Tile& tile, Prefetcher& pf, int
                         int64_t x_stride, __m256* acc) {
   using Cd = Codes<kBits>;
   constexpr int64_t kB = Cd::kBlockCodes;
-  // Enough independent fma chains (4-cycle latency, 2 per cycle) without spilling.
-  constexpr int kAcc = Cd::kPerLane < (MR * RS <= 2 ? 4 : 2) ? Cd::kPerLane : (MR * RS <= 2 ? 4 : 2);
+  // Enough independent fma chains (4-cycle latency, 2 per cycle) without spilling. One x row
+  // against two weight rows keeps 2 chains per row: with 4 (8 accumulators, next to the two
+  // tables, their scaled copies and the decode temporaries) GCC spilled one accumulator, whose
+  // store-to-load round trip then bounded every block (2-bit codes: 1.35x faster with 2 chains
+  // on an AVX2 Zen 3 EPYC; 3-bit codes, bound by their shifts and vpermps there, unchanged).
+  constexpr int kChains = MR == 1 && RS == 2 ? 2 : MR * RS <= 2 ? 4 : 2;
+  constexpr int kAcc = Cd::kPerLane < kChains ? Cd::kPerLane : kChains;
   const int64_t P = row_bytes(a), Kx = padded_k(a);
   const int64_t unit = a.n_groups == 1 ? Kx : a.group_size, bpu = unit / kB, n_units = Kx / unit;
   // Blocks whose kLoadBytes bytes lie inside the row: [0, full_blocks).
