@@ -202,11 +202,13 @@ def main() -> None:
                         "weight_bytes": nbytes,
                         "weight_gbps": nbytes / med[name] / 1e9,
                         "speedup_vs_any4": med["any4"] / med[name],
+                        "speedup_vs_any4_min": best["any4"] / best[name],
                     }
                     info["results"].append(row)
                     print(
                         f"{threads}t {N}x{K} M={M} {name}: {med[name] * 1e3:.3f} ms, "
-                        f"{row['weight_gbps']:.1f} GB/s, {row['speedup_vs_any4']:.2f}x any4",
+                        f"{row['weight_gbps']:.1f} GB/s, {row['speedup_vs_any4']:.2f}x any4 "
+                        f"(minima {row['speedup_vs_any4_min']:.2f}x)",
                         flush=True,
                     )
             del cands
@@ -232,8 +234,13 @@ def markdown(info: dict) -> str:
         )
         + ".",
         "",
-        "| threads | N x K | M | format | ms / call | weight GB/s | speed-up vs any4 | target |",
-        "|---|---|---|---|---|---|---|---|",
+        "Speed-ups are ratios of the medians in the same round robin; the ratio of the minima "
+        "(the least disturbed calls, which matter on a loaded machine) is given beside them, "
+        "the target judged on the median.",
+        "",
+        "| threads | N x K | M | format | ms / call | weight GB/s | speed-up vs any4 | "
+        "(minima) | target |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in info["results"]:
         t = TARGETS.get((r["M"], r["fmt"]))
@@ -243,7 +250,7 @@ def markdown(info: dict) -> str:
         lines.append(
             f"| {r['threads']} | {r['N']}x{r['K']} | {r['M']} | {r['fmt']} | "
             f"{r['median_s'] * 1e3:.3f} | {r['weight_gbps']:.1f} | {r['speedup_vs_any4']:.2f}x | "
-            f"{goal} |"
+            f"{r['speedup_vs_any4_min']:.2f}x | {goal} |"
         )
     lines += ["", "Stored bits per weight (codes + per-row bf16 table + bf16 scales, G = 128):", ""]
     lines += ["| K | " + " | ".join(info["stored_bits_per_weight"][4096]) + " |"]
