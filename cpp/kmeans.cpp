@@ -343,7 +343,7 @@ double kmeans_1d(const float* values, const float* weights, int64_t n, int k, co
 
 void kmeans_rows(const float* values, const float* weights, int64_t rows, int64_t n, int k,
                  const KMeansParams& params, float* centroids, uint8_t* codes, double* inertia) {
-  parallel_for(rows, 1, [&](int64_t b, int64_t e) {
+  parallel_for_chunks(rows, 4, [&](int64_t b, int64_t e) {  // long, uneven rows: small chunks
     for (int64_t r = b; r < e; ++r) {
       double in =
           kmeans_1d(values + r * n, weights ? weights + r * n : nullptr, n, k, params,

@@ -75,9 +75,24 @@ typedef int32_t vi32 __attribute__((vector_size(4 * ANY4_KMEANS_LANES)));
 #endif
 #endif
 
-// Leftmost argmin over the lanes (smallest value, then smallest index).
+#if ANY4_KMEANS_LANES == 4
+#if defined(__clang__)
+#define ANY4_SHUFFLE4(v, a, b, c, d) __builtin_shufflevector(v, v, a, b, c, d)
+#else
+#define ANY4_SHUFFLE4(v, a, b, c, d) __builtin_shuffle(v, vm{a, b, c, d})
+#endif
+#endif
+
+// Leftmost argmin over the lanes (smallest value, then smallest index). Branch-free for 4 and 8
+// lanes (a data-dependent branch per lane mispredicts about half the time).
 inline int32_t lane_argmin(vd val, vd idx, double* best) {
-#if ANY4_KMEANS_LANES == 8  // log-step reduction with lane swaps
+#if ANY4_KMEANS_LANES == 4
+  vd v = val, i = idx;
+  merge_min(v, i, ANY4_SHUFFLE4(v, 2, 3, 0, 1), ANY4_SHUFFLE4(i, 2, 3, 0, 1));
+  merge_min(v, i, ANY4_SHUFFLE4(v, 1, 0, 3, 2), ANY4_SHUFFLE4(i, 1, 0, 3, 2));
+  *best = v[0];
+  return static_cast<int32_t>(i[0]);
+#elif ANY4_KMEANS_LANES == 8  // log-step reduction with lane swaps
   vd v = val, i = idx;
   merge_min(v, i, ANY4_SHUFFLE8(v, 4, 5, 6, 7, 0, 1, 2, 3), ANY4_SHUFFLE8(i, 4, 5, 6, 7, 0, 1, 2, 3));
   merge_min(v, i, ANY4_SHUFFLE8(v, 2, 3, 0, 1, 6, 7, 4, 5), ANY4_SHUFFLE8(i, 2, 3, 0, 1, 6, 7, 4, 5));
@@ -97,31 +112,38 @@ inline int32_t lane_argmin(vd val, vd idx, double* best) {
 }
 
 // argmin over m in [lo, hi] of A[m] - (Si - PS[m])^2 / max(Wi - PW[m], tiny); leftmost on ties.
-// Reads up to kLanes - 1 entries past hi (the arrays are padded). Two independent chains of
-// vectors when there are at most 4 lanes, to keep the divider busy.
+// Reads up to 2 * kLanes - 1 entries past hi (the arrays are padded). Two independent chains of
+// vectors when there are at most 4 lanes, to keep the divider busy. Steps whose lanes all lie
+// in [lo, hi] skip the range test; only the last, partial step masks the lanes past hi. (Each
+// lane keeps its leftmost minimum and the lanes merge by (value, index), so the result is the
+// leftmost argmin however the candidates are spread over the lanes.)
 inline int32_t best_split(const Layer& L, int32_t i, int32_t lo, int32_t hi, double* best_val) {
   constexpr int kChains = kLanes >= 8 ? 1 : 2;
+  constexpr int kStep = kChains * kLanes;
   const vd wi = splat(L.PW[i]), si = splat(L.PS[i]), tiny = splat(kTiny);
-  const vd vhi = splat(hi);
   vd vbest[kChains], varg[kChains], vidx[kChains];
   for (int c = 0; c < kChains; ++c) {
     vbest[c] = splat(std::numeric_limits<double>::infinity());
     vidx[c] = lane_ramp() + (lo + c * kLanes);
     varg[c] = vidx[c];
   }
-  for (int32_t m = lo; m <= hi; m += kChains * kLanes) {
+  auto step = [&](int32_t m, bool partial) {
+    const vd vhi = splat(hi);
     for (int c = 0; c < kChains; ++c) {
       const int32_t mc = m + c * kLanes;
       vd w = wi - load(L.PW + mc);
       w = w > tiny ? w : tiny;
       const vd sv = si - load(L.PS + mc);
       const vd val = load(L.A + mc) - sv * sv / w;
-      const vm upd = (val < vbest[c]) & (vidx[c] <= vhi);
+      const vm upd = partial ? (val < vbest[c]) & (vidx[c] <= vhi) : val < vbest[c];
       vbest[c] = upd ? val : vbest[c];
       varg[c] = upd ? vidx[c] : varg[c];
-      vidx[c] += kChains * kLanes;
+      vidx[c] += kStep;
     }
-  }
+  };
+  int32_t m = lo;
+  for (; m + kStep - 1 <= hi; m += kStep) step(m, false);
+  if (m <= hi) step(m, true);
   for (int c = 1; c < kChains; ++c) merge_min(vbest[0], varg[0], vbest[c], varg[c]);
   return lane_argmin(vbest[0], varg[0], best_val);
 }
@@ -242,11 +264,12 @@ inline int32_t solve_layer(const Layer& L, int32_t ilo, int32_t ihi, int32_t mlo
 
 // Layers 1..layers of the forward recurrence over one direction of the row (prefix sums PW, PS,
 // PQ over D values), for a k-cluster problem: layer j keeps rows [j, D - (k - j)] that cost at
-// most U. Layer j's splits go to opt + j * stride. Returns the last layer's values (valid on
-// [layers, *last_row]) in one of the two buffers.
+// most U; the last layer starts at row last_lo instead, when that is larger (the rows the join
+// can use). Layer j's splits go to opt + j * stride. Returns the last layer's values (valid on
+// [max(layers, last_lo), *last_row]) in one of the two buffers.
 inline const double* run_layers(const double* PW, const double* PS, const double* PQ, int32_t D, int k,
                                 int layers, double U, double* buf0, double* buf1, int32_t* opt, size_t stride,
-                                int32_t* last_row) {
+                                int32_t* last_row, int32_t last_lo) {
   double* prev = buf0;
   double* cur = buf1;
   // Layer 1: one cluster over [0, i).
@@ -268,7 +291,8 @@ inline const double* run_layers(const double* PW, const double* PS, const double
     if (keep < j - 1) break;                                   // nothing left within the bound
     for (int32_t m = j - 1; m <= keep; ++m) prev[m] -= PQ[m];  // E -> A
     Layer L{prev, PW, PS, PQ, cur, opt + stride * j, opt + stride * (j - 1), keep};
-    keep = solve_layer(L, j, D - (k - j), j - 1, U);
+    const int32_t ihi = D - (k - j);
+    keep = solve_layer(L, j == layers ? std::max<int32_t>(j, std::min(last_lo, ihi)) : j, ihi, j - 1, U);
     std::swap(prev, cur);
   }
   *last_row = keep;
@@ -278,8 +302,9 @@ inline const double* run_layers(const double* PW, const double* PS, const double
 // Exact optimum, meeting in the middle: the first kf = k/2 clusters by the recurrence over the
 // row, the last kb = k - kf by the same recurrence over the reversed row, joined at the best
 // boundary. With an upper bound U on the optimum (a Lloyd run), both halves keep only rows whose
-// prefix (suffix) cost is at most U. Returns false when the bound pruned everything (rounding;
-// the caller retries without it).
+// prefix (suffix) cost is at most U. The reversed half runs first: the join only uses boundaries
+// i >= D - last_b (suffixes it kept), so the last forward layer starts there. Returns false when
+// the bound pruned everything (rounding; the caller retries without it).
 inline bool optimal_partition_bounded(const SortedRow& r, int k, double U, Scratch& s, int32_t* bounds,
                                       double* optimum) {
   const int32_t D = r.D;
@@ -302,11 +327,12 @@ inline bool optimal_partition_bounded(const SortedRow& r, int k, double U, Scrat
   int32_t* opt_f = s.opt.data();
   int32_t* opt_b = s.opt.data() + stride * (kf + 1);
   int32_t last_f = D, last_b = D;
+  const double* Eb = run_layers(RW, RS, RQ, D, k, kb, U, s.a.data() + 2 * padded, s.a.data() + 3 * padded,
+                                opt_b, stride, &last_b, 0);
   const double* Ef = nullptr;
   if (kf >= 1)
-    Ef = run_layers(PW, PS, PQ, D, k, kf, U, s.a.data(), s.a.data() + padded, opt_f, stride, &last_f);
-  const double* Eb = run_layers(RW, RS, RQ, D, k, kb, U, s.a.data() + 2 * padded, s.a.data() + 3 * padded,
-                                opt_b, stride, &last_b);
+    Ef = run_layers(PW, PS, PQ, D, k, kf, U, s.a.data(), s.a.data() + padded, opt_f, stride, &last_f,
+                    D - last_b);
   // join: clusters 0..kf-1 over [0, i), kf..k-1 over [i, D) (reversed prefix of length D - i)
   int32_t best_i = -1;
   double best = std::numeric_limits<double>::infinity();

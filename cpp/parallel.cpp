@@ -342,13 +342,15 @@ const char* parallel_backend() {
   return omp ? omp->label.c_str() : "pool";
 }
 
-void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-  if (n <= 0) return;
-  grain = std::max<int64_t>(grain, 1);
+namespace {
+
+// Runs fn over [0, n) in chunks of `chunk` indices (the last may be shorter), pulled by the
+// threads in order.
+void run_chunks(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
   const OpenMPRuntime* omp = g_openmp.load();
   const int threads = current_threads(omp);
-  int64_t max_chunks = (n + grain - 1) / grain;
-  if (threads <= 1 || max_chunks <= 1) {
+  const int64_t n_chunks = (n + chunk - 1) / chunk;
+  if (threads <= 1 || n_chunks <= 1) {
     fn(0, n);
     return;
   }
@@ -359,10 +361,6 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
       return;
     }
   }
-  // A few chunks per thread for load balance, never smaller than grain.
-  int64_t n_chunks = std::min<int64_t>(max_chunks, static_cast<int64_t>(threads) * 4);
-  int64_t chunk = (n + n_chunks - 1) / n_chunks;
-  n_chunks = (n + chunk - 1) / chunk;
   const std::function<void(int64_t)> chunk_fn = [&](int64_t c) {
     int64_t b = c * chunk;
     int64_t e = std::min(n, b + chunk);
@@ -373,6 +371,24 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   } else {
     pool().run(n_chunks, chunk_fn);
   }
+}
+
+}  // namespace
+
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int threads = current_threads(g_openmp.load());
+  // A few chunks per thread for load balance, never smaller than grain.
+  const int64_t max_chunks = (n + grain - 1) / grain;
+  const int64_t n_chunks =
+      std::max<int64_t>(1, std::min<int64_t>(max_chunks, static_cast<int64_t>(threads) * 4));
+  run_chunks(n, (n + n_chunks - 1) / n_chunks, fn);
+}
+
+void parallel_for_chunks(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  run_chunks(n, std::max<int64_t>(chunk, 1), fn);
 }
 
 }  // namespace any4

@@ -38,4 +38,9 @@ const char* parallel_backend();
 // indices. Runs inline when one thread suffices. Exceptions from fn are rethrown in the caller.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
+// Like parallel_for, but in chunks of exactly `chunk` indices (the last one may be shorter),
+// handed out in order to whichever thread is free: for long, uneven per-index work (k-means
+// rows), where parallel_for's few large chunks leave threads idle at the end of a region.
+void parallel_for_chunks(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn);
+
 }  // namespace any4

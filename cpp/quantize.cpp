@@ -21,6 +21,9 @@ inline int nearest(const float* table, int L, float v) {
   return lo;
 }
 
+// Rows per parallel chunk of quantize.
+constexpr int64_t kQuantizeChunkRows = 8;
+
 }  // namespace
 
 void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& p, uint8_t* codes, float* lut,
@@ -52,7 +55,10 @@ void quantize(const float* w, int64_t N, int64_t K, const QuantizeParams& p, uin
     std::copy(shared_lut.begin(), shared_lut.end(), lut);
   }
 
-  parallel_for(N, 1, [&](int64_t b, int64_t e) {
+  // Small chunks of rows handed out as threads free up: a learned row costs about a millisecond
+  // (k-means), and parallel_for's 4 chunks per thread left one thread idle for up to a chunk at
+  // the end of every layer.
+  parallel_for_chunks(N, kQuantizeChunkRows, [&](int64_t b, int64_t e) {
     std::vector<float> u(K), ew(K), s_raw(n_groups), z_raw(n_groups), cent(L);
     float deq[16];
     for (int64_t n = b; n < e; ++n) {

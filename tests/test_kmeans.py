@@ -147,6 +147,23 @@ def test_optimal_matches_ckwrap_and_beats_lloyd(rng):
             assert inert <= lloyd * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 8, 9, 16])
+def test_optimal_matches_ckwrap_for_every_split_of_k(rng, k):
+    """The DP meets in the middle (k//2 clusters forward, the rest over the reversed row) and
+    its last forward layer only solves the boundaries the reversed half kept: exact for odd
+    and even k, weighted rows with many zero weights (long runs of equal prefix sums)."""
+    ckwrap = pytest.importorskip("ckwrap")
+    for r in range(3):
+        u, wt = realistic_row(rng, n=1536, heavy=r == 1)
+        if r == 2:
+            wt[rng.random(wt.size) < 0.4] = 0
+        cent, codes, inert = any4.kmeans(u, wt, k, "optimal", return_inertia=True)
+        check_result(u, wt, k, cent, codes, inert)
+        res = ckwrap.ckmeans(u.astype(np.float64), k, weights=wt.astype(np.float64))
+        ref = inertia64(u, wt, res.centers, res.labels)
+        assert inert == pytest.approx(ref, rel=1e-9)
+
+
 def test_lloyd_close_to_sklearn(rng):
     KMeans = pytest.importorskip("sklearn.cluster").KMeans
 

@@ -10,6 +10,7 @@ column), or token ids.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Iterable
 from importlib import resources
 from typing import Any, Callable, Optional, Union
@@ -17,7 +18,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from .stats import ChannelStats
+from .stats import ChannelStats, batch_sums
 
 DEFAULT_MAX_TOKENS = 4096
 
@@ -184,6 +185,10 @@ class ActivationRecorder:
     ``on_input(name, module, x)`` (optional) runs after the statistics of that call were added;
     sequential calibration uses it to quantize a layer as soon as its input has been seen.
     Use as a context manager; hooks are removed on exit.
+
+    Layers fed the same tensor one after the other (q/k/v of an attention block, gate/up of an
+    MLP) share one reduction: the sums of the last input are reused while it is the very same
+    tensor object, unmodified (same in-place version counter).
     """
 
     def __init__(
@@ -196,6 +201,7 @@ class ActivationRecorder:
         self.calls = dict.fromkeys(self.layers, 0)
         self.on_input = on_input
         self._handles: list = []
+        self._last: Optional[tuple] = None  # (weakref to the input, its version, its sums)
 
     def __enter__(self) -> ActivationRecorder:
         for name, module in self.layers.items():
@@ -206,6 +212,18 @@ class ActivationRecorder:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._last = None
+
+    def _sums(self, x: torch.Tensor) -> tuple:
+        if x.is_inference():  # no version counter: in-place changes cannot be seen
+            self._last = None
+            return batch_sums(x)
+        last = self._last
+        if last is not None and last[0]() is x and last[1] == x._version:
+            return last[2]
+        sums = batch_sums(x)
+        self._last = (weakref.ref(x), x._version, sums)
+        return sums
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -213,7 +231,7 @@ class ActivationRecorder:
                 return
             x = args[0]
             self.calls[name] += 1
-            self.stats[name].update(x)
+            self.stats[name].add_sums(*self._sums(x))
             if self.on_input is not None:
                 self.on_input(name, module, x)
 

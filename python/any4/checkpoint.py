@@ -430,6 +430,7 @@ class _Job:
                 self.block_layers[int(name[len(prefix) :].split(".")[0])].append(name)
             else:
                 self.outer_layers.append(name)
+        self.preloaded: dict = {}  # {name: this rank's rows of its weight} (ranks > 0)
         td = settings["table_dtype"]
         self.table_dtype = (
             _DTYPES[td]
@@ -439,6 +440,25 @@ class _Job:
 
     def weight_key(self, name: str) -> str:
         return self.keys[name + ".weight"]
+
+    def load_share(self, name: str) -> torch.Tensor:
+        """This rank's rows of layer ``name``'s weight [rows, K], read from the source."""
+        r0, r1 = row_ranges(self.features[name][0], self.group.world)[self.group.rank]
+        if name in self.transposed:  # [K, N] on file: this rank's output columns
+            return self.src.load(self.weight_key(name), self.dtype).t()[r0:r1]
+        return self.src.load(self.weight_key(name), self.dtype, rows=(r0, r1))
+
+    def preload_shares(self, names: list) -> None:
+        """Ranks other than 0: read this rank's rows of ``names`` now (while the writer runs the
+        block's calibration forward, when this rank would otherwise wait), for quantize_share."""
+        for name in names:
+            r0, r1 = row_ranges(self.features[name][0], self.group.world)[self.group.rank]
+            if r1 == r0:
+                continue
+            try:
+                self.preloaded[name] = self.load_share(name)
+            except (CheckpointError, ValueError, RuntimeError, TypeError) as e:
+                self.preloaded[name] = e  # reported by quantize_share, like a load there
 
     def quantize_share(self, items: list, weights: Optional[dict] = None) -> list:
         """This rank's rows of each layer of ``items`` [(name, stats)], as (packed, lut, scales)
@@ -453,10 +473,12 @@ class _Job:
                 if weights is not None and name in weights:
                     w = weights[name].detach()
                     w = (w.t() if name in self.transposed else w)[r0:r1].cpu()
-                elif name in self.transposed:  # [K, N] on file: this rank's output columns
-                    w = self.src.load(self.weight_key(name), self.dtype).t()[r0:r1]
+                elif name in self.preloaded:
+                    w = self.preloaded.pop(name)
+                    if isinstance(w, Exception):
+                        raise w
                 else:
-                    w = self.src.load(self.weight_key(name), self.dtype, rows=(r0, r1))
+                    w = self.load_share(name)
                 kw = layer_quantize_kwargs(self.f.name, stats, **self.options)
                 if "seed" in kw:
                     kw["seed"] = row_slice_seed(kw["seed"], r0)
@@ -479,7 +501,10 @@ class _Job:
         """Ranks other than 0: quantize shares on request until the writer says it is done."""
         while True:
             cmd = self.group.broadcast(None)
-            if cmd[0] == "quantize":
+            if cmd[0] == "preload":
+                self.preloaded.clear()
+                self.preload_shares(cmd[1])
+            elif cmd[0] == "quantize":
                 self.group.gather(self.quantize_share(cmd[1]))
             elif cmd[0] == "end":
                 self.group.gather(_peak_rss_mib())
@@ -710,6 +735,10 @@ class _Run:
         block = job.block_modules[index]
         prefix = f"{job.blocks_name}.{index}."
         self.block_bits, self.block_weights = 0.0, 0
+        if job.group.world > 1 and job.block_layers[index]:
+            # the other ranks read their rows of this block now, while this rank loads and
+            # runs it, instead of on the critical path once the statistics are in
+            job.group.broadcast(("preload", job.block_layers[index]))
         self._materialize(block, prefix)
         if index + 1 < len(job.block_modules):  # read the next block while this one computes
             after = f"{job.blocks_name}.{index + 1}."

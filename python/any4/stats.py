@@ -30,28 +30,13 @@ class ChannelStats:
 
         Raises ValueError naming the first channel when the batch holds NaN/Inf (or values
         whose square overflows float64): such statistics would silently poison the weights.
-
-        The float64 sums are taken over chunks of rows (about CHUNK_ELEMENTS values each), so
-        the float64 temporaries stay small whatever the batch: whole-activation float64 copies
-        made the heap of a quantize_model run grow to ~4 GB on the built-in model.
+        Same as ``add_sums(*batch_sums(x))``.
         """
-        check_real(x, "activations")
-        if hasattr(x, "detach"):  # torch: reduce on the tensor's device, in float64
-            import torch
+        self.add_sums(*batch_sums(x))
 
-            xf = x.detach().reshape(-1, x.shape[-1])
-            n, k = xf.shape
-            s, sa, sq = (torch.zeros(k, dtype=torch.float64, device=xf.device) for _ in range(3))
-            step = max(1, CHUNK_ELEMENTS // max(k, 1))
-            for i in range(0, n, step):
-                c = xf[i : i + step].double()
-                s += c.sum(0)
-                sa += c.abs().sum(0)
-                sq += (c * c).sum(0)
-            s, sa, sq = (t.cpu().numpy() for t in (s, sa, sq))
-        else:
-            xd = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
-            s, sa, sq, n = xd.sum(0), np.abs(xd).sum(0), (xd * xd).sum(0), xd.shape[0]
+    def add_sums(self, s: np.ndarray, sa: np.ndarray, sq: np.ndarray, n: int) -> None:
+        """Accumulate the float64 sums of a batch of ``n`` activations (from ``batch_sums``;
+        the arrays are not kept, so one batch's sums can feed several layers' statistics)."""
         finite = np.isfinite(s) & np.isfinite(sa) & np.isfinite(sq)
         if not finite.all():
             k = int(np.flatnonzero(~finite)[0])
@@ -59,7 +44,7 @@ class ChannelStats:
                 f"activations of channel {k} hold NaN or Inf (or overflow float64 when squared)"
             )
         if self.sum is None:
-            self.sum, self.sum_abs, self.sum_sq = s, sa, sq
+            self.sum, self.sum_abs, self.sum_sq = s.copy(), sa.copy(), sq.copy()
         else:
             if s.shape != self.sum.shape:
                 raise ValueError(f"channel count changed: {self.sum.shape[0]} -> {s.shape[0]}")
@@ -86,6 +71,33 @@ class ChannelStats:
     def mean_sq(self) -> np.ndarray:
         self._checked()
         return self.sum_sq / self.count
+
+
+def batch_sums(x: Any) -> tuple:
+    """(sum, sum of |x|, sum of x^2, n): float64 [K] sums over the ``n`` rows of activations
+    x[..., K] (torch or numpy; real), for ``ChannelStats.add_sums``.
+
+    The sums are taken over chunks of rows (about CHUNK_ELEMENTS values each), so the float64
+    temporaries stay small whatever the batch: whole-activation float64 copies made the heap of
+    a quantize_model run grow to ~4 GB on the built-in model."""
+    check_real(x, "activations")
+    if hasattr(x, "detach"):  # torch: reduce on the tensor's device, in float64
+        import torch
+
+        xf = x.detach().reshape(-1, x.shape[-1])
+        n, k = xf.shape
+        s, sa, sq = (torch.zeros(k, dtype=torch.float64, device=xf.device) for _ in range(3))
+        step = max(1, CHUNK_ELEMENTS // max(k, 1))
+        for i in range(0, n, step):
+            c = xf[i : i + step].double()
+            s += c.sum(0)
+            sa += c.abs().sum(0)
+            sq += (c * c).sum(0)
+        s, sa, sq = (t.cpu().numpy() for t in (s, sa, sq))
+    else:
+        xd = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
+        s, sa, sq, n = xd.sum(0), np.abs(xd).sum(0), (xd * xd).sum(0), xd.shape[0]
+    return s, sa, sq, int(n)
 
 
 def channel_weight(stats: ChannelStats, weighting: str = DEFAULT_WEIGHTING) -> tuple:
