@@ -48,11 +48,11 @@ def _sample(name: str) -> str:
     return read_text(os.path.join(HERE, "calibration", name + ".txt"))
 
 
-def _rows(text: str, tok, row_len: int) -> torch.Tensor:
+def _rows(text: str, tok, row_len: int, cap: int) -> torch.Tensor:
     """Several short samples: the text's tokens cut into rows of row_len (each its own sequence),
-    at most DEFAULT_MAX_TOKENS in all (a longer id tensor would be cut to one row by the cap)."""
+    at most cap tokens in all (quantize_model would cut a longer id tensor to one row)."""
     ids = torch.tensor(tok(text)["input_ids"], dtype=torch.int64)
-    n = min(ids.numel(), DEFAULT_MAX_TOKENS) // row_len
+    n = min(ids.numel(), cap) // row_len
     return ids[: n * row_len].reshape(n, row_len)
 
 
@@ -94,17 +94,24 @@ OPTIONS = {
 def config(name: str) -> tuple:
     """(calibration factory (tokenizer -> sample), quantize_model options) of 'SAMPLE[,OPTIONS]'."""
     sample, _, opts = name.partition(",")
-    if sample.endswith("/rows256"):
-        base = SAMPLES.get(sample[: -len("/rows256")])
-        make = None if base is None else (lambda tok, b=base: _rows(b(tok), tok, 256))
-    else:
-        make = SAMPLES.get(sample)
-    if make is None or opts not in OPTIONS:
+    base_name, _, rows = sample.partition("/rows")
+    make = SAMPLES.get(base_name)
+    extra = {}
+    if opts.startswith("max=") or ",max=" in opts:  # max_calibration_tokens=N, last option
+        opts, _, cap = opts.rpartition("max=")
+        opts = opts.rstrip(",")
+        extra = {"max_calibration_tokens": int(cap)} if cap.isdigit() else {"bad": None}
+    if rows and make is not None and rows.isdigit():
+        cap = extra.get("max_calibration_tokens", DEFAULT_MAX_TOKENS)
+        make = lambda tok, b=make, n=int(rows), c=cap: _rows(b(tok), tok, n, c)  # noqa: E731
+    elif rows:
+        make = None
+    if make is None or opts not in OPTIONS or "bad" in extra:
         raise SystemExit(
-            f"unknown config {name!r}: SAMPLE[/rows256][,OPTIONS] with SAMPLE in {list(SAMPLES)}, "
-            f"OPTIONS in {[o for o in OPTIONS if o]}"
+            f"unknown config {name!r}: SAMPLE[/rowsN][,OPTIONS][,max=N] with SAMPLE in "
+            f"{list(SAMPLES)}, OPTIONS in {[o for o in OPTIONS if o]}"
         )
-    return make, OPTIONS[opts]
+    return make, {**OPTIONS[opts], **extra}
 
 
 def windows_name(info: dict) -> str:
