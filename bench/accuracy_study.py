@@ -26,23 +26,33 @@ import sys
 import torch
 
 from any4.builtin import heldout_description, heldout_text, load_builtin
-from any4.calibration import default_text, read_text
+from any4.calibration import DEFAULT_MAX_TOKENS, default_text, read_text
 from any4.eval import environment, evaluate_formats, make_windows, token_ids
 from any4.gptq import GPTQ
 from any4.metrics import Reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXED_AND_LEARNED = ("int4", "fp4", "nf4", "any4", "any3")
+TEST_WINDOWS = 8  # the reported windows: the first 8; --dev draws from the rest
+
+
+def dev_index(n: int, count: int) -> list:
+    """Indices of count windows spread evenly over windows TEST_WINDOWS..n-1 of a text."""
+    step = (n - TEST_WINDOWS) // count
+    if step < 1:
+        raise SystemExit(f"--dev: the text has {n} windows, too few for {count} dev windows")
+    return [TEST_WINDOWS + j * step for j in range(count)]
 
 
 def _sample(name: str) -> str:
     return read_text(os.path.join(HERE, "calibration", name + ".txt"))
 
 
-def _rows(text: str, tok, row_len: int) -> torch.Tensor:
-    """Several short samples: the text's tokens cut into rows of row_len (each its own sequence)."""
+def _rows(text: str, tok, row_len: int, cap: int) -> torch.Tensor:
+    """Several short samples: the text's tokens cut into rows of row_len (each its own sequence),
+    at most cap tokens in all (quantize_model would cut a longer id tensor to one row)."""
     ids = torch.tensor(tok(text)["input_ids"], dtype=torch.int64)
-    n = ids.numel() // row_len
+    n = min(ids.numel(), cap) // row_len
     return ids[: n * row_len].reshape(n, row_len)
 
 
@@ -61,6 +71,8 @@ SAMPLES = {
     "encyclopedia": _join("encyclopedia"),
     "shipped+encyclopedia": _join("shipped", "encyclopedia"),
     "all": _join("shipped", "prose", "encyclopedia", "reference"),
+    "prose+encyclopedia": _join("prose", "encyclopedia"),
+    "prose+encyclopedia+reference": _join("prose", "encyclopedia", "reference"),
 }
 OPTIONS = {
     "": {},
@@ -82,17 +94,32 @@ OPTIONS = {
 def config(name: str) -> tuple:
     """(calibration factory (tokenizer -> sample), quantize_model options) of 'SAMPLE[,OPTIONS]'."""
     sample, _, opts = name.partition(",")
-    if sample.endswith("/rows256"):
-        base = SAMPLES.get(sample[: -len("/rows256")])
-        make = None if base is None else (lambda tok, b=base: _rows(b(tok), tok, 256))
-    else:
-        make = SAMPLES.get(sample)
-    if make is None or opts not in OPTIONS:
+    base_name, _, rows = sample.partition("/rows")
+    make = SAMPLES.get(base_name)
+    extra = {}
+    if opts.startswith("max=") or ",max=" in opts:  # max_calibration_tokens=N, last option
+        opts, _, cap = opts.rpartition("max=")
+        opts = opts.rstrip(",")
+        extra = {"max_calibration_tokens": int(cap)} if cap.isdigit() else {"bad": None}
+    if rows and make is not None and rows.isdigit():
+        cap = extra.get("max_calibration_tokens", DEFAULT_MAX_TOKENS)
+        make = lambda tok, b=make, n=int(rows), c=cap: _rows(b(tok), tok, n, c)  # noqa: E731
+    elif rows:
+        make = None
+    if make is None or opts not in OPTIONS or "bad" in extra:
         raise SystemExit(
-            f"unknown config {name!r}: SAMPLE[/rows256][,OPTIONS] with SAMPLE in {list(SAMPLES)}, "
-            f"OPTIONS in {[o for o in OPTIONS if o]}"
+            f"unknown config {name!r}: SAMPLE[/rowsN][,OPTIONS][,max=N] with SAMPLE in "
+            f"{list(SAMPLES)}, OPTIONS in {[o for o in OPTIONS if o]}"
         )
-    return make, OPTIONS[opts]
+    return make, {**OPTIONS[opts], **extra}
+
+
+def windows_name(info: dict) -> str:
+    """'8 x 1024 tokens' (the first windows) or '4 dev windows [8, 33, ...] x 1024 tokens'."""
+    index = info.get("window_index", list(range(info["windows"])))
+    if index == list(range(info["windows"])):
+        return f"{info['windows']} x {info['seq_len']} tokens"
+    return f"{info['windows']} dev windows {index} x {info['seq_len']} tokens"
 
 
 def markdown(out: dict) -> str:
@@ -104,7 +131,7 @@ def markdown(out: dict) -> str:
     for key in ("ppl", "gap to fp", "KLD", "top-1", "quant s"):
         head += [f"{key} G={g}" for g in sizes]
     lines = [
-        f"### any4 accuracy study: {info['text']}, {info['windows']} x {info['seq_len']} tokens",
+        f"### any4 accuracy study: {info['text']}, {windows_name(info)}",
         "",
     ]
     if fp:
@@ -146,7 +173,8 @@ def summarize(paths: list, prefix: str) -> None:
     for path in paths:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
-        t = texts.setdefault(d["info"]["text"], {"info": d["info"], "rows": {}})
+        key = f"{d['info']['text']}, {windows_name(d['info'])}"
+        t = texts.setdefault(key, {"info": d["info"], "rows": {}})
         for r in d["rows"]:
             t["rows"].setdefault((r["config"], r["fmt"], r["group_size"]), r)
     lines = ["### any4 accuracy summary (machine printed from " + ", ".join(paths) + ")", ""]
@@ -155,7 +183,7 @@ def summarize(paths: list, prefix: str) -> None:
         rows = t["rows"]
         fp = rows[("fp", "fp", None)]["ppl"]
         lines += [
-            f"#### {name}, {t['info']['windows']} x {t['info']['seq_len']} tokens: fp ppl {fp:.3f}",
+            f"#### {name}: fp ppl {fp:.3f}",
             "",
             "| config | format | G | ppl | gap to fp | gap / default any4 gap | KLD | top-1 | quant s | load |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -186,6 +214,12 @@ def main() -> None:
     p.add_argument("--text", help="held-out text file (default: pydoc topics)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--windows", type=int, default=16)
+    p.add_argument(
+        "--dev",
+        action="store_true",
+        help=f"development windows: --windows windows spread evenly over the text after the "
+        f"first {TEST_WINDOWS} (the reported test windows), to choose configs on",
+    )
     p.add_argument("--group-sizes", default="64,128")
     p.add_argument("--formats", default="any4", help="learned formats for the configs")
     p.add_argument("--configs", default="formats;shipped,refit=lut", help="; separated")
@@ -207,7 +241,13 @@ def main() -> None:
     model, tok = load_builtin()
     text = read_text(args.text) if args.text else heldout_text()
     text_name = os.path.basename(args.text) if args.text else heldout_description()
-    windows = make_windows(token_ids(text, tok), args.seq_len, args.windows * args.seq_len)
+    if args.dev:
+        every = make_windows(token_ids(text, tok), args.seq_len)
+        index = dev_index(every.shape[0], args.windows)
+        windows = every[index].clone()
+    else:
+        windows = make_windows(token_ids(text, tok), args.seq_len, args.windows * args.seq_len)
+        index = list(range(windows.shape[0]))
     sizes = [int(g) for g in args.group_sizes.split(",")]
     command = "python bench/accuracy_study.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     out = {
@@ -216,6 +256,7 @@ def main() -> None:
             "text": text_name,
             "windows": int(windows.shape[0]),
             "seq_len": int(windows.shape[1]),
+            "window_index": index,
             "load_average_start": os.getloadavg(),
             "environment": environment(),
             "command": command,
@@ -226,7 +267,8 @@ def main() -> None:
         with open(args.out + ".json", encoding="utf-8") as f:
             old = json.load(f)
         same = ("text", "windows", "seq_len")
-        if any(old["info"][k] != out["info"][k] for k in same):
+        old_index = old["info"].get("window_index", list(range(old["info"]["windows"])))
+        if any(old["info"][k] != out["info"][k] for k in same) or old_index != index:
             raise SystemExit("--resume: the existing results used other evaluation windows")
         out["rows"] = [r for r in old["rows"] if r["fmt"] != "fp"]
         out["info"]["commands"] = old["info"].get("commands", [old["info"]["command"]])

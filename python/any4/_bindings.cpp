@@ -18,6 +18,7 @@
 #include "pack_gpu.h"
 #include "parallel.h"
 #include "quantize.h"
+#include "refit_rows.h"
 
 #ifdef ANY4_WITH_CUDA
 #include "api.h"
@@ -103,6 +104,25 @@ PYBIND11_MODULE(_C, m) {
       },
       gil());
 
+  m.def(
+      "refit_normal_rows",
+      [](uintptr_t codes, uintptr_t scales, uintptr_t hr, int64_t n, int64_t K, int L, int64_t group_size,
+         bool zero, uintptr_t U, int r, uintptr_t d, uintptr_t diag_h, uintptr_t M, uintptr_t grad,
+         uintptr_t curv) {
+        refit_normal_rows(ptr<const uint8_t>(codes), ptr<const float>(scales), ptr<const float>(hr), n, K, L,
+                          group_size, zero, ptr<const float>(U), r, ptr<const float>(d),
+                          ptr<const float>(diag_h), ptr<double>(M), ptr<double>(grad), ptr<double>(curv));
+      },
+      gil());
+
+  m.def(
+      "refit_assign_rows",
+      [](uintptr_t w, uintptr_t lut, uintptr_t scales, int64_t n, int64_t K, int L, int64_t group_size,
+         uintptr_t codes, uintptr_t res) {
+        refit_assign_rows(ptr<const float>(w), ptr<const float>(lut), ptr<const float>(scales), n, K, L,
+                          group_size, ptr<uint8_t>(codes), ptr<float>(res));
+      },
+      gil());
   m.def(
       "gemm_cpu",
       [](uintptr_t x, int x_dtype, int64_t M, int64_t K, uintptr_t packed, int bits, int64_t N, uintptr_t lut,

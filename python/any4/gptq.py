@@ -109,7 +109,7 @@ def gptq_codes(
     if W.shape != (N, K):
         raise ValueError(f"w must be [N, K] = {(N, K)}, got {tuple(W.shape)}")
     lut = qt.lut.cpu().double().expand(N, -1).contiguous()
-    order = torch.argsort(lut, dim=1)  # nearest_codes needs each row's table sorted
+    order = torch.argsort(lut, dim=1)  # searchsorted needs each row's table sorted
     lut_sorted = lut.gather(1, order)
     s, z = expand_scales(qt.scales.cpu(), K, qt.group_size)
     perm, U = prepared if prepared is not None else prepare(H, settings)
@@ -126,7 +126,7 @@ def gptq_codes(
         for j in range(b - a):
             k = a + j
             col = Wb[:, j]
-            # nearest entry of the sorted table (as any4.refit.nearest_codes, one column)
+            # nearest entry of the sorted table (searchsorted on the midpoints, one column)
             c = torch.searchsorted(mid, ((col - z[:, k]) / safe_s[:, k])[:, None], right=True)
             codes[:, k] = c[:, 0]
             q = lut_sorted.gather(1, c)[:, 0] * s[:, k] + z[:, k]

@@ -3,33 +3,49 @@
 k-means weighs each element by a diagonal statistic (E[x_k^2] * scale^2), but the expected
 squared output error of a quantized row is the full quadratic form
 
-    e_n = (w_n - w^_n) H (w_n - w^_n)^T,    H = E[x x^T]  (the layer's input, [K, K])
+    e_n = r_n H r_n^T,    r_n = w^_n - w_n,    H = E[x x^T]  (the layer's input, [K, K])
 
 Once k-means has assigned the codes, w^_n = lut_n[codes_n] * scale + zero is *linear* in the
-row's table (and in its group zeros), so the table minimising e_n is a small least-squares
-problem per row (2^bits unknowns, + one per group with ``zero=True``):
+row's unknowns theta_n = (lut_n [L], and with ``zero=True`` its group zeros [G]):
+w^_n = A_n theta_n (+ the fixed zeros), A_n [K, L (+G)] with A[k, j] = scale_k where
+code_k == j (and A[k, L + g(k)] = 1). Each round minimises, for every row at once,
 
-    A_n = d w^_n / d lut_n  [K, L]   (A[k, j] = scale[g(k)] if code[k] == j)
-    (A_n^T H A_n + D) lut_n = A_n^T H (w_n - zero_n) + D lut_n(old)
+    (A_n theta - w_n) H (A_n theta - w_n)^T + (theta - theta_old)^T D_n (theta - theta_old)
 
-(D: a small ridge, ``damp`` x the normal matrix's diagonal, which also keeps unused table
-entries where they were). Then the table is rounded to its dtype, sorted, the codes re-assigned to the nearest
-rounded entry, and the step repeated while it lowers the error; a row keeps whichever of its
-tables (k-means or refit) has the lower e_n on the calibration statistic, so the refit never
-makes a row worse on it.
+(D_n: a small ridge, ``damp`` x the curvature that k-means sees, A^T diag(H) A, which also keeps
+unused table entries where they were) from the EXACT gradient A^T H r (r: the residual at the
+current tables, whose H r the previous round's error check already computed): the default step
+is a Newton step with the normal matrix of H ~= diag(d) + U U^T (U: a randomized rank-r sketch of
+H's top eigenvectors, d the rest of its diagonal), assembled per row as a small [L+G, L+G]
+matrix in one O(K r) pass over its codes and factored by one batched Cholesky; over the rounds
+this is an iterative refinement towards the exact-H least squares. ``steps`` > 0 adds that many
+preconditioned conjugate-gradient steps with the exact H per round (each one [rows, K] x [K, K]
+product for all the rows of the layer; P steps solve a P-unknown round exactly).
+
+Then the tables (and zeros) are rounded to their dtype, sorted, the codes re-assigned to the
+nearest dequantized value (C++ core, the quantizer's own re-assignment), and e_n of the result
+with the exact H decides per row: a row keeps the refit only where its e_n went down by more
+than 1e-4 relative (float32 products, whose error is ~1e-6 relative: so the refit never makes
+a row worse on the calibration statistic), and only rows that improved take part in the next
+round. Every round costs one [rows, K] x [K, K] float32 product for the check (its H r is the
+next round's exact gradient) plus one per conjugate-gradient step; the per-row assembly and the
+re-assignment are single passes in C++ (cpp/refit_rows.h).
 
 H comes from the calibration activations (:class:`Covariance`, opt-in: a K x K float64 matrix per
-layer input, accumulated only when a refit is requested).
+layer input, accumulated only when a refit is requested); :class:`Curvature` holds it with its
+float32 copy and sketch, shared by the layers that read the same input (q/k/v, gate/up).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
+from . import _tensor as T
 from . import validate as V
+from ._core import C
 from .pack import pack, unpack
 from .quantize import QuantizedTensor
 
@@ -37,8 +53,10 @@ REFITS = ("none", "lut", "lut+zero")
 DEFAULT_REFIT = "none"
 DEFAULT_DAMP = 0.01
 DEFAULT_ITERS = 3
+DEFAULT_STEPS = 0
 DEFAULT_RANK = 32
-_ROW_CHUNK_ELEMS = 1 << 22  # rows per chunk: R * K * L floats of the one-hot design matrix
+# a row keeps a refit only where its error (float32 products, ~1e-6 relative) fell by more than this
+_ACCEPT = 1e-4
 
 
 @dataclass
@@ -68,9 +86,56 @@ class Covariance:
         return self.sum / self.count
 
 
+def low_rank(H: torch.Tensor, rank: Optional[int], *, power: int = 2, seed: int = 0) -> tuple:
+    """H ~= diag(d) + U U^T, float64: U [K, r] spans a randomized sketch of H's top-r
+    eigenvectors (subspace iteration with ``power`` passes from a seeded Gaussian start, then
+    Rayleigh-Ritz), d >= 0 the rest of H's diagonal (so the diagonal is exact wherever
+    U U^T does not exceed it). rank None or >= K: the exact eigendecomposition (d = 0,
+    U U^T = H); rank 0: d = diag(H), U [K, 0]. Cost O(K^2 r) (no K x K eigendecomposition)."""
+    H = H.double()
+    K = H.shape[0]
+    if rank is None or rank >= K:
+        vals, vecs = torch.linalg.eigh(H)
+        return torch.zeros(K, dtype=torch.float64), vecs * vals.clamp_min(0).sqrt()
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0 or None, got {rank}")
+    diag = torch.diagonal(H).clone()
+    if rank == 0:
+        return diag.clamp_min(0), torch.zeros((K, 0), dtype=torch.float64)
+    p = min(K, rank + 8)
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(H @ torch.randn(K, p, generator=g, dtype=torch.float64))[0]
+    for _ in range(power):
+        Q = torch.linalg.qr(H @ Q)[0]
+    vals, vecs = torch.linalg.eigh(Q.T @ H @ Q)
+    U = (Q @ vecs[:, -rank:]) * vals[-rank:].clamp_min(0).sqrt()
+    return (diag - (U * U).sum(1)).clamp_min(0), U
+
+
+@dataclass(frozen=True)
+class Curvature:
+    """One layer input's H = E[x x^T] in the forms the refit uses (built by :func:`curvature`)."""
+
+    H: torch.Tensor  # float64 [K, K]: the exact error that decides
+    H32: torch.Tensor  # float32 [K, K]: the solver's products
+    d: torch.Tensor  # float32 [K]: preconditioner diagonal
+    U: torch.Tensor  # float32 [K, r]: preconditioner low-rank factor
+    diag: torch.Tensor  # float32 [K]: diag(H), for the ridge
+
+
+def curvature(H: Any, rank: Optional[int] = DEFAULT_RANK) -> Curvature:
+    """The :class:`Curvature` of a covariance H [K, K] (checked: square, finite)."""
+    H = torch.as_tensor(H)
+    H = V.covariance(H, H.shape[0] if H.ndim == 2 else -1)
+    d, U = low_rank(H, rank)
+    f = torch.float32
+    return Curvature(H, H.to(f), d.to(f), U.to(f).contiguous(), torch.diagonal(H).to(f).clone())
+
+
 class CovarianceCache:
-    """H (and its factors) of the last activation tensor seen: layers fed the same input in one
-    forward pass (q/k/v, gate/up projections) share one K x K matrix; only one is held."""
+    """H (and its :class:`Curvature`) of the last activation tensor seen: layers fed the same
+    input in one forward pass (q/k/v, gate/up projections) share one K x K matrix; only one is
+    held."""
 
     def __init__(self, rank: Optional[int] = DEFAULT_RANK):
         self.rank = rank
@@ -82,12 +147,16 @@ class CovarianceCache:
         return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
 
     def covariance(self, x: torch.Tensor) -> torch.Tensor:
-        """H = E[x x^T] float64 [K, K] of activations x [..., K]."""
+        """H = E[x x^T] float64 [K, K] of activations x [..., K], from one float32 product
+        (rounding ~1e-6 relative, far below the calibration sample's own noise; a float64
+        product costs ~2x as much)."""
         if self._x is None or self._key_of(x) != self._key:
             self._x = self._value = None  # free the previous matrix first
-            cov = Covariance()
-            cov.update(x)
-            self._x, self._key, self._value = x, self._key_of(x), (cov.matrix, {})
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            if x2.shape[0] == 0:
+                raise ValueError("no activations were recorded for this layer")
+            H = (x2.T @ x2).cpu().double() / x2.shape[0]
+            self._x, self._key, self._value = x, self._key_of(x), (H, {})
         return self._value[0]
 
     def derived(self, x: torch.Tensor, name: Any, make: Any) -> Any:
@@ -99,24 +168,24 @@ class CovarianceCache:
             cache[name] = make(H)
         return cache[name]
 
-    def __call__(self, x: torch.Tensor) -> tuple:
-        """(H float64 [K, K], (d, U) from :func:`factor`) of activations x [..., K]."""
-        return self.derived(x, "refit", lambda H: (H, factor(H, self.rank)))
+    def __call__(self, x: torch.Tensor) -> Curvature:
+        """The :class:`Curvature` of activations x [..., K]."""
+        return self.derived(x, "refit", lambda H: curvature(H, self.rank))
 
 
-def refit_layer(q: Any, linear: torch.nn.Linear, entry: tuple, *, zero: bool = False) -> Any:
+def refit_layer(q: Any, linear: torch.nn.Linear, H: Any, *, zero: bool = False) -> Any:
     """A QuantLinear ``q`` (quantized from ``linear``) with its tables refit to the output error
-    (:func:`refit_table`); ``entry``: (H, factors) from a :class:`CovarianceCache`."""
+    (:func:`refit_table`); ``H``: a :class:`Curvature` (from a :class:`CovarianceCache`) or
+    the covariance [K, K]."""
     from .nn import QuantLinear, is_conv1d
 
-    H, factors = entry
     qt = QuantizedTensor(
         q.packed, q.lut, q.scales, (q.out_features, q.in_features), q.fmt, q.group_size
     )
     w = linear.weight.detach()
     if is_conv1d(linear):  # GPT-2 Conv1D stores the weight transposed [K, N]
         w = w.t()
-    new, _ = refit_table(w, qt, H, zero=zero, factors=factors)
+    new, _ = refit_table(w, qt, H, zero=zero)
     return QuantLinear.from_quantized(new, linear.bias)
 
 
@@ -132,94 +201,190 @@ def expand_scales(scales: torch.Tensor, K: int, group_size: int) -> tuple:
     return s[..., 0], s[..., 1]
 
 
-def _dequant(
-    codes: torch.Tensor, lut: torch.Tensor, s: torch.Tensor, z: torch.Tensor
-) -> torch.Tensor:
-    return lut.gather(1, codes) * s + z
+class _Design:
+    """The rows' design matrices A_n [K, L (+G)] (see the module docstring), applied without
+    being formed: codes [n, K] int64, s [n, K] (the work dtype), groups [K] (None: the zeros are
+    fixed, not unknowns)."""
+
+    def __init__(
+        self, codes: torch.Tensor, s: torch.Tensor, L: int, groups: Optional[torch.Tensor]
+    ):
+        self.codes, self.s, self.L, self.groups = codes, s, L, groups
+        self.G = 0 if groups is None else int(groups.max()) + 1
+
+    def apply(self, theta: torch.Tensor) -> torch.Tensor:
+        """A theta: [n, K] (work dtype) from theta [n, L + G]."""
+        t = theta.to(self.s.dtype)
+        v = self.s * t[:, : self.L].gather(1, self.codes)
+        if self.groups is not None:
+            v = v + t[:, self.L :][:, self.groups]
+        return v
+
+    def transpose(self, u: torch.Tensor) -> torch.Tensor:
+        """A^T u: float64 [n, L + G] from u [n, K]."""
+        n = u.shape[0]
+        out = torch.zeros((n, self.L + self.G), dtype=torch.float64)
+        out[:, : self.L] = torch.zeros((n, self.L), dtype=u.dtype).scatter_add_(
+            1, self.codes, self.s * u
+        )
+        if self.groups is not None:
+            out[:, self.L :] = torch.zeros((n, self.G), dtype=u.dtype).index_add_(1, self.groups, u)
+        return out
 
 
-def nearest_codes(
-    w: torch.Tensor, lut: torch.Tensor, s: torch.Tensor, z: torch.Tensor
-) -> torch.Tensor:
-    """Codes of the nearest table entry for every element (lut sorted ascending per row)."""
-    u = (w - z) / torch.where(s > 0, s, torch.ones_like(s))
-    mid = 0.5 * (lut[:, 1:] + lut[:, :-1])
-    return torch.searchsorted(mid.contiguous(), u.contiguous(), right=True)
-
-
-def factor(H: torch.Tensor, rank: Optional[int] = None) -> tuple:
-    """H ~= diag(d) + U U^T with U [K, r] from H's top-r eigenpairs and d >= 0 the rest of its
-    diagonal (so the diagonal is exact); rank None or >= K: U U^T = H exactly, d = 0."""
-    K = H.shape[0]
-    vals, vecs = torch.linalg.eigh(H.double())
-    vals = vals.clamp_min(0)
-    if rank is None or rank >= K:
-        return torch.zeros(K, dtype=torch.float64), vecs * vals.sqrt()
-    U = vecs[:, K - rank :] * vals[K - rank :].sqrt()
-    d = (torch.diagonal(H).double() - (U * U).sum(1)).clamp_min(0)
-    return d, U
-
-
-def _normal_equations(
+def normal_rows(
     codes: torch.Tensor,
-    s: torch.Tensor,
-    z: torch.Tensor,
-    w: torch.Tensor,
+    scales: torch.Tensor,
+    hr: torch.Tensor,
+    L: int,
+    group_size: int,
+    zero: bool,
     d: torch.Tensor,
     U: torch.Tensor,
-    L: int,
-    groups: Optional[torch.Tensor],
+    diag: torch.Tensor,
 ) -> tuple:
-    """Per row: (M [N, P, P], rhs [N, P]) of min_theta (w - B theta)^T H (w - B theta) with
-    H = diag(d) + U U^T, theta = (lut[L], zero[G]) (zeros only when ``groups`` [K] gives each
-    element's group; otherwise the zeros are fixed and moved to the right-hand side).
-    Cost O(N K r) (scatters of U's rows into the codes' columns), no K x K work per row."""
-    N, K = codes.shape
-    r = U.shape[1]
-    G = 0 if groups is None else int(groups.max()) + 1
+    """Each row's normal-equation pieces in one pass over its codes (C++ core,
+    cpp/refit_rows.h): with A the row's design matrix (module docstring; P = L + G unknowns,
+    G = ceil(K / group_size) zeros when ``zero``, else P = L):
+
+        M [n, P, P] = A^T (diag(d) + U U^T) A,   grad [n, P] = A^T hr,
+        curv [n, P] = diagonal of A^T diag(diag) A            (all float64)
+
+    codes uint8 [n, K] (< L); scales float32 [n, ceil(K / group_size), 2] (scale, zero); hr
+    float32 [n, K]; d, diag float32 [K]; U float32 [K, r]."""
+    n, K = codes.shape
+    G = -(-K // group_size) if zero else 0
     P = L + G
-    M = torch.zeros((N, P, P), dtype=torch.float64)
-    target = w if groups is not None else w - z
-    Ht = d * target + (target @ U) @ U.T  # [N, K] = H target
-    rhs = torch.zeros((N, P), dtype=torch.float64)
-    rhs[:, :L].scatter_add_(1, codes, s * Ht)
-    diag = torch.zeros((N, L), dtype=torch.float64).scatter_add_(1, codes, s * s * d)
-    M[:, :L, :L] = torch.diag_embed(diag)
-    if groups is not None:
-        Z = torch.nn.functional.one_hot(groups, G).double()  # [K, G]
-        UZ = U.T @ Z  # [r, G]
-        HZ = d[:, None] * Z + U @ UZ  # [K, G]
-        M[:, L:, L:] = Z.T @ HZ
-        rhs[:, L:] = Ht @ Z
-    chunk = max(1, _ROW_CHUNK_ELEMS // (K * max(r, G)))
-    rows = torch.arange(chunk)[:, None] * L
-    for a in range(0, N, chunk):
-        b = min(N, a + chunk)
-        R = b - a
-        idx = (rows[:R] + codes[a:b]).reshape(-1)  # row-major (n, code) slot of each element
-        sa = s[a:b].reshape(-1, 1)
-        UE = torch.zeros((R * L, r), dtype=torch.float64).index_add_(0, idx, sa * U.repeat(R, 1))
-        UE = UE.reshape(R, L, r)
-        M[a:b, :L, :L] += UE @ UE.transpose(1, 2)
-        if groups is not None:
-            src = sa * HZ.repeat(R, 1)  # [R K, G]
-            EHZ = torch.zeros((R * L, G), dtype=torch.float64).index_add_(0, idx, src)
-            EHZ = EHZ.reshape(R, L, G)
-            M[a:b, :L, L:] = EHZ
-            M[a:b, L:, :L] = EHZ.transpose(1, 2)
-    return M, rhs
+    bc = T.buffer(codes, "codes", dtypes=("uint8",), ndim=2, device="cpu")
+    f32 = ("float32",)
+    bs = T.buffer(scales, "scales", dtypes=f32, ndim=3, device="cpu")
+    bh = T.buffer(hr, "hr", dtypes=f32, ndim=2, device="cpu")
+    bu = T.buffer(U, "U", dtypes=f32, ndim=2, device="cpu")
+    bd = T.buffer(d, "d", dtypes=f32, ndim=1, device="cpu")
+    bg = T.buffer(diag, "diag", dtypes=f32, ndim=1, device="cpu")
+    if tuple(scales.shape) != (n, -(-K // group_size), 2) or tuple(hr.shape) != (n, K):
+        raise ValueError(f"scales must be [n, ceil(K/G), 2] and hr [n, K] = {(n, K)}")
+    if U.shape[0] != K or d.shape != (K,) or diag.shape != (K,):
+        raise ValueError(f"U must be [K, r] and d, diag [K] with K = {K}")
+    M = torch.empty((n, P, P), dtype=torch.float64)
+    grad = torch.empty((n, P), dtype=torch.float64)
+    curv = torch.empty((n, P), dtype=torch.float64)
+    if n:
+        C.refit_normal_rows(
+            bc.ptr,
+            bs.ptr,
+            bh.ptr,
+            n,
+            K,
+            L,
+            group_size,
+            zero,
+            bu.ptr,
+            int(U.shape[1]),
+            bd.ptr,
+            bg.ptr,
+            T.buffer(M, "M").ptr,
+            T.buffer(grad, "grad").ptr,
+            T.buffer(curv, "curv").ptr,
+        )
+    return M, grad, curv
+
+
+def assign_rows(
+    w: torch.Tensor, lut: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """Re-assign ``codes`` (uint8 [n, K], updated in place) to the nearest dequantized value
+    fma(lut, scale, zero) in float32 (the quantizer's own re-assignment; ties keep the old code)
+    and return the residual deq[codes] - w, float32 [n, K] (C++ core, cpp/refit_rows.h).
+    w float32 [n, K]; lut float32 [n, L], sorted ascending; scales float32 [n, ceil(K/G), 2]."""
+    n, K = codes.shape
+    f32 = ("float32",)
+    bw = T.buffer(w, "w", dtypes=f32, ndim=2, device="cpu")
+    bl = T.buffer(lut, "lut", dtypes=f32, ndim=2, device="cpu")
+    bs = T.buffer(scales, "scales", dtypes=f32, ndim=3, device="cpu")
+    bc = T.buffer(codes, "codes", dtypes=("uint8",), ndim=2, device="cpu")
+    if (
+        tuple(w.shape) != (n, K)
+        or lut.shape[0] != n
+        or tuple(scales.shape) != (n, -(-K // group_size), 2)
+    ):
+        raise ValueError("assign_rows: w [n, K], lut [n, L] and scales [n, ceil(K/G), 2] disagree")
+    res = torch.empty((n, K), dtype=torch.float32)
+    if n:
+        C.refit_assign_rows(
+            bw.ptr,
+            bl.ptr,
+            bs.ptr,
+            n,
+            K,
+            int(lut.shape[1]),
+            group_size,
+            bc.ptr,
+            T.buffer(res, "res").ptr,
+        )
+    return res
+
+
+def solve_rows(
+    design: _Design,
+    grad: torch.Tensor,
+    H: torch.Tensor,
+    precond: torch.Tensor,
+    ridge: torch.Tensor,
+    steps: int,
+) -> torch.Tensor:
+    """``steps`` of preconditioned conjugate gradients, batched over rows, on
+    (A^T H A + diag(ridge)) x = -grad from x = 0 (the step that minimises the rows' quadratic
+    model of the output error): float64 [n, P].
+
+    Args:
+        design: the rows' A_n (:class:`_Design`); grad: A^T H r, float64 [n, P];
+        H: [K, K] in the work dtype; precond: SPD [n, P, P] float64 (the preconditioner);
+        ridge: [n, P] float64 > 0.
+    """
+    chol, info = torch.linalg.cholesky_ex(precond)
+    if bool((info != 0).any()):  # not expected (SPD by construction); stay safe
+        bad = info != 0
+        chol[bad] = torch.linalg.cholesky(
+            precond[bad] + torch.diag_embed(ridge[bad] * 1e-3 + 1e-300)
+        )
+
+    def psolve(v: torch.Tensor) -> torch.Tensor:
+        return torch.cholesky_solve(v[..., None], chol)[..., 0]
+
+    res = -grad
+    z = psolve(res)
+    if steps == 0:  # the approximate Newton step itself
+        return z
+    x = torch.zeros_like(grad)
+    p = z
+    rz = (res * z).sum(1)
+    for i in range(steps):
+        q = design.transpose(design.apply(p) @ H) + ridge * p
+        pq = (p * q).sum(1)
+        alpha = torch.where(pq > 0, rz / torch.where(pq > 0, pq, 1.0), 0.0)
+        x = x + alpha[:, None] * p
+        if i + 1 == steps:
+            break
+        res = res - alpha[:, None] * q
+        z = psolve(res)
+        rz_new = (res * z).sum(1)
+        beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
+        p = z + beta[:, None] * p
+        rz = rz_new
+    return x
 
 
 def refit_table(
     w: Any,
     qt: QuantizedTensor,
-    H: torch.Tensor,
+    H: Union[torch.Tensor, Curvature],
     *,
     zero: bool = False,
     iters: int = DEFAULT_ITERS,
     damp: float = DEFAULT_DAMP,
+    steps: int = DEFAULT_STEPS,
     rank: Optional[int] = DEFAULT_RANK,
-    factors: Optional[tuple] = None,
 ) -> tuple:
     """Refit a learned-format QuantizedTensor's per-row tables (and group zeros with ``zero``)
     to minimise the output error with the full input covariance ``H`` [K, K].
@@ -227,82 +392,98 @@ def refit_table(
     Args:
         w: the float weight [N, K] that ``qt`` quantizes (torch, any float dtype).
         qt: its quantization (learned format: lut [N, 2^bits]); torch CPU tensors.
-        H: E[x x^T] of the layer's input, float [K, K] (symmetric positive semi-definite).
+        H: E[x x^T] of the layer's input, float [K, K] (symmetric positive semi-definite), or
+            its :class:`Curvature` (reused by layers sharing the input; ``rank`` then unused).
         zero: also refit each group's zero (the scales stay).
         iters: refit / re-assign rounds (stops early when a round no longer lowers the error).
-        damp: ridge as a fraction of the diagonal of each row's normal matrix.
-        rank: the least squares use H ~= diag + rank-r (:func:`factor`; None: H exactly, which
-            costs O(K^2) per row); the error that decides whether a row keeps its refit uses
-            the exact H. ``factors``: (d, U) from :func:`factor` (reused by layers sharing H).
+        damp: ridge as a fraction of the k-means curvature A^T diag(H) A of each unknown.
+        steps: conjugate-gradient steps per round with the exact H (one [rows, K] x [K, K]
+            product each); L + G steps solve each round's least squares exactly.
+        rank: rank of the preconditioner's sketch of H (:func:`low_rank`; None: exact).
     Returns:
         (new QuantizedTensor, {"before": sum of e_n, "after": sum of e_n, "rows_changed": int,
-        "rounds": int}); e_n is computed with the tables and scales as stored (rounded).
+        "rounds": int}); e_n is computed with the tables and scales as stored (rounded),
+        dequantized as the kernels do (float32 fma), with float32 products summed in float64
+        (~1e-6 relative); a row takes a round's result only where its e_n fell by > 1e-4
+        relative.
     """
     if qt.lut.shape[0] != qt.shape[0]:
         raise ValueError(f"refit needs a per-row (learned) table, got lut {tuple(qt.lut.shape)}")
     N, K = qt.shape
-    H = V.covariance(H, K)
-    if iters < 1 or damp < 0:
-        raise ValueError("iters must be >= 1 and damp >= 0")
-    w64 = torch.as_tensor(w).detach().double().cpu()
-    if w64.shape != (N, K):
-        raise ValueError(f"w must be [N, K] = {(N, K)}, got {tuple(w64.shape)}")
+    if iters < 1 or damp < 0 or steps < 0:
+        raise ValueError("iters and steps must be >= 1 and damp >= 0")
+    if isinstance(H, Curvature):
+        if H.H.shape != (K, K):
+            raise ValueError(f"H must be [K, K] = {(K, K)}, got {tuple(H.H.shape)}")
+        cv = H
+    else:
+        cv = curvature(V.covariance(H, K), rank)
+    w32 = torch.as_tensor(w).detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if w32.shape != (N, K):
+        raise ValueError(f"w must be [N, K] = {(N, K)}, got {tuple(w32.shape)}")
     dtype = qt.lut.dtype
     L = qt.lut.shape[1]
     G = qt.scales.shape[1]
-    codes = unpack(qt.packed.cpu(), K, qt.bits).long()
-    lut = qt.lut.cpu().double()
-    scales = qt.scales.cpu().clone()
-    s, z = expand_scales(scales, K, qt.group_size)
+    f32 = torch.float32
+    codes = unpack(qt.packed.cpu(), K, qt.bits)  # uint8 [N, K]
+    lut = qt.lut.cpu().to(f32).contiguous()  # the table dtype's values, exactly
+    scales = qt.scales.cpu().to(f32).contiguous()
     groups = torch.arange(K) // qt.group_size if zero else None
-    d, U = factors if factors is not None else factor(H, rank)
 
-    best_err = output_error(w64, _dequant(codes, lut, s, z), H)
-    before = float(best_err.sum())
-    best = (codes.clone(), lut.clone(), scales.clone())
+    res = torch.as_tensor(qt.dequantize()).to(f32) - w32  # fma in float32, as the kernels
+    HR = res @ cv.H32  # [N, K]: the error and the next round's gradient
+    err = (HR * res).sum(1, dtype=torch.float64)
+    before = float(err.sum())
+    rows = torch.arange(N)  # the rows still improving
     rounds = 0
     for _ in range(iters):
         rounds += 1
-        M, rhs = _normal_equations(codes, s, z, w64, d, U, L, groups)
-        # ridge towards the current values, relative to each unknown's own curvature (an
+        c, sc = codes[rows], scales[rows]
+        M, grad, kcurv = normal_rows(c, sc, HR[rows], L, qt.group_size, zero, cv.d, cv.U, cv.diag)
+        # ridge towards the current values, relative to each unknown's k-means curvature (an
         # unused table entry, with none, stays where it is)
-        diag = torch.diagonal(M, dim1=1, dim2=2)
-        floor = 1e-9 * diag[:, :L].mean(1, keepdim=True).clamp_min(1e-300)
-        mu = damp * diag + floor
-        theta0 = torch.cat([lut, scales[..., 1].double()], 1) if zero else lut
-        theta = torch.linalg.solve(M + torch.diag_embed(mu), rhs + mu * theta0)
-        new_lut = theta[:, :L].to(dtype).double()
-        new_lut, _ = torch.sort(new_lut, dim=1)
-        new_scales = scales.clone()
+        floor = 1e-9 * kcurv[:, :L].mean(1, keepdim=True) + 1e-300
+        ridge = damp * kcurv + floor
+        precond = M + torch.diag_embed(ridge)
+        design = None
+        if steps:
+            s = sc[..., 0].repeat_interleave(qt.group_size, dim=1)[:, :K].contiguous()
+            design = _Design(c.long(), s, L, groups)
+        theta0 = torch.cat([lut[rows], sc[..., 1]], 1) if zero else lut[rows]
+        theta = theta0.double() + solve_rows(design, grad, cv.H32, precond, ridge, steps)
+        new_lut, _ = torch.sort(theta[:, :L].to(dtype).to(f32), dim=1)
+        new_sc = sc.clone()
         if zero:
-            new_scales[..., 1] = theta[:, L : L + G].to(dtype)
-        ns, nz = expand_scales(new_scales, K, qt.group_size)
-        new_codes = nearest_codes(w64, new_lut, ns, nz)
-        err = output_error(w64, _dequant(new_codes, new_lut, ns, nz), H)
-        better = err < best_err
+            new_sc[..., 1] = theta[:, L : L + G].to(dtype).to(f32)
+        new_codes = c.clone()
+        new_res = assign_rows(w32[rows], new_lut.contiguous(), new_sc, new_codes, qt.group_size)
+        new_hr = new_res @ cv.H32
+        new_err = (new_hr * new_res).sum(1, dtype=torch.float64)
+        better = new_err < (1 - _ACCEPT) * err[rows]
         if not bool(better.any()):
             break
-        gain = float((best_err - err)[better].sum())
-        codes = torch.where(better[:, None], new_codes, best[0])
-        lut = torch.where(better[:, None], new_lut, best[1])
-        scales = torch.where(better[:, None, None], new_scales, best[2])
-        best_err = torch.where(better, err, best_err)
-        best = (codes.clone(), lut.clone(), scales.clone())
-        s, z = expand_scales(scales, K, qt.group_size)
-        if gain <= 1e-4 * float(best_err.sum()):
+        gain = float((err[rows] - new_err)[better].sum())
+        keep = rows[better]
+        codes[keep] = new_codes[better]
+        lut[keep] = new_lut[better]
+        scales[keep] = new_sc[better]
+        HR[keep] = new_hr[better]
+        err[keep] = new_err[better]
+        rows = keep
+        if gain <= 1e-4 * float(err.sum()):
             break
-    changed = int((best[1] != qt.lut.cpu().double()).any(1).sum())
+    changed = int((lut != qt.lut.cpu().to(f32)).any(1).sum())
     out = QuantizedTensor(
-        packed=pack(best[0].to(torch.uint8), qt.bits).to(qt.packed.device),
-        lut=best[1].to(dtype).contiguous().to(qt.lut.device),
-        scales=best[2].contiguous().to(qt.scales.device),
+        packed=pack(codes, qt.bits).to(qt.packed.device),
+        lut=lut.to(dtype).contiguous().to(qt.lut.device),
+        scales=scales.to(qt.scales.dtype).contiguous().to(qt.scales.device),
         shape=qt.shape,
         fmt=qt.fmt,
         group_size=qt.group_size,
     )
     return out, {
         "before": before,
-        "after": float(best_err.sum()),
+        "after": float(err.sum()),
         "rows_changed": changed,
         "rounds": rounds,
     }
@@ -311,12 +492,16 @@ def refit_table(
 __all__ = [
     "Covariance",
     "CovarianceCache",
-    "refit_layer",
+    "Curvature",
+    "assign_rows",
+    "normal_rows",
     "DEFAULT_REFIT",
     "REFITS",
+    "curvature",
     "expand_scales",
-    "factor",
-    "nearest_codes",
+    "low_rank",
     "output_error",
+    "refit_layer",
     "refit_table",
+    "solve_rows",
 ]
