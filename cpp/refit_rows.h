@@ -22,6 +22,14 @@ void refit_normal_rows(const uint8_t* codes, const float* scales, const float* h
                        int L, int64_t group_size, bool zero, const float* U, int r, const float* d,
                        const float* diag_h, double* M, double* grad, double* curv);
 
+// The round's default step for every row: x [n, P] = -(M + diag(ridge))^{-1} grad with (M, grad,
+// curv) as above and ridge = damp * curv + 1e-9 * mean(curv[:L]) + 1e-300, by a Cholesky
+// factorisation in double (x = 0 for a row whose matrix is not positive definite in floating
+// point). Same arguments as refit_normal_rows otherwise.
+void refit_newton_rows(const uint8_t* codes, const float* scales, const float* hr, int64_t n, int64_t K,
+                       int L, int64_t group_size, bool zero, const float* U, int r, const float* d,
+                       const float* diag_h, double damp, double* x);
+
 // Re-assigns every element to its nearest dequantized value and returns the residual:
 //   deq[j] = fma(lut[row, j], scale[row, g], zero[row, g])   (float32, as the kernels compute it)
 //   codes[row, k] <- the index of the lowest |deq[j] - w[row, k]| (ties: the old code where it is

@@ -17,6 +17,7 @@ from any4.refit import (  # noqa: E402
     curvature,
     expand_scales,
     low_rank,
+    newton_rows,
     normal_rows,
     output_error,
     refit_table,
@@ -117,6 +118,13 @@ def test_normal_rows_match_the_dense_products(zero, L) -> None:
     tol = 1e-5 * float(low.abs().max())
     torch.testing.assert_close(M - M0, low, rtol=1e-5, atol=tol)
     assert torch.equal(grad, grad0) and torch.equal(curv, curv0)
+    # the default step: -(M + diag(ridge))^-1 grad, per-row Cholesky in C++
+    ridge = 0.01 * curv + 1e-9 * curv[:, :L].mean(1, keepdim=True) + 1e-300
+    want = torch.linalg.solve(M + torch.diag_embed(ridge), -grad)
+    got = newton_rows(codes, scales, hr, L, G, zero, d, U, diag, 0.01)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    with pytest.raises(ValueError):
+        newton_rows(codes, scales, hr, L, G, zero, d, U, diag, -1.0)
     torch.testing.assert_close(grad, (At @ hr.double()[..., None])[..., 0], rtol=1e-10, atol=1e-10)
     kc = torch.diagonal(At @ torch.diag(diag.double()) @ A, dim1=1, dim2=2)
     torch.testing.assert_close(curv, kc, rtol=1e-10, atol=1e-10)

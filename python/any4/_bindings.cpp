@@ -116,6 +116,16 @@ PYBIND11_MODULE(_C, m) {
       gil());
 
   m.def(
+      "refit_newton_rows",
+      [](uintptr_t codes, uintptr_t scales, uintptr_t hr, int64_t n, int64_t K, int L, int64_t group_size,
+         bool zero, uintptr_t U, int r, uintptr_t d, uintptr_t diag_h, double damp, uintptr_t x) {
+        refit_newton_rows(ptr<const uint8_t>(codes), ptr<const float>(scales), ptr<const float>(hr), n, K, L,
+                          group_size, zero, ptr<const float>(U), r, ptr<const float>(d),
+                          ptr<const float>(diag_h), damp, ptr<double>(x));
+      },
+      gil());
+
+  m.def(
       "refit_assign_rows",
       [](uintptr_t w, uintptr_t lut, uintptr_t scales, int64_t n, int64_t K, int L, int64_t group_size,
          uintptr_t codes, uintptr_t res) {

@@ -87,24 +87,24 @@ class Covariance:
 
 
 def low_rank(H: torch.Tensor, rank: Optional[int], *, power: int = 2, seed: int = 0) -> tuple:
-    """H ~= diag(d) + U U^T, float64: U [K, r] spans a randomized sketch of H's top-r
+    """H ~= diag(d) + U U^T in H's float dtype: U [K, r] spans a randomized sketch of H's top-r
     eigenvectors (subspace iteration with ``power`` passes from a seeded Gaussian start, then
     Rayleigh-Ritz), d >= 0 the rest of H's diagonal (so the diagonal is exact wherever
     U U^T does not exceed it). rank None or >= K: the exact eigendecomposition (d = 0,
     U U^T = H); rank 0: d = diag(H), U [K, 0]. Cost O(K^2 r) (no K x K eigendecomposition)."""
-    H = H.double()
     K = H.shape[0]
+    dt = H.dtype
     if rank is None or rank >= K:
         vals, vecs = torch.linalg.eigh(H)
-        return torch.zeros(K, dtype=torch.float64), vecs * vals.clamp_min(0).sqrt()
+        return torch.zeros(K, dtype=dt), vecs * vals.clamp_min(0).sqrt()
     if rank < 0:
         raise ValueError(f"rank must be >= 0 or None, got {rank}")
     diag = torch.diagonal(H).clone()
     if rank == 0:
-        return diag.clamp_min(0), torch.zeros((K, 0), dtype=torch.float64)
+        return diag.clamp_min(0), torch.zeros((K, 0), dtype=dt)
     p = min(K, rank + 8)
     g = torch.Generator().manual_seed(seed)
-    Q = torch.linalg.qr(H @ torch.randn(K, p, generator=g, dtype=torch.float64))[0]
+    Q = torch.linalg.qr(H @ torch.randn(K, p, generator=g, dtype=torch.float64).to(dt))[0]
     for _ in range(power):
         Q = torch.linalg.qr(H @ Q)[0]
     vals, vecs = torch.linalg.eigh(Q.T @ H @ Q)
@@ -127,9 +127,10 @@ def curvature(H: Any, rank: Optional[int] = DEFAULT_RANK) -> Curvature:
     """The :class:`Curvature` of a covariance H [K, K] (checked: square, finite)."""
     H = torch.as_tensor(H)
     H = V.covariance(H, H.shape[0] if H.ndim == 2 else -1)
-    d, U = low_rank(H, rank)
     f = torch.float32
-    return Curvature(H, H.to(f), d.to(f), U.to(f).contiguous(), torch.diagonal(H).to(f).clone())
+    H32 = H.to(f)
+    d, U = low_rank(H32, rank)  # a preconditioner: float32 is plenty
+    return Curvature(H, H32, d.contiguous(), U.contiguous(), torch.diagonal(H32).clone())
 
 
 class CovarianceCache:
@@ -232,6 +233,27 @@ class _Design:
         return out
 
 
+def _row_args(codes, scales, hr, L, group_size, zero, d, U, diag) -> tuple:
+    """Checked raw arguments of the C++ row assembly (cpp/refit_rows.h) and P."""
+    n, K = codes.shape
+    P = L + (-(-K // group_size) if zero else 0)
+    f32 = ("float32",)
+    bufs = (
+        T.buffer(codes, "codes", dtypes=("uint8",), ndim=2, device="cpu"),
+        T.buffer(scales, "scales", dtypes=f32, ndim=3, device="cpu"),
+        T.buffer(hr, "hr", dtypes=f32, ndim=2, device="cpu"),
+        T.buffer(U, "U", dtypes=f32, ndim=2, device="cpu"),
+        T.buffer(d, "d", dtypes=f32, ndim=1, device="cpu"),
+        T.buffer(diag, "diag", dtypes=f32, ndim=1, device="cpu"),
+    )
+    if tuple(scales.shape) != (n, -(-K // group_size), 2) or tuple(hr.shape) != (n, K):
+        raise ValueError(f"scales must be [n, ceil(K/G), 2] and hr [n, K] = {(n, K)}")
+    if U.shape[0] != K or d.shape != (K,) or diag.shape != (K,):
+        raise ValueError(f"U must be [K, r] and d, diag [K] with K = {K}")
+    c, sc, h, u, dd, dg = (b.ptr for b in bufs)
+    return (c, sc, h, n, K, L, group_size, zero, u, int(U.shape[1]), dd, dg), P
+
+
 def normal_rows(
     codes: torch.Tensor,
     scales: torch.Tensor,
@@ -250,44 +272,44 @@ def normal_rows(
         M [n, P, P] = A^T (diag(d) + U U^T) A,   grad [n, P] = A^T hr,
         curv [n, P] = diagonal of A^T diag(diag) A            (all float64)
 
-    codes uint8 [n, K] (< L); scales float32 [n, ceil(K / group_size), 2] (scale, zero); hr
-    float32 [n, K]; d, diag float32 [K]; U float32 [K, r]."""
-    n, K = codes.shape
-    G = -(-K // group_size) if zero else 0
-    P = L + G
-    bc = T.buffer(codes, "codes", dtypes=("uint8",), ndim=2, device="cpu")
-    f32 = ("float32",)
-    bs = T.buffer(scales, "scales", dtypes=f32, ndim=3, device="cpu")
-    bh = T.buffer(hr, "hr", dtypes=f32, ndim=2, device="cpu")
-    bu = T.buffer(U, "U", dtypes=f32, ndim=2, device="cpu")
-    bd = T.buffer(d, "d", dtypes=f32, ndim=1, device="cpu")
-    bg = T.buffer(diag, "diag", dtypes=f32, ndim=1, device="cpu")
-    if tuple(scales.shape) != (n, -(-K // group_size), 2) or tuple(hr.shape) != (n, K):
-        raise ValueError(f"scales must be [n, ceil(K/G), 2] and hr [n, K] = {(n, K)}")
-    if U.shape[0] != K or d.shape != (K,) or diag.shape != (K,):
-        raise ValueError(f"U must be [K, r] and d, diag [K] with K = {K}")
+    (A^T U is accumulated in float32, everything else in float64.) codes uint8 [n, K] (< L);
+    scales float32 [n, ceil(K / group_size), 2] (scale, zero); hr float32 [n, K]; d, diag
+    float32 [K]; U float32 [K, r]."""
+    args, P = _row_args(codes, scales, hr, L, group_size, zero, d, U, diag)
+    n = codes.shape[0]
     M = torch.empty((n, P, P), dtype=torch.float64)
     grad = torch.empty((n, P), dtype=torch.float64)
     curv = torch.empty((n, P), dtype=torch.float64)
     if n:
         C.refit_normal_rows(
-            bc.ptr,
-            bs.ptr,
-            bh.ptr,
-            n,
-            K,
-            L,
-            group_size,
-            zero,
-            bu.ptr,
-            int(U.shape[1]),
-            bd.ptr,
-            bg.ptr,
-            T.buffer(M, "M").ptr,
-            T.buffer(grad, "grad").ptr,
-            T.buffer(curv, "curv").ptr,
+            *args, T.buffer(M, "M").ptr, T.buffer(grad, "grad").ptr, T.buffer(curv, "curv").ptr
         )
     return M, grad, curv
+
+
+def newton_rows(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    hr: torch.Tensor,
+    L: int,
+    group_size: int,
+    zero: bool,
+    d: torch.Tensor,
+    U: torch.Tensor,
+    diag: torch.Tensor,
+    damp: float,
+) -> torch.Tensor:
+    """The default step of a round for every row, float64 [n, P]: -(M + diag(ridge))^{-1} grad
+    with (M, grad, curv) of :func:`normal_rows` and ridge = damp * curv + 1e-9 * mean(curv[:L])
+    (+1e-300), solved by a per-row Cholesky factorisation in the C++ core (0 for a row whose
+    matrix is not positive definite in floating point)."""
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    args, P = _row_args(codes, scales, hr, L, group_size, zero, d, U, diag)
+    x = torch.empty((codes.shape[0], P), dtype=torch.float64)
+    if codes.shape[0]:
+        C.refit_newton_rows(*args, float(damp), T.buffer(x, "x").ptr)
+    return x
 
 
 def assign_rows(
@@ -439,18 +461,19 @@ def refit_table(
     for _ in range(iters):
         rounds += 1
         c, sc = codes[rows], scales[rows]
-        M, grad, kcurv = normal_rows(c, sc, HR[rows], L, qt.group_size, zero, cv.d, cv.U, cv.diag)
-        # ridge towards the current values, relative to each unknown's k-means curvature (an
-        # unused table entry, with none, stays where it is)
-        floor = 1e-9 * kcurv[:, :L].mean(1, keepdim=True) + 1e-300
-        ridge = damp * kcurv + floor
-        precond = M + torch.diag_embed(ridge)
-        design = None
-        if steps:
+        hr = HR[rows]
+        theta0 = torch.cat([lut[rows], sc[..., 1]], 1) if zero else lut[rows]
+        if steps == 0:
+            step = newton_rows(c, sc, hr, L, qt.group_size, zero, cv.d, cv.U, cv.diag, damp)
+        else:
+            M, grad, kcurv = normal_rows(c, sc, hr, L, qt.group_size, zero, cv.d, cv.U, cv.diag)
+            # ridge towards the current values, relative to each unknown's k-means curvature
+            # (an unused table entry, with none, stays where it is)
+            ridge = damp * kcurv + 1e-9 * kcurv[:, :L].mean(1, keepdim=True) + 1e-300
             s = sc[..., 0].repeat_interleave(qt.group_size, dim=1)[:, :K].contiguous()
             design = _Design(c.long(), s, L, groups)
-        theta0 = torch.cat([lut[rows], sc[..., 1]], 1) if zero else lut[rows]
-        theta = theta0.double() + solve_rows(design, grad, cv.H32, precond, ridge, steps)
+            step = solve_rows(design, grad, cv.H32, M + torch.diag_embed(ridge), ridge, steps)
+        theta = theta0.double() + step
         new_lut, _ = torch.sort(theta[:, :L].to(dtype).to(f32), dim=1)
         new_sc = sc.clone()
         if zero:
@@ -494,6 +517,7 @@ __all__ = [
     "CovarianceCache",
     "Curvature",
     "assign_rows",
+    "newton_rows",
     "normal_rows",
     "DEFAULT_REFIT",
     "REFITS",
