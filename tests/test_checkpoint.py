@@ -270,6 +270,71 @@ def test_row_slice_seed_matches_whole_matrix() -> None:
     assert row_ranges(5, 3) == [(0, 2), (2, 4), (4, 5)] and row_ranges(1, 2) == [(0, 1), (1, 1)]
 
 
+def test_chunks_cover_every_row_once(src) -> None:
+    """With several ranks a block's layers are cut into row ranges that cover every row of
+    every layer exactly once, in order, none shorter than MIN_CHUNK_ROWS unless the layer is."""
+    from any4.dist import Group
+
+    settings = {"fmt": "any4", "group_size": G, "mode": "one-pass", "weighting": "none",
+                "method": "lloyd", "n_init": 1, "seed": 0, "table_dtype": None, "skip": ["lm_head"],
+                "dtype": "float32", "max_calibration_tokens": None, "_dtype": torch.float32}  # fmt: skip
+    job = ckpt._Job(ckpt.SourceCheckpoint(src), settings, Group(0, 2))
+    items = [(n, None) for n in job.block_layers[0]]
+    chunks = job.chunks(items)
+    assert len(chunks) > len(items)  # some layer is split
+    for j, (name, _) in enumerate(items):
+        mine = [(r0, r1) for i, r0, r1 in chunks if i == j]
+        n = job.features[name][0]
+        assert mine[0][0] == 0 and mine[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(mine, mine[1:]))
+        assert all(r1 - r0 >= min(n, ckpt.MIN_CHUNK_ROWS) for r0, r1 in mine[:-1])
+
+
+def test_claimer_hands_out_each_index_once(monkeypatch) -> None:
+    """Ranks claiming from one shared store get disjoint indices that together cover 0..n-1,
+    whatever the order they ask in; without a store, a fixed round-robin share."""
+    import torch.distributed as dist
+
+    from any4 import dist as any4_dist
+    from any4.dist import Group
+
+    store = dist.HashStore()
+    monkeypatch.setattr(any4_dist, "_job_store", lambda: store)
+    for n in (0, 1, 7, 40):
+        ranks = [Group(r, 3) for r in range(3)]
+        claims = [g.claimer(n, f"t{n}") for g in ranks]
+        got: list = [[], [], []]
+        order = [0, 0, 2, 1, 2, 2, 0, 1] * 10  # uneven speeds
+        for r in order:
+            c = claims[r]()
+            if c is not None:
+                got[r].append(c)
+        assert all(claims[r]() is None for r in range(3))
+        flat = sorted(c for g in got for c in g)
+        assert flat == list(range(n)), (n, got)
+        if n == 40:
+            assert len(got[2]) > len(got[1])  # the rank that asks more often gets more
+    monkeypatch.setattr(any4_dist, "_job_store", lambda: None)
+    shares = [[c for c in iter(Group(r, 3).claimer(8, "x"), None)] for r in range(3)]
+    assert shares == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    assert list(iter(Group.single().claimer(3, "y"), None)) == [0, 1, 2]
+
+
+def test_tensor_gather_keeps_structure() -> None:
+    """The object sent by gather_tensors is rebuilt with its tensors (any dtype) in place."""
+    from any4.dist import _restore_tensors, _strip_tensors
+
+    obj = {3: (torch.arange(5, dtype=torch.uint8), torch.randn(2, 3).bfloat16(), None),
+           7: "cannot quantize x", 9: [torch.zeros(0), torch.ones(4, dtype=torch.float64)]}  # fmt: skip
+    tensors: list = []
+    skeleton = _strip_tensors(obj, tensors)
+    assert len(tensors) == 4 and not any(isinstance(v, torch.Tensor) for v in skeleton[3])
+    back = _restore_tensors(skeleton, [t.clone() for t in tensors])
+    assert back[7] == obj[7] and back[3][2] is None and isinstance(back[3], tuple)
+    for a, b in [(back[3][0], obj[3][0]), (back[3][1], obj[3][1]), (back[9][1], obj[9][1])]:
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -283,18 +348,24 @@ def _env() -> dict:
     return env
 
 
-def test_two_processes_byte_identical(src, tmp_path) -> None:
-    args = ["quantize", src, "--stream", "--group-size", str(G), "--method", "lloyd",
-            "--mode", "sequential"]  # fmt: skip
+@pytest.mark.parametrize("mode,method", [("sequential", "lloyd"), ("one-pass", "optimal")])
+def test_two_processes_byte_identical(src, tmp_path, mode, method) -> None:
+    """2 ranks claiming row ranges as they go write the same bytes as one process."""
+    args = ["quantize", src, "--stream", "--group-size", str(G), "--method", method,
+            "--mode", mode]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "any4", *args, "--out", str(one)], check=True,
                    timeout=300, env=_env())  # fmt: skip
+    summary = tmp_path / "summary.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
-           "-m", "any4", *args, "--out", str(two)]  # fmt: skip
+           "-m", "any4", *args, "--out", str(two), "--summary-json", str(summary)]  # fmt: skip
     r = subprocess.run(cmd, timeout=300, env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stderr
+    rows = json.loads(summary.read_text())["rows_quantized_ranks"]
+    total = sum(t.shape[0] for k, t in _output_tensors(str(one)).items() if k.endswith(".packed"))
+    assert len(rows) == 2 and sum(rows) == total and min(rows) >= 0, (rows, total)
     names = sorted(os.listdir(one))
     assert names == sorted(os.listdir(two)) and "model.safetensors.index.json" in names
     for name in names:

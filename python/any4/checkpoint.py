@@ -41,8 +41,9 @@ import os
 import resource
 import shutil
 import time
+import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -74,6 +75,10 @@ from .safetensors_stream import (
 from .stats import DEFAULT_WEIGHTING
 
 FORMAT_VERSION = 2
+# With several ranks, a block's layers are cut into about CHUNKS_PER_RANK * world row ranges
+# (at least MIN_CHUNK_ROWS rows each), claimed by the ranks as they go (_Job.quantize_claimed).
+CHUNKS_PER_RANK = 48
+MIN_CHUNK_ROWS = 8
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PARTIAL_SUFFIX = ".any4-partial"
@@ -350,6 +355,17 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block, restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _release_memory() -> None:
     """Free what a finished block left behind and give the pages back to the OS: collect
     reference cycles (a cycle holding one block's float weights would keep ~1 GB of an 8B
@@ -430,7 +446,8 @@ class _Job:
                 self.block_layers[int(name[len(prefix) :].split(".")[0])].append(name)
             else:
                 self.outer_layers.append(name)
-        self.preloaded: dict = {}  # {name: this rank's rows of its weight} (ranks > 0)
+        self.whole: dict = {}  # {name: whole weight read from a [K, N] file} (ranks > 0)
+        self.rows_done = 0  # weight rows this rank has quantized
         td = settings["table_dtype"]
         self.table_dtype = (
             _DTYPES[td]
@@ -441,73 +458,95 @@ class _Job:
     def weight_key(self, name: str) -> str:
         return self.keys[name + ".weight"]
 
-    def load_share(self, name: str) -> torch.Tensor:
-        """This rank's rows of layer ``name``'s weight [rows, K], read from the source."""
-        r0, r1 = row_ranges(self.features[name][0], self.group.world)[self.group.rank]
-        if name in self.transposed:  # [K, N] on file: this rank's output columns
+    def load_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of layer ``name``'s weight [r1 - r0, K], read from the source."""
+        if name in self.transposed:  # [K, N] on file: these output columns
             return self.src.load(self.weight_key(name), self.dtype).t()[r0:r1]
         return self.src.load(self.weight_key(name), self.dtype, rows=(r0, r1))
 
-    def preload_shares(self, names: list) -> None:
-        """Ranks other than 0: read this rank's rows of ``names`` now (while the writer runs the
-        block's calibration forward, when this rank would otherwise wait), for quantize_share."""
-        for name in names:
-            r0, r1 = row_ranges(self.features[name][0], self.group.world)[self.group.rank]
-            if r1 == r0:
-                continue
-            try:
-                self.preloaded[name] = self.load_share(name)
-            except (CheckpointError, ValueError, RuntimeError, TypeError) as e:
-                self.preloaded[name] = e  # reported by quantize_share, like a load there
+    def load_share(self, name: str) -> torch.Tensor:
+        """This rank's contiguous share of layer ``name``'s rows [rows, K], read from the source."""
+        r0, r1 = row_ranges(self.features[name][0], self.group.world)[self.group.rank]
+        return self.load_rows(name, r0, r1)
+
+    def quantize_rows(
+        self, name: str, stats: Any, r0: int, r1: int, weights: Optional[dict] = None
+    ) -> Any:
+        """Rows r0:r1 of layer ``name`` quantized, as (packed, lut, scales); an error string
+        instead of raising (the writer reports it). The weight comes from ``weights`` (the
+        writer's block in memory) or the source (rows r0:r1 only; the writer has just read
+        that block, so this is served by the page cache)."""
+        try:
+            if weights is not None and name in weights:
+                w = weights[name].detach()
+                w = (w.t() if name in self.transposed else w)[r0:r1].cpu()
+            elif name in self.transposed:  # read (and transposed) once per call, not per chunk
+                if name not in self.whole:
+                    self.whole[name] = self.load_rows(name, 0, self.features[name][0])
+                w = self.whole[name][r0:r1]
+            else:
+                w = self.load_rows(name, r0, r1)
+            kw = layer_quantize_kwargs(self.f.name, stats, **self.options)
+            if "seed" in kw:  # the same per-row seeds as the whole matrix
+                kw["seed"] = row_slice_seed(kw["seed"], r0)
+            qt = quantize(
+                w,
+                self.f.name,
+                self.group_sizes[name],
+                dtype=str(self.table_dtype).replace("torch.", ""),
+                **kw,
+            )
+        except (CheckpointError, ValueError, RuntimeError, TypeError) as e:
+            info = self.src.tensors.get(self.weight_key(name))
+            where = f" (from {info.file})" if info is not None else ""
+            return f"cannot quantize {name}.weight{where}: {e}"
+        return (qt.packed, qt.lut, qt.scales)
 
     def quantize_share(self, items: list, weights: Optional[dict] = None) -> list:
-        """This rank's rows of each layer of ``items`` [(name, stats)], as (packed, lut, scales)
-        or None (no rows); an error string instead of raising (the writer reports it)."""
+        """This rank's contiguous share of each layer of ``items`` [(name, stats)], as
+        (packed, lut, scales) or None (no rows); an error string instead of raising."""
         out = []
         for name, stats in items:
             r0, r1 = row_ranges(self.features[name][0], self.group.world)[self.group.rank]
-            if r1 == r0:
-                out.append(None)
-                continue
-            try:
-                if weights is not None and name in weights:
-                    w = weights[name].detach()
-                    w = (w.t() if name in self.transposed else w)[r0:r1].cpu()
-                elif name in self.preloaded:
-                    w = self.preloaded.pop(name)
-                    if isinstance(w, Exception):
-                        raise w
-                else:
-                    w = self.load_share(name)
-                kw = layer_quantize_kwargs(self.f.name, stats, **self.options)
-                if "seed" in kw:
-                    kw["seed"] = row_slice_seed(kw["seed"], r0)
-                qt = quantize(
-                    w,
-                    self.f.name,
-                    self.group_sizes[name],
-                    dtype=str(self.table_dtype).replace("torch.", ""),
-                    **kw,
-                )
-            except (CheckpointError, ValueError, RuntimeError, TypeError) as e:
-                info = self.src.tensors.get(self.weight_key(name))
-                where = f" (from {info.file})" if info is not None else ""
-                out.append(f"cannot quantize {name}.weight{where}: {e}")
-                continue
-            out.append((qt.packed, qt.lut, qt.scales))
+            out.append(None if r1 == r0 else self.quantize_rows(name, stats, r0, r1, weights))
+        return out
+
+    def chunks(self, items: list) -> list:
+        """[(item index, r0, r1)]: the layers of ``items`` cut into row ranges of about
+        1/(CHUNKS_PER_RANK * world) of their elements, handed out to the ranks as they ask."""
+        total = sum(self.features[name][0] * self.features[name][1] for name, _ in items)
+        target = max(1, total // (CHUNKS_PER_RANK * self.group.world))
+        out = []
+        for j, (name, _) in enumerate(items):
+            n, k = self.features[name]
+            step = max(MIN_CHUNK_ROWS, target // max(1, k))
+            out += [(j, r0, min(n, r0 + step)) for r0 in range(0, n, step)]
+        return out
+
+    def quantize_claimed(self, items: list, tag: str, weights: Optional[dict] = None) -> dict:
+        """{chunk index: result of quantize_rows} for the chunks (see ``chunks``) this rank
+        claims from the job's shared counter: a rank that finishes early takes more, so the
+        ranks finish together whatever their speed (their results are the same either way).
+        ``tag``: this call's name, the same on every rank (from the writer's broadcast)."""
+        chunks = self.chunks(items)
+        claim = self.group.claimer(len(chunks), tag)
+        out = {}
+        for c in iter(claim, None):
+            j, r0, r1 = chunks[c]
+            name, stats = items[j]
+            out[c] = self.quantize_rows(name, stats, r0, r1, weights)
+            self.rows_done += r1 - r0
         return out
 
     def worker_loop(self) -> None:
         """Ranks other than 0: quantize shares on request until the writer says it is done."""
         while True:
             cmd = self.group.broadcast(None)
-            if cmd[0] == "preload":
-                self.preloaded.clear()
-                self.preload_shares(cmd[1])
-            elif cmd[0] == "quantize":
-                self.group.gather(self.quantize_share(cmd[1]))
+            if cmd[0] == "quantize":
+                self.group.gather_tensors(self.quantize_claimed(cmd[1], cmd[2]))
+                self.whole.clear()
             elif cmd[0] == "end":
-                self.group.gather(_peak_rss_mib())
+                self.group.gather((_peak_rss_mib(), self.rows_done))
                 return
             else:  # "abort": the writer failed and reports why
                 return
@@ -620,12 +659,25 @@ class _Run:
         """{name: QuantLinear} for [(name, stats)], the rows split across the ranks."""
         job = self.job
         t0 = time.perf_counter()
-        job.group.broadcast(("quantize", items))
-        mine = job.quantize_share(items, weights)
-        parts = job.group.gather(mine)
+        tag = uuid.uuid4().hex  # names this call's shared work counter
+        job.group.broadcast(("quantize", items, tag))
+        if job.group.world == 1:  # one call per layer, every row
+            results = dict(enumerate(job.quantize_share(items, weights)))
+            job.rows_done += sum(job.features[name][0] for name, _ in items)
+            chunks = [(j, 0, job.features[name][0]) for j, (name, _) in enumerate(items)]
+        else:
+            with _torch_threads(threads_per_rank()):  # the forward's threads would oversubscribe
+                mine = job.quantize_claimed(items, tag, weights)
+            results = {}
+            for part in job.group.gather_tensors(mine):
+                results.update(part)
+            chunks = job.chunks(items)
+        shares_of: list = [[] for _ in items]
+        for c, (j, _, _) in enumerate(chunks):
+            shares_of[j].append(results[c])
         out = {}
         for j, (name, _) in enumerate(items):
-            shares = [p[j] for p in parts]
+            shares = shares_of[j]
             errors = [s for s in shares if isinstance(s, str)]
             if errors:
                 raise CheckpointError(errors[0])
@@ -735,10 +787,6 @@ class _Run:
         block = job.block_modules[index]
         prefix = f"{job.blocks_name}.{index}."
         self.block_bits, self.block_weights = 0.0, 0
-        if job.group.world > 1 and job.block_layers[index]:
-            # the other ranks read their rows of this block now, while this rank loads and
-            # runs it, instead of on the critical path once the statistics are in
-            job.group.broadcast(("preload", job.block_layers[index]))
         self._materialize(block, prefix)
         if index + 1 < len(job.block_modules):  # read the next block while this one computes
             after = f"{job.blocks_name}.{index + 1}."
@@ -904,7 +952,8 @@ class _Run:
         )
         t_rest = time.perf_counter() - t_rest  # the copy of embeddings, lm_head, norms (once)
         job.group.broadcast(("end",))
-        peaks = job.group.gather(_peak_rss_mib())
+        ends = job.group.gather((_peak_rss_mib(), job.rows_done))
+        peaks = [e[0] for e in ends]
         summary = self._finish(outer_bits)
         summary.update(
             seconds=round(time.perf_counter() - start, 3),
@@ -912,6 +961,7 @@ class _Run:
             seconds_write_outside_blocks=round(t_rest, 3),
             peak_rss_mib=round(max(peaks), 1),
             peak_rss_mib_ranks=[round(p, 1) for p in peaks],
+            rows_quantized_ranks=[e[1] for e in ends],
             world_size=job.group.world,
             resumed_blocks=self.resumed_blocks,
         )
@@ -1123,7 +1173,9 @@ def quantize_checkpoint(
     Returns:
         On the writer (rank 0): a summary dict (dst, blocks, layers, files, bits_per_weight,
         seconds and its split seconds_load / _calibration / _kmeans / _write, peak_rss_mib,
-        world_size, resumed_blocks); None on the other ranks.
+        world_size, rows_quantized_ranks (weight rows each rank quantized: with several ranks
+        the rows are handed out as the ranks ask for them), resumed_blocks); None on the other
+        ranks.
     Raises:
         CheckpointError (a ValueError): missing/corrupt shard, config/shape mismatch, settings
         that do not match the run being resumed; the message names the file and tensor.

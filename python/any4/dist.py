@@ -12,8 +12,10 @@ Multi-node: start the same command on every node with torchrun's rendezvous, e.g
 
 SRC must be readable at the same path on every node (shared file system); only global rank 0
 writes DST. Rank 0 drives the model's calibration forward pass block by block; for each linear
-layer every rank quantizes a contiguous share of its rows (k-means is per row) and the shares are
-gathered on rank 0, which writes the files, so the output is byte-identical to one process.
+layer the ranks quantize row ranges they claim from a shared counter (``Group.claimer``: a
+rank that finishes early takes more; k-means is per row, so the result does not depend on who
+quantized what) and the results are gathered on rank 0 (``Group.gather_tensors``), which writes
+the files, so the output is byte-identical to one process.
 
 Backends: ``gloo`` on CPU, ``nccl`` when CUDA is used (the default group); the small control
 messages and the gathered quantized rows always travel through a gloo group on the CPU, since
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -121,6 +123,65 @@ class Group:
         dist.gather_object(obj, out, dst=0, group=self._cpu_group)
         return out
 
+    def gather_tensors(self, obj: Any) -> Optional[list]:
+        """Like :meth:`gather`, for objects holding large CPU tensors (lists, tuples, dicts of
+        them): the tensors travel as one flat byte buffer per rank through a point-to-point
+        send (no pickling of tensor data), the rest of the object through :meth:`gather`."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        tensors: list = []
+        skeleton = _strip_tensors(obj, tensors)
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        offsets, total = [], 0
+        for n in sizes:
+            offsets.append(total)
+            total += -(-n // 8) * 8  # 8-byte aligned, so every dtype can view its slice
+        heads = self.gather(
+            (skeleton, [(tuple(t.shape), t.dtype) for t in tensors], offsets, total)
+        )
+        if self.rank != 0:
+            buf = torch.empty(total, dtype=torch.uint8)
+            for t, off, n in zip(tensors, offsets, sizes):
+                if n:
+                    buf[off : off + n] = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            if total:
+                dist.send(buf, dst=0, group=self._cpu_group)
+            return None
+        out = [obj]
+        for r in range(1, self.world):
+            skel, metas, offs, size = heads[r]
+            buf = torch.empty(size, dtype=torch.uint8)
+            if size:
+                dist.recv(buf, src=r, group=self._cpu_group)
+            parts = []
+            for (shape, dtype), off in zip(metas, offs):
+                n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+                parts.append(buf[off : off + n].view(dtype).reshape(shape))
+            out.append(_restore_tensors(skel, parts))
+        return out
+
+    def claimer(self, n: int, tag: str) -> Callable[[], Optional[int]]:
+        """A function that hands this rank the next unclaimed index of ``0..n-1`` (None when all
+        are taken), from a counter every rank shares (the torchrun job's store) under ``tag``:
+        the same on every rank, never reused in a job (e.g. a uuid sent by rank 0). One
+        process: 0, 1, ..., n-1."""
+        if self.world == 1:
+            it = iter(range(n))
+            return lambda: next(it, None)
+        store = _job_store()
+        if store is None:  # no shared store: a fixed round-robin share
+            it = iter(range(self.rank, n, self.world))
+            return lambda: next(it, None)
+        key = f"any4/claim/{tag}"
+
+        def claim() -> Optional[int]:
+            c = store.add(key, 1) - 1
+            return c if c < n else None
+
+        return claim
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
@@ -134,6 +195,46 @@ class Group:
             if dist.is_initialized():
                 dist.destroy_process_group()
             self._owns = False
+
+
+def _job_store() -> Any:
+    """The key-value store of the default process group (torchrun's rendezvous), or None."""
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except (ImportError, AttributeError, RuntimeError, ValueError):
+        return None
+
+
+class _Slot:
+    """Where a tensor stood in an object sent by :meth:`Group.gather_tensors`."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+def _strip_tensors(obj: Any, out: list) -> Any:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+        return _Slot(len(out) - 1)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_strip_tensors(o, out) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _strip_tensors(v, out) for k, v in obj.items()}
+    return obj
+
+
+def _restore_tensors(obj: Any, tensors: list) -> Any:
+    if isinstance(obj, _Slot):
+        return tensors[obj.index]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_restore_tensors(o, tensors) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _restore_tensors(v, tensors) for k, v in obj.items()}
+    return obj
 
 
 def local_world_size() -> int:
