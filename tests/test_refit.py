@@ -258,6 +258,22 @@ def test_refit_never_raises_a_rows_error(fmt, K, G) -> None:
                 assert int(new.codes().max()) < 2**qt.bits
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_refit_leaves_its_input_untouched(dtype) -> None:
+    """refit_table returns a new QuantizedTensor; the given one keeps its codes, tables and
+    scales (float32 tables used to be updated in place), and a second call gives the same."""
+    w, _, stats, H = _layer(6)
+    qt = any4.quantize(w, "any4", 32, stats=stats, dtype=dtype)
+    packed, lut, scales = qt.packed.clone(), qt.lut.clone(), qt.scales.clone()
+    first, info = refit_table(w, qt, H, zero=True, rank=None)
+    assert info["rows_changed"] > 0 and not torch.equal(first.lut, lut)
+    assert torch.equal(qt.packed, packed) and torch.equal(qt.lut, lut)
+    assert torch.equal(qt.scales, scales)
+    again, _ = refit_table(w, qt, H, zero=True, rank=None)
+    assert torch.equal(again.lut, first.lut) and torch.equal(again.packed, first.packed)
+    assert torch.equal(again.scales, first.scales)
+
+
 def test_refit_with_diagonal_h_keeps_the_kmeans_optimum() -> None:
     # With H diagonal and equal to the k-means weights' statistic, exact k-means already
     # minimises the error for these scales: the refit cannot find anything (beyond rounding).

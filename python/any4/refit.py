@@ -448,8 +448,9 @@ def refit_table(
     G = qt.scales.shape[1]
     f32 = torch.float32
     codes = unpack(qt.packed.cpu(), K, qt.bits)  # uint8 [N, K]
-    lut = qt.lut.cpu().to(f32).contiguous()  # the table dtype's values, exactly
-    scales = qt.scales.cpu().to(f32).contiguous()
+    # the table dtype's values, exactly; copies (updated in place below, never qt's own tensors)
+    lut = qt.lut.cpu().to(f32, copy=True).contiguous()
+    scales = qt.scales.cpu().to(f32, copy=True).contiguous()
     groups = torch.arange(K) // qt.group_size if zero else None
 
     res = torch.as_tensor(qt.dequantize()).to(f32) - w32  # fma in float32, as the kernels
