@@ -464,11 +464,6 @@ class _Job:
             return self.src.load(self.weight_key(name), self.dtype).t()[r0:r1]
         return self.src.load(self.weight_key(name), self.dtype, rows=(r0, r1))
 
-    def load_share(self, name: str) -> torch.Tensor:
-        """This rank's contiguous share of layer ``name``'s rows [rows, K], read from the source."""
-        r0, r1 = row_ranges(self.features[name][0], self.group.world)[self.group.rank]
-        return self.load_rows(name, r0, r1)
-
     def quantize_rows(
         self, name: str, stats: Any, r0: int, r1: int, weights: Optional[dict] = None
     ) -> Any:

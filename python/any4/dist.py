@@ -139,7 +139,7 @@ class Group:
             offsets.append(total)
             total += -(-n // 8) * 8  # 8-byte aligned, so every dtype can view its slice
         heads = self.gather(
-            (skeleton, [(tuple(t.shape), t.dtype) for t in tensors], offsets, total)
+            (skeleton, [(tuple(t.shape), t.dtype) for t in tensors], sizes, offsets, total)
         )
         if self.rank != 0:
             buf = torch.empty(total, dtype=torch.uint8)
@@ -151,14 +151,14 @@ class Group:
             return None
         out = [obj]
         for r in range(1, self.world):
-            skel, metas, offs, size = heads[r]
+            skel, metas, lens, offs, size = heads[r]
             buf = torch.empty(size, dtype=torch.uint8)
             if size:
                 dist.recv(buf, src=r, group=self._cpu_group)
-            parts = []
-            for (shape, dtype), off in zip(metas, offs):
-                n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-                parts.append(buf[off : off + n].view(dtype).reshape(shape))
+            parts = [
+                buf[off : off + n].view(dtype).reshape(shape)
+                for (shape, dtype), n, off in zip(metas, lens, offs)
+            ]
             out.append(_restore_tensors(skel, parts))
         return out
 
