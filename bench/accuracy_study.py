@@ -11,8 +11,9 @@ quantized at each group size and scored: perplexity, mean KL divergence from the
 top-1 agreement (the float model is run once; any4.metrics), plus the quantization time. Rows are
 written to PREFIX.json as they arrive (``--resume`` skips rows already there for the same
 windows) and PREFIX.md is printed from the JSON. The calibration samples never overlap the
-evaluation texts (pydoc topics, WikiText-2 test): the shipped text and bench/calibration/*.txt
-were written for this project.
+evaluation texts (pydoc topics, WikiText-2 test): the texts in any4/data (bench/calibration_overlap.py
+checks it) were written for this project. Sample "shipped" is the previous default (mixed.txt),
+"default" today's (3 rows of 400 tokens: prose, encyclopedia, reference).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sys
 import torch
 
 from any4.builtin import heldout_description, heldout_text, load_builtin
-from any4.calibration import DEFAULT_MAX_TOKENS, default_text, read_text
+from any4.calibration import DEFAULT_MAX_TOKENS, SAMPLE_NAMES, read_text, sample_text
 from any4.eval import environment, evaluate_formats, make_windows, token_ids
 from any4.gptq import GPTQ
 from any4.metrics import Reference
@@ -45,7 +46,8 @@ def dev_index(n: int, count: int) -> list:
 
 
 def _sample(name: str) -> str:
-    return read_text(os.path.join(HERE, "calibration", name + ".txt"))
+    """A text shipped in any4/data; "shipped" is the previous default, the mixed text."""
+    return sample_text("mixed" if name == "shipped" else name)
 
 
 def _rows(text: str, tok, row_len: int, cap: int) -> torch.Tensor:
@@ -56,15 +58,28 @@ def _rows(text: str, tok, row_len: int, cap: int) -> torch.Tensor:
     return ids[: n * row_len].reshape(n, row_len)
 
 
+def _each(names: list, tok, row_len: int) -> torch.Tensor:
+    """One row per named sample: the first row_len tokens of each (several short, diverse
+    samples at a fixed total length)."""
+    rows = []
+    for n in names:
+        ids = tok(_sample(n))["input_ids"]
+        if len(ids) < row_len:
+            raise SystemExit(f"sample {n!r} has {len(ids)} tokens, fewer than /each{row_len}")
+        rows.append(ids[:row_len])
+    return torch.tensor(rows, dtype=torch.int64)
+
+
 def _join(*names: str):
     def make(tok) -> str:
-        return "\n\n".join(default_text() if n == "shipped" else _sample(n) for n in names)
+        return "\n\n".join(_sample(n) for n in names)
 
     return make
 
 
 SAMPLES = {
-    "shipped": _join("shipped"),
+    "default": lambda tok: "default",  # today's default (any4.calibration.default_ids)
+    "shipped": _join("shipped"),  # the previous default (any4/data/mixed.txt)
     "prose": _join("prose"),
     "shipped+prose": _join("shipped", "prose"),
     "prose+shipped": _join("prose", "shipped"),
@@ -77,6 +92,8 @@ SAMPLES = {
 OPTIONS = {
     "": {},
     "sequential": {"mode": "sequential"},
+    "fp16tables": {"table_dtype": torch.float16},
+    "fp32tables": {"table_dtype": torch.float32},
     "refit=lut": {"refit": "lut"},
     "refit=lut+zero": {"refit": "lut+zero"},
     "sequential,refit=lut": {"mode": "sequential", "refit": "lut"},
@@ -94,6 +111,13 @@ OPTIONS = {
 def config(name: str) -> tuple:
     """(calibration factory (tokenizer -> sample), quantize_model options) of 'SAMPLE[,OPTIONS]'."""
     sample, _, opts = name.partition(",")
+    if "/each" in sample:  # SAMPLE/eachN: the first N tokens of each text of SAMPLE, a row each
+        base_name, _, each = sample.partition("/each")
+        parts = base_name.split("+")
+        ok = each.isdigit() and all(n == "shipped" or n in SAMPLE_NAMES for n in parts)
+        if ok and opts in OPTIONS:
+            return (lambda tok, p=parts, n=int(each): _each(p, tok, n)), dict(OPTIONS[opts])
+        raise SystemExit(f"unknown config {name!r}: SAMPLE/eachN[,OPTIONS]")
     base_name, _, rows = sample.partition("/rows")
     make = SAMPLES.get(base_name)
     extra = {}
@@ -300,7 +324,7 @@ def main() -> None:
     print(f"fp ppl={fp[0]['ppl']:.4f} eval {fp[0]['eval_seconds']:.0f}s", flush=True)
     for name in names:
         if name == "formats":
-            make_calibration, options, fmts = (lambda tok: default_text()), {}, FIXED_AND_LEARNED
+            make_calibration, options, fmts = (lambda tok: "default"), {}, FIXED_AND_LEARNED
         else:
             make_calibration, options = config(name)
             fmts = args.formats.split(",")

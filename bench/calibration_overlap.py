@@ -10,14 +10,11 @@ with each evaluation text (pydoc topics always; --text adds files). 0 everywhere
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import re
 
 from any4.builtin import heldout_description, heldout_text
-from any4.calibration import default_text, read_text
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from any4.calibration import SAMPLE_NAMES, read_text, sample_text
 
 
 def ngrams(text: str, n: int) -> set:
@@ -33,9 +30,7 @@ def main() -> None:
     p.add_argument("--text", action="append", default=[], help="another evaluation text file")
     p.add_argument("-n", type=int, default=8, help="words per n-gram")
     args = p.parse_args()
-    samples = {"shipped (any4/data/calibration.txt)": default_text()}
-    for path in sorted(glob.glob(os.path.join(HERE, "calibration", "*.txt"))):
-        samples[os.path.relpath(path, os.path.dirname(HERE))] = read_text(path)
+    samples = {f"any4/data/{n}.txt": sample_text(n) for n in SAMPLE_NAMES}
     texts = {heldout_description(): heldout_text()}
     for path in args.text:
         texts[os.path.basename(path)] = read_text(path)

@@ -88,7 +88,7 @@ def main() -> None:
         "text": text_name,
         "windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),
-        "calibration": "any4 default text (python/any4/data/calibration.txt)",
+        "calibration": "any4 default (3 x 400 tokens of python/any4/data/{prose,encyclopedia,reference}.txt)",
         "defaults": "weighting=mse, method=optimal, mode=one-pass, bfloat16 tables/scales, lm_head float",
         "kernel": "dequant (QuantLinear weights dequantized, dense fp32 matmul; same function as any4.gemm)",
         "command": "python bench/perplexity_builtin.py "

@@ -91,21 +91,22 @@ def write_random_checkpoint(
 
 
 def calibration_ids_file(path: str) -> str:
-    """The shipped calibration text as token ids (the built-in SmolLM2 tokenizer when it loads;
-    else UTF-8 bytes), written to ``path`` for ``--calibration-ids``."""
-    from any4.calibration import default_text
+    """The default calibration (3 rows of 400 tokens) as token ids of the built-in SmolLM2
+    tokenizer when it loads (else UTF-8 bytes), a JSON list of rows written to ``path`` for
+    ``--calibration-ids``."""
+    from any4.calibration import calibration_ids
 
-    text = default_text()
-    ids = None
     try:
         from any4.builtin import load_builtin
 
         _, tok = load_builtin()
-        ids = tok(text)["input_ids"]
     except Exception:
-        ids = list(text.encode("utf-8"))
+
+        def tok(text: str) -> dict:
+            return {"input_ids": list(text.encode("utf-8"))}
+
     with open(path, "w") as f:
-        json.dump(ids, f)
+        json.dump(calibration_ids("default", tok).tolist(), f)
     return path
 
 
@@ -217,7 +218,7 @@ def main() -> None:
         f"Command: `python bench/quantize_scale.py {results['command']}`  ",
         f"Machine: {header(machine)}; {os.cpu_count()} CPUs.  ",
         "Defaults: any4, G=128, exact (optimal) k-means, one-pass, mse weighting, float32 blocks, "
-        "the shipped calibration text as token ids.",
+        "the default calibration as token ids.",
         "",
         "| case | blocks | procs | wall s | load | calibration | k-means | write (of which outside "
         "blocks) | peak RSS MiB (ranks) | bits/weight | projected full model s | load avg before / "

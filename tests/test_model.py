@@ -12,7 +12,15 @@ pytest.importorskip("transformers")
 from _tiny import HIDDEN, INTERMEDIATE, byte_tokenizer, random_ids, tiny_llama  # noqa: E402
 
 import any4  # noqa: E402
-from any4.calibration import ActivationRecorder, calibration_ids, default_text, run_model  # noqa: E402
+from any4.calibration import (  # noqa: E402
+    DEFAULT_ROW_TOKENS,
+    DEFAULT_SAMPLES,
+    ActivationRecorder,
+    calibration_ids,
+    default_text,
+    run_model,
+    sample_text,
+)  # fmt: skip
 from any4.model import eligible_layers, matches_skip  # noqa: E402
 from any4.nn import QuantLinear, dequantize_model  # noqa: E402
 
@@ -169,6 +177,12 @@ def test_text_calibration_and_options(float_model) -> None:
     assert ids.shape == (1, len("first text\n\nsecond"))
     assert calibration_ids(torch.arange(10), seq_len=4).shape == (2, 4)
     assert calibration_ids(list(range(5)), max_tokens=3).shape == (1, 3)
+    rows = calibration_ids([[1, 2, 3], [4, 5, 6]])  # rows of ids (a --calibration-ids file)
+    assert rows.tolist() == [[1, 2, 3], [4, 5, 6]] and rows.dtype == torch.int64
+    with pytest.raises(ValueError, match="one length"):
+        calibration_ids([[1, 2, 3], [4, 5]])
+    with pytest.raises(TypeError, match="token ids"):
+        calibration_ids([[1, 2.5], [3, 4]])
 
 
 def test_bad_arguments(float_model, calib) -> None:
@@ -213,20 +227,44 @@ def test_unused_layer_warns(calib) -> None:
     assert isinstance(model.unused, QuantLinear) and isinstance(model.used, QuantLinear)
 
 
-def test_default_calibration_text() -> None:
-    text = default_text()
-    assert 2000 < len(text) < 20000
-    # Several scripts (languages) and code are present.
-    assert any("\u4e00" <= ch <= "\u9fff" for ch in text) and any(
-        "\u0400" <= ch <= "\u04ff" for ch in text
+def test_shipped_calibration_texts() -> None:
+    for name in DEFAULT_SAMPLES:
+        assert 2000 < len(sample_text(name)) < 20000
+        assert sample_text(name) in default_text()
+    # The previous default, still shipped: several scripts (languages) and code.
+    mixed = sample_text("mixed")
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in mixed) and any(
+        "\u0400" <= ch <= "\u04ff" for ch in mixed
     )
-    assert "def " in text
+    assert "def " in mixed
+    with pytest.raises(ValueError, match="unknown calibration sample"):
+        sample_text("../calibration")
+
+
+def test_default_calibration_rows() -> None:
+    """The default: one row per shipped sample, its first DEFAULT_ROW_TOKENS tokens, cut to
+    max_tokens // 3 and seq_len; quantize_model records the tokens it used."""
+    tok = byte_tokenizer()
+    ids = calibration_ids("default", tok)
+    assert ids.shape == (len(DEFAULT_SAMPLES), DEFAULT_ROW_TOKENS)
+    for row, name in zip(ids, DEFAULT_SAMPLES):
+        assert row.tolist() == tok(sample_text(name))["input_ids"][:DEFAULT_ROW_TOKENS]
+    assert torch.equal(calibration_ids(None, tok), ids)
+    assert torch.equal(calibration_ids("default", tok, max_tokens=300), ids[:, :100])
+    assert torch.equal(calibration_ids("default", tok, seq_len=64), ids[:, :64])
+    assert torch.equal(calibration_ids("default", tok, max_tokens=2), ids[:1, :2])
+    with pytest.raises(ValueError, match="empty"):
+        calibration_ids("default", tok, max_tokens=0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        calibration_ids("default")
 
 
 def test_calibration_text_does_not_overlap_heldout() -> None:
     from any4.builtin import heldout_text
 
     held = heldout_text()
-    lines = [ln.strip() for ln in default_text().splitlines() if len(ln.strip()) >= 30]
+    text = default_text() + "\n" + sample_text("mixed")
+    # lines of prose (reST underlines such as "*****" are in both and say nothing)
+    lines = [ln.strip() for ln in text.splitlines() if len(ln.split()) >= 5]
     assert lines
     assert not [ln for ln in lines if ln in held]

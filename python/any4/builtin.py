@@ -13,8 +13,8 @@ evaluate at G=64 and G=128. K=576 is not a multiple of 128, so G=128 has a short
 
 Held-out text: the English documentation topics that ship with CPython (``pydoc_data.topics``),
 joined in sorted key order. Every Python installation has them; their content changes a little
-between Python versions, so results record the Python version. The calibration text shipped
-with any4 does not overlap them.
+between Python versions, so results record the Python version. The calibration texts shipped
+with any4 do not overlap them.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calibration",
         metavar="FILE",
-        help="calibration text file (default: the text shipped with any4)",
+        help="calibration text file (default: the samples shipped with any4, 3 x 400 tokens)",
     )
     p.add_argument(
         "--mode",
@@ -167,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue an interrupted --stream run")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     s.add_argument(
-        "--calibration-ids", metavar="FILE", help="calibration token ids (a JSON list of ints)"
+        "--calibration-ids",
+        metavar="FILE",
+        help="calibration token ids (JSON: a list of ints, or a list of equal-length rows)",
     )
     s.add_argument("--summary-json", metavar="FILE", help="write the run's summary (JSON) here")
 
@@ -435,7 +437,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "text": text_name,
         "windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),
-        "calibration": args.calibration or "any4 default text",
+        "calibration": args.calibration or "any4 default samples (3 x 400 tokens)",
         "kld": (
             f"mean KL divergence from the float model: its top-{args.kld_top_k} tokens + sampled tail per position"
             if args.kld_top_k > 0 and not is_any4_dir

@@ -17,7 +17,7 @@ itself), so that::
 Quantize on load: fixed formats (int4, nf4, fp4, ...) and ``weighting="none"`` quantize each
 weight as it is read (the float model is never complete in memory); learned formats with sample
 weights need the calibration pass over the whole float model, so the float model is loaded first,
-then ``quantize_model`` runs on it with the config's calibration (default: any4's text and the
+then ``quantize_model`` runs on it with the config's calibration (default: any4's samples and the
 checkpoint's own tokenizer).
 
 Pre-quantized loading reads config.json's ``quantization_config`` (written by ``any4.save`` and
@@ -87,7 +87,7 @@ class Any4Config(QuantizationConfigMixin):
             fp16 model, else bfloat16).
         modules_to_not_convert: layer-name patterns left in float (``skip`` of quantize_model);
             default ["lm_head"]. ``skip`` is accepted as an alias.
-        calibration: the calibration sample of learned formats: None / "default" (any4's text),
+        calibration: the calibration sample of learned formats: None / "default" (any4's samples),
             a text, a list of texts or token ids; tokenized with the checkpoint's tokenizer.
         max_calibration_tokens: cut the calibration sample to this many tokens.
         layers, format_version, guard: written by any4 into a saved checkpoint's config.json

@@ -194,8 +194,8 @@ def quantize_model(
         group_size: G, a positive multiple of 8. A layer with in_features < G uses the largest
             multiple of 8 <= in_features instead; a layer with in_features < 8 is left in float.
         calibration: the sample whose activation statistics weight the k-means of learned
-            formats: "default" (the shipped text), a text, a list of texts, or token ids [T] /
-            [B, T]; for any module, example inputs: a float tensor (``model(x)``), a dict of
+            formats: "default" (the shipped samples, 3 rows of 400 tokens:
+            any4.calibration.default_ids), a text, a list of texts, or token ids [T] / [B, T]; for any module, example inputs: a float tensor (``model(x)``), a dict of
             forward kwargs (``model(**d)``), a list of those (one forward each), or a callable
             ``fn(model)`` that runs it. Unused by fixed formats (int4, nf4, fp4) and by
             ``weighting="none"``.
