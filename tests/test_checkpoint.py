@@ -433,6 +433,24 @@ def _no_output(dst: str) -> None:
     assert not os.path.exists(dst) and not os.path.exists(dst + ckpt.PARTIAL_SUFFIX)
 
 
+def test_rows_of_token_ids_need_no_tokenizer(src, tmp_path) -> None:
+    """--calibration-ids rows (a JSON list of equal-length lists) on a checkpoint without a
+    tokenizer: the same output as the same ids as a tensor."""
+    bare = _copy(src, tmp_path)
+    for f in os.listdir(bare):
+        if f.startswith(("tokenizer", "special_tokens")):
+            os.remove(os.path.join(bare, f))
+    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    quantize_checkpoint(src, a, "any4", G, calibration=ids, progress=False)
+    quantize_checkpoint(bare, b, "any4", G, calibration=ids.tolist(), progress=False)
+    ta, tb = _output_tensors(a), _output_tensors(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    with pytest.raises(CheckpointError, match="tokenizer"):  # text still needs one
+        quantize_checkpoint(bare, str(tmp_path / "c"), "any4", G, calibration="some text",
+                            progress=False)  # fmt: skip
+
+
 def test_corrupt_or_missing_shard(src, tmp_path) -> None:
     d = _copy(src, tmp_path)
     shards = sorted(glob.glob(os.path.join(d, "model-*.safetensors")))

@@ -1257,11 +1257,16 @@ def get_fmt_name(fmt: str) -> str:
 
 
 def _is_id_list(calibration: Any) -> bool:
-    return (
-        isinstance(calibration, (list, tuple))
-        and bool(calibration)
-        and all(isinstance(i, int) and not isinstance(i, bool) for i in calibration)
-    )
+    """Token ids as a list: of ints, or of rows (lists) of ints; these need no tokenizer."""
+
+    def ints(items: Any) -> bool:
+        return all(isinstance(i, int) and not isinstance(i, bool) for i in items)
+
+    if not isinstance(calibration, (list, tuple)) or not calibration:
+        return False
+    if all(isinstance(r, (list, tuple)) for r in calibration):
+        return all(ints(r) for r in calibration)
+    return ints(calibration)
 
 
 def _source_tokenizer(src: str) -> Any:
