@@ -92,6 +92,8 @@ SAMPLES = {
 OPTIONS = {
     "": {},
     "sequential": {"mode": "sequential"},
+    "weighting=rms": {"weighting": "rms"},
+    "weighting=abs_mean": {"weighting": "abs_mean"},
     "fp16tables": {"table_dtype": torch.float16},
     "fp32tables": {"table_dtype": torch.float32},
     "refit=lut": {"refit": "lut"},
