@@ -66,6 +66,20 @@ def default_ids(
     return torch.tensor([r[:n] for r in rows], dtype=torch.int64).reshape(len(rows), n)
 
 
+def _all_ints(items: Any) -> bool:
+    return all(isinstance(i, int) and not isinstance(i, bool) for i in items)
+
+
+def is_token_id_list(calibration: Any) -> bool:
+    """True for token ids given as a list (or tuple): of ints, or of rows (lists) of ints; such
+    a calibration needs no tokenizer."""
+    if not isinstance(calibration, (list, tuple)) or not calibration:
+        return False
+    if all(isinstance(r, (list, tuple)) for r in calibration):
+        return all(_all_ints(r) for r in calibration)
+    return _all_ints(calibration)
+
+
 def read_text(path: str) -> str:
     """Read a UTF-8 text file with line endings normalised to '\\n'."""
     with open(path, encoding="utf-8", errors="strict") as f:
@@ -106,33 +120,26 @@ def calibration_ids(
             raise ValueError(
                 f"calibration token ids must be [T] or [B, T], got shape {tuple(ids.shape)}"
             )
+    elif calibration is None or (isinstance(calibration, str) and calibration == "default"):
+        if tokenizer is None:
+            raise ValueError(
+                "the default calibration needs a tokenizer (pass tokenizer=...) or pass token ids"
+            )
+        ids = default_ids(tokenizer, max_tokens, seq_len)  # within max_tokens and seq_len
     else:
-        if calibration is None or (isinstance(calibration, str) and calibration == "default"):
-            if tokenizer is None:
-                raise ValueError(
-                    "the default calibration needs a tokenizer (pass tokenizer=...) or pass token ids"
-                )
-            ids = default_ids(tokenizer, max_tokens, seq_len)
-            if ids.numel() == 0:
-                raise ValueError("the calibration sample is empty")
-            return ids
         if isinstance(calibration, str):
             text = calibration
         elif isinstance(calibration, Iterable):
             items = list(calibration)
-            if items and all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-                return calibration_ids(
-                    torch.tensor(items, dtype=torch.int64), tokenizer, max_tokens, seq_len
-                )
             if items and all(isinstance(i, (list, tuple)) for i in items):  # rows of token ids
-                if not all(
-                    isinstance(t, int) and not isinstance(t, bool) for i in items for t in i
-                ):
+                if not all(_all_ints(i) for i in items):
                     raise TypeError("calibration rows must hold token ids (int)")
-                if len({len(i) for i in items}) != 1:
+                lengths = sorted({len(i) for i in items})
+                if len(lengths) != 1:
                     raise ValueError(
-                        f"calibration rows of token ids must have one length, got {sorted({len(i) for i in items})}"
+                        f"calibration rows of token ids must have one length, got {lengths}"
                     )
+            if is_token_id_list(items):
                 return calibration_ids(
                     torch.tensor(items, dtype=torch.int64), tokenizer, max_tokens, seq_len
                 )

@@ -56,6 +56,7 @@ from .calibration import (
     ActivationRecorder,
     Calibration,
     calibration_ids,
+    is_token_id_list,
     run_model,
 )
 from .dist import Group, local_world_size, row_ranges, row_slice_seed, threads_per_rank
@@ -1227,7 +1228,7 @@ def quantize_checkpoint(
             if (
                 tokenizer is None
                 and not isinstance(calibration, torch.Tensor)
-                and not _is_id_list(calibration)
+                and not is_token_id_list(calibration)
             ):
                 tokenizer = _source_tokenizer(src)
             seq_len = getattr(job.model.config, "max_position_embeddings", None)
@@ -1254,19 +1255,6 @@ def get_fmt_name(fmt: str) -> str:
     from .formats import get_format
 
     return get_format(fmt).name
-
-
-def _is_id_list(calibration: Any) -> bool:
-    """Token ids as a list: of ints, or of rows (lists) of ints; these need no tokenizer."""
-
-    def ints(items: Any) -> bool:
-        return all(isinstance(i, int) and not isinstance(i, bool) for i in items)
-
-    if not isinstance(calibration, (list, tuple)) or not calibration:
-        return False
-    if all(isinstance(r, (list, tuple)) for r in calibration):
-        return all(ints(r) for r in calibration)
-    return ints(calibration)
 
 
 def _source_tokenizer(src: str) -> Any:
