@@ -92,6 +92,11 @@ SAMPLES = {
 OPTIONS = {
     "": {},
     "sequential": {"mode": "sequential"},
+    "refine=0": {"refine": 0},
+    "refine=1": {"refine": 1},
+    "refine=4": {"refine": 4},
+    "refine=10": {"refine": 10},
+    "refine=0,refit=lut+zero": {"refine": 0, "refit": "lut+zero"},
     "weighting=rms": {"weighting": "rms"},
     "weighting=abs_mean": {"weighting": "abs_mean"},
     "fp16tables": {"table_dtype": torch.float16},

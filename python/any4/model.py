@@ -18,6 +18,7 @@ from .formats import get_format
 from .gptq import GPTQ, gptq_layer, prepare
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
 from .nn import QuantLinear, dense_features, is_conv1d, set_submodule
+from .refine import DEFAULT_REFINE
 from .refit import DEFAULT_REFIT, REFITS, CovarianceCache, refit_layer
 from .stats import DEFAULT_WEIGHTING, WEIGHTINGS, ChannelStats
 
@@ -88,13 +89,14 @@ def layer_quantize_kwargs(
     method: str = DEFAULT_METHOD,
     n_init: int = DEFAULT_N_INIT,
     seed: int = 0,
+    refine: int = DEFAULT_REFINE,
 ) -> dict:
     """The ``any4.quantize`` keyword arguments quantize_model uses for one layer: learned formats
     get the k-means options and the statistics' sample weights when ``stats`` saw inputs (else
     weighting "none"); fixed formats get nothing."""
     kw: dict = {}
     if get_format(fmt).learned:
-        kw = dict(weighting=weighting, method=method, n_init=n_init, seed=seed)
+        kw = dict(weighting=weighting, method=method, n_init=n_init, seed=seed, refine=refine)
         if weighting != "none" and stats is not None and stats.count > 0:
             kw["stats"] = stats
         else:
@@ -113,12 +115,13 @@ def quantize_layer(
     method: str = DEFAULT_METHOD,
     n_init: int = DEFAULT_N_INIT,
     seed: int = 0,
+    refine: int = DEFAULT_REFINE,
 ) -> QuantLinear:
     """One layer as quantize_model quantizes it (the same call, so both agree bit for bit):
     learned formats use the statistics' sample weights when ``stats`` saw inputs, else none."""
     f = get_format(fmt)
     kw = layer_quantize_kwargs(
-        f.name, stats, weighting=weighting, method=method, n_init=n_init, seed=seed
+        f.name, stats, weighting=weighting, method=method, n_init=n_init, seed=seed, refine=refine
     )
     return QuantLinear.from_linear(layer, f.name, group_size, table_dtype=table_dtype, **kw)
 
@@ -184,6 +187,7 @@ def quantize_model(
     progress: bool = True,
     refit: str = DEFAULT_REFIT,
     gptq: Union[None, bool, GPTQ] = None,
+    refine: int = DEFAULT_REFINE,
 ) -> nn.Module:
     """Replace every eligible ``nn.Linear`` of ``model`` (in place) by a ``QuantLinear``.
 
@@ -219,6 +223,9 @@ def quantize_model(
             covariance of the calibration sample (any4.refit). Each layer's covariance is
             built from its input when the layer is reached and dropped once it is quantized;
             like sequential mode, this uses the layer's first call of the calibration run.
+        refine: learned formats: rounds of least-squares refinement of each row's table and
+            group (scale, zero) on k-means' own weighted error (any4.refine; default
+            DEFAULT_REFINE); 0: the tables and codes of k-means alone.
         gptq: error feedback (any4.gptq, any format): None/False (default) rounds each weight to
             its nearest table entry; True or a :class:`any4.gptq.GPTQ` (damp, column order)
             re-assigns the codes GPTQ-style with the layer input's full covariance (after the
@@ -265,7 +272,7 @@ def quantize_model(
     needs_x = refit != "none" or gptq is not None  # the layer's input, for its covariance
     needs_stats = (f.learned and weighting != "none") or needs_x
     in_hook = mode == "sequential" or needs_x
-    options = dict(weighting=weighting, method=method, n_init=n_init, seed=seed)
+    options = dict(weighting=weighting, method=method, n_init=n_init, seed=seed, refine=refine)
 
     def make(
         name: str, lin: nn.Module, stats: Optional[ChannelStats], x: Optional[torch.Tensor] = None

@@ -25,6 +25,7 @@ from ._core import C
 from .formats import Format, get_format
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
 from .pack import pack, unpack
+from .refine import DEFAULT_REFINE, MAX_REFINE, element_weight, refine_rows
 from .stats import DEFAULT_WEIGHTING, ChannelStats, channel_weight
 
 
@@ -87,6 +88,7 @@ def quantize(
     max_iter: int = 100,
     seed: int = 0,
     dtype: Optional[str] = None,
+    refine: int = DEFAULT_REFINE,
 ) -> QuantizedTensor:
     """Quantize a weight matrix.
 
@@ -103,6 +105,9 @@ def quantize(
             restarts/iterations/seed (see any4.kmeans).
         dtype: "bfloat16", "float16" or "float32" for lut and scales; default: w's dtype when it is
             16-bit, else float32.
+        refine: learned formats: rounds of least-squares refinement of each row's table and
+            group (scale, zero) on k-means' own weighted error after k-means (any4.refine;
+            a row keeps it only where that error falls); 0: plain k-means (SPEC §2).
     Returns:
         QuantizedTensor in w's framework and device.
     """
@@ -128,6 +133,10 @@ def quantize(
         raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
     if n_init < 1 or max_iter < 1:
         raise ValueError("n_init and max_iter must be >= 1")
+    if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)):
+        raise TypeError(f"refine must be an int, got {type(refine).__name__}")
+    if not 0 <= refine <= MAX_REFINE:
+        raise ValueError(f"refine must be in [0, {MAX_REFINE}], got {refine}")
 
     w32 = np.ascontiguousarray(T.to_numpy(w), dtype=np.float32)
     chan = elem = None
@@ -164,6 +173,9 @@ def quantize(
         0 if elem is None else elem.ctypes.data, METHODS[method], int(max_iter), int(n_init),
         int(seed), codes.ctypes.data, lut.ctypes.data, scales.ctypes.data,
     )  # fmt: skip
+    if f.learned and refine:
+        d = element_weight(chan, power, elem, scales, N, K, group_size)
+        refine_rows(w32, codes, lut, scales, d, group_size, dtype, int(refine))
     _check_representable(w32, lut, scales, dtype, f.learned)
     packed = pack(codes, f.bits)
     return QuantizedTensor(
