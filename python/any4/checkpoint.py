@@ -62,6 +62,7 @@ from .calibration import (
 from .dist import Group, local_world_size, row_ranges, row_slice_seed, threads_per_rank
 from .integrity import metadata_text, seal_file
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT
+from .refine import DEFAULT_REFINE, check_refine
 from .model import check_settings, layer_quantize_kwargs, plan_layers
 from .nn import QuantLinear, dense_features, is_conv1d
 from .quantize import QuantizedTensor, quantize
@@ -438,6 +439,7 @@ class _Job:
             method=settings["method"],
             n_init=settings["n_init"],
             seed=settings["seed"],
+            refine=settings.get("refine", DEFAULT_REFINE),
         )
         prefix = self.blocks_name + "."
         self.block_layers: list = [[] for _ in range(len(self.blocks))]
@@ -1148,6 +1150,7 @@ def quantize_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     group: Optional[Group] = None,
+    refine: int = DEFAULT_REFINE,
 ) -> Optional[dict]:
     """Quantize the safetensors checkpoint directory ``src`` into ``dst``, one decoder block at
     a time (see the module docstring).
@@ -1157,7 +1160,7 @@ def quantize_checkpoint(
             model.safetensors.index.json; tokenizer files are copied).
         dst: the output directory (checkpoint format v2); it appears only when complete.
         fmt, group_size, calibration, tokenizer, mode, weighting, method, n_init, seed,
-            table_dtype, skip, max_calibration_tokens: as for ``any4.quantize_model`` (the text
+            table_dtype, skip, max_calibration_tokens, refine: as for ``any4.quantize_model`` (the text
             calibration is tokenized with ``tokenizer``, else the tokenizer in ``src``).
         dtype: the dtype the blocks are computed and quantized in (default float32, the dtype
             ``any4 quantize`` uses in memory; "auto": the checkpoint's ``torch_dtype``).
@@ -1188,6 +1191,7 @@ def quantize_checkpoint(
     if table_dtype is not None and table_dtype not in _DTYPES:
         raise ValueError(f"table_dtype must be one of {tuple(_DTYPES)}, got {table_dtype!r}")
     check_settings(fmt, group_size, mode, weighting, method)
+    refine = check_refine(refine)
     source = SourceCheckpoint(src)
     if dtype == "auto":
         dtype = str(
@@ -1217,7 +1221,7 @@ def quantize_checkpoint(
             "fmt": get_fmt_name(fmt), "group_size": int(group_size), "mode": mode, "weighting": weighting,
             "method": method, "n_init": int(n_init), "seed": int(seed), "table_dtype": table_dtype,
             "skip": list(skip), "dtype": dtype, "max_calibration_tokens": max_calibration_tokens,
-            "_dtype": _DTYPES[dtype],
+            "refine": int(refine), "_dtype": _DTYPES[dtype],
         }  # fmt: skip
         job = _Job(source, settings, group)
         if not group.is_writer:

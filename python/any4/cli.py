@@ -99,6 +99,13 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
         "the calibration's full input covariance (default none)",
     )
     p.add_argument(
+        "--refine",
+        type=int,
+        default=None,
+        help="rounds of least-squares refinement of learned tables and group scale/zero after "
+        "k-means (default: any4.refine.DEFAULT_REFINE, 4; 0: k-means alone)",
+    )
+    p.add_argument(
         "--table-dtype",
         choices=("bfloat16", "float16", "float32"),
         default=None,
@@ -327,6 +334,7 @@ def _quant_options(args: argparse.Namespace) -> dict:
         "refit": args.refit,
         "table_dtype": getattr(torch, args.table_dtype) if args.table_dtype else None,
         "skip": tuple(args.skip),
+        **({} if args.refine is None else {"refine": args.refine}),
     }
 
 

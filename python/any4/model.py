@@ -18,7 +18,7 @@ from .formats import get_format
 from .gptq import GPTQ, gptq_layer, prepare
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
 from .nn import QuantLinear, dense_features, is_conv1d, set_submodule
-from .refine import DEFAULT_REFINE
+from .refine import DEFAULT_REFINE, check_refine
 from .refit import DEFAULT_REFIT, REFITS, CovarianceCache, refit_layer
 from .stats import DEFAULT_WEIGHTING, WEIGHTINGS, ChannelStats
 
@@ -243,6 +243,7 @@ def quantize_model(
     if fmt.lower() in FLOAT_FORMATS:
         return model
     f = check_settings(fmt, group_size, mode, weighting, method)
+    refine = check_refine(refine)
     if refit not in REFITS:
         raise ValueError(f"refit must be one of {REFITS}, got {refit!r}")
     if isinstance(skip, str):

@@ -25,7 +25,7 @@ from ._core import C
 from .formats import Format, get_format
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT, METHODS
 from .pack import pack, unpack
-from .refine import DEFAULT_REFINE, MAX_REFINE, element_weight, refine_rows
+from .refine import DEFAULT_REFINE, check_refine, refine_rows
 from .stats import DEFAULT_WEIGHTING, ChannelStats, channel_weight
 
 
@@ -133,10 +133,7 @@ def quantize(
         raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
     if n_init < 1 or max_iter < 1:
         raise ValueError("n_init and max_iter must be >= 1")
-    if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)):
-        raise TypeError(f"refine must be an int, got {type(refine).__name__}")
-    if not 0 <= refine <= MAX_REFINE:
-        raise ValueError(f"refine must be in [0, {MAX_REFINE}], got {refine}")
+    refine = check_refine(refine)
 
     w32 = np.ascontiguousarray(T.to_numpy(w), dtype=np.float32)
     chan = elem = None
@@ -174,8 +171,9 @@ def quantize(
         int(seed), codes.ctypes.data, lut.ctypes.data, scales.ctypes.data,
     )  # fmt: skip
     if f.learned and refine:
-        d = element_weight(chan, power, elem, scales, N, K, group_size)
-        refine_rows(w32, codes, lut, scales, d, group_size, dtype, int(refine))
+        refine_rows(
+            w32, codes, lut, scales, group_size, dtype, refine, chan=chan, power=power, elem=elem
+        )
     _check_representable(w32, lut, scales, dtype, f.learned)
     packed = pack(codes, f.bits)
     return QuantizedTensor(

@@ -31,7 +31,16 @@ from ._core import C
 
 DEFAULT_REFINE = 4
 MAX_REFINE = 100
-_ROWS = 256  # rows per block: float64 temporaries of a few MB
+_ROWS = 64  # rows per block: float64 temporaries of a few MB (K = 14336: ~7 MB each)
+
+
+def check_refine(refine: object) -> int:
+    """``refine`` as an int in [0, MAX_REFINE], else TypeError/ValueError naming it."""
+    if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)):
+        raise TypeError(f"refine must be an int, got {type(refine).__name__}")
+    if not 0 <= refine <= MAX_REFINE:
+        raise ValueError(f"refine must be in [0, {MAX_REFINE}], got {refine}")
+    return int(refine)
 
 
 def _round(t: np.ndarray, dtype: str) -> np.ndarray:
@@ -67,16 +76,21 @@ def refine_rows(
     codes: np.ndarray,
     lut: np.ndarray,
     scales: np.ndarray,
-    weight: np.ndarray,
     group_size: int,
     dtype: str,
     rounds: int = DEFAULT_REFINE,
+    *,
+    chan: Optional[np.ndarray] = None,
+    power: int = 0,
+    elem: Optional[np.ndarray] = None,
 ) -> int:
     """Refine a learned quantization in place; returns how many rows changed.
 
     w32 float32 [N, K] (C-contiguous); codes uint8 [N, K]; lut float32 [N, L] (sorted, values
-    representable in ``dtype``); scales float32 [N, ceil(K/G), 2] (scale, zero); weight [N, K]
-    (float64 or float32), the per-element weight d of the error in the weight's domain (>= 0).
+    representable in ``dtype``); scales float32 [N, ceil(K/G), 2] (scale, zero); k-means'
+    sample weight: per channel ``chan`` float32 [K] times scale**power, or per element ``elem``
+    float32 [N, K], or neither (all ones); the error's weight d follows (:func:`element_weight`,
+    computed a block of rows at a time, so the temporaries stay a few MB whatever the matrix).
     """
     if rounds <= 0:
         return 0
@@ -91,7 +105,9 @@ def refine_rows(
             r1 = min(N, r0 + _ROWS)
             n = r1 - r0
             w = np.ascontiguousarray(w32[r0:r1])
-            d = np.asarray(weight[r0:r1], dtype=np.float64)
+            d = element_weight(
+                chan, power, None if elem is None else elem[r0:r1], scales[r0:r1], n, K, G
+            )
             res0 = _assign(w, lut[r0:r1], scales[r0:r1], G, np.array(codes[r0:r1], np.uint8))
             e0 = (d * res0.astype(np.float64) ** 2).sum(1)
             W = np.pad(w.astype(np.float64), pad).reshape(n, ng, G)
