@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import any4
-from any4.refine import MAX_REFINE, _round, element_weight
+from any4.refine import MAX_REFINE, _round, element_weight, refine_rows, refine_rows_reference
 from any4.stats import ChannelStats
 from conftest import to_f64
 
@@ -130,3 +130,35 @@ def test_bfloat16_rounding_matches_torch():
     got = _round(x, "bfloat16")
     want = torch.from_numpy(x).bfloat16().float().numpy()
     assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("fmt,K,G", [("any4", 200, 64), ("any3", 256, 128), ("any2", 136, 32)])
+def test_cpp_matches_the_numpy_reference(fmt, dtype, K, G):
+    """The C++ refinement (quantize's path) against refine_rows_reference from the same k-means
+    result: the same weighted error per row (float64 sums in another order) and codes."""
+    N = 40
+    w = _heavy(N, K, seed=7 + K).numpy()
+    chan = np.random.default_rng(K).uniform(0.05, 3.0, K).astype(np.float32) ** 2
+    base = any4.quantize(w, fmt, G, sample_weight=chan, scale_power=2, dtype="float32", refine=0)
+    # the k-means result in the requested dtype, as quantize hands it to the refinement
+    lut = _round(np.asarray(base.lut), dtype)
+    sc = _round(np.asarray(base.scales), dtype)
+    outs = []
+    for fn in (refine_rows, refine_rows_reference):
+        c, lt, s = base.codes().copy(), lut.copy(), sc.copy()
+        fn(w, c, lt, s, G, dtype, 4, chan=chan, power=2)
+        qt = any4.QuantizedTensor(
+            packed=any4.pack(c, base.bits), lut=lt, scales=s, shape=(N, K), fmt=fmt, group_size=G
+        )
+        outs.append((c, _weighted_error(w, qt, chan)))
+    (c1, e1), (c2, e2) = outs
+    np.testing.assert_allclose(e1, e2, rtol=1e-5)
+    assert (c1 == c2).mean() > 0.999
+
+
+def test_cpp_rejects_bad_arrays():
+    w = np.zeros((2, 64), np.float32)
+    with pytest.raises(TypeError, match="codes"):
+        refine_rows(w, np.zeros((2, 64), np.int64), np.zeros((2, 16), np.float32),
+                    np.ones((2, 1, 2), np.float32), 64, "float32", 2)  # fmt: skip

@@ -18,6 +18,7 @@
 #include "pack_gpu.h"
 #include "parallel.h"
 #include "quantize.h"
+#include "refine.h"
 #include "refit_rows.h"
 
 #ifdef ANY4_WITH_CUDA
@@ -125,6 +126,15 @@ PYBIND11_MODULE(_C, m) {
       },
       gil());
 
+  m.def(
+      "refine_rows",
+      [](uintptr_t w, int64_t N, int64_t K, int L, int64_t group_size, uintptr_t chan, int power,
+         uintptr_t elem, int dtype, int rounds, uintptr_t codes, uintptr_t lut, uintptr_t scales) {
+        return refine_rows(ptr<const float>(w), N, K, L, group_size, ptr<const float>(chan), power,
+                           ptr<const float>(elem), to_dtype(dtype), rounds, ptr<uint8_t>(codes),
+                           ptr<float>(lut), ptr<float>(scales));
+      },
+      gil());
   m.def(
       "refit_assign_rows",
       [](uintptr_t w, uintptr_t lut, uintptr_t scales, int64_t n, int64_t K, int L, int64_t group_size,

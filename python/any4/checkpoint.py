@@ -62,10 +62,10 @@ from .calibration import (
 from .dist import Group, local_world_size, row_ranges, row_slice_seed, threads_per_rank
 from .integrity import metadata_text, seal_file
 from .kmeans import DEFAULT_METHOD, DEFAULT_N_INIT
-from .refine import DEFAULT_REFINE, check_refine
 from .model import check_settings, layer_quantize_kwargs, plan_layers
 from .nn import QuantLinear, dense_features, is_conv1d
 from .quantize import QuantizedTensor, quantize
+from .refine import DEFAULT_REFINE, check_refine
 from .safetensors_stream import (
     TORCH_DTYPES,
     CheckpointError,

@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import _tensor as T
 from ._core import C
 
 DEFAULT_REFINE = 4
@@ -84,7 +85,41 @@ def refine_rows(
     power: int = 0,
     elem: Optional[np.ndarray] = None,
 ) -> int:
-    """Refine a learned quantization in place; returns how many rows changed.
+    """Refine a learned quantization in place (C++ core, cpp/refine.h: rows in parallel, the
+    GIL released); returns how many rows changed. Arguments as for :func:`refine_rows_reference`
+    (all C-contiguous float32 / uint8 numpy arrays)."""
+    if rounds <= 0:
+        return 0
+    N, K = w32.shape
+    for name, a, dt in (("w32", w32, np.float32), ("codes", codes, np.uint8), ("lut", lut, np.float32),
+                        ("scales", scales, np.float32)):  # fmt: skip
+        if a.dtype != dt or not a.flags.c_contiguous:
+            raise TypeError(f"refine_rows: {name} must be C-contiguous {np.dtype(dt).name}")
+    c_chan = None if chan is None else np.ascontiguousarray(chan, dtype=np.float32)
+    c_elem = None if elem is None else np.ascontiguousarray(elem, dtype=np.float32)
+    return int(C.refine_rows(
+        w32.ctypes.data, N, K, lut.shape[1], int(group_size),
+        0 if c_chan is None else c_chan.ctypes.data, int(power),
+        0 if c_elem is None else c_elem.ctypes.data, T.DTYPE_CODE[dtype], int(rounds),
+        codes.ctypes.data, lut.ctypes.data, scales.ctypes.data,
+    ))  # fmt: skip
+
+
+def refine_rows_reference(
+    w32: np.ndarray,
+    codes: np.ndarray,
+    lut: np.ndarray,
+    scales: np.ndarray,
+    group_size: int,
+    dtype: str,
+    rounds: int = DEFAULT_REFINE,
+    *,
+    chan: Optional[np.ndarray] = None,
+    power: int = 0,
+    elem: Optional[np.ndarray] = None,
+) -> int:
+    """Refine a learned quantization in place; returns how many rows changed (numpy, the
+    reference the C++ :func:`refine_rows` is tested against).
 
     w32 float32 [N, K] (C-contiguous); codes uint8 [N, K]; lut float32 [N, L] (sorted, values
     representable in ``dtype``); scales float32 [N, ceil(K/G), 2] (scale, zero); k-means'
@@ -108,13 +143,13 @@ def refine_rows(
             d = element_weight(
                 chan, power, None if elem is None else elem[r0:r1], scales[r0:r1], n, K, G
             )
-            res0 = _assign(w, lut[r0:r1], scales[r0:r1], G, np.array(codes[r0:r1], np.uint8))
+            cur = np.array(codes[r0:r1], np.uint8)  # re-assigned to the nearest value first
+            res0 = _assign(w, lut[r0:r1], scales[r0:r1], G, cur)
             e0 = (d * res0.astype(np.float64) ** 2).sum(1)
             W = np.pad(w.astype(np.float64), pad).reshape(n, ng, G)
             D = np.pad(d, pad).reshape(n, ng, G)
             a22, b2 = D.sum(-1), (D * W).sum(-1)
             offset = (np.arange(n) * L)[:, None]
-            cur = np.array(codes[r0:r1], np.uint8)
             lt = lut[r0:r1].astype(np.float64)
             s, z = scales[r0:r1, :, 0].astype(np.float64), scales[r0:r1, :, 1].astype(np.float64)
             for _ in range(rounds):
