@@ -29,19 +29,10 @@ import numpy as np
 
 from . import _tensor as T
 from ._core import C
+from .validate import MAX_REFINE, check_refine  # noqa: F401 (the refine setting's check)
 
 DEFAULT_REFINE = 4
-MAX_REFINE = 100
 _ROWS = 64  # rows per block: float64 temporaries of a few MB (K = 14336: ~7 MB each)
-
-
-def check_refine(refine: object) -> int:
-    """``refine`` as an int in [0, MAX_REFINE], else TypeError/ValueError naming it."""
-    if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)):
-        raise TypeError(f"refine must be an int, got {type(refine).__name__}")
-    if not 0 <= refine <= MAX_REFINE:
-        raise ValueError(f"refine must be in [0, {MAX_REFINE}], got {refine}")
-    return int(refine)
 
 
 def _round(t: np.ndarray, dtype: str) -> np.ndarray:

@@ -41,6 +41,18 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 CODE_LAYOUTS = (None, "dense", "nibble")
 
 
+MAX_REFINE = 100  # rounds of any4.refine
+
+
+def check_refine(refine: object) -> int:
+    """``refine`` as an int in [0, MAX_REFINE], else TypeError/ValueError naming it."""
+    if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)):
+        raise TypeError(f"refine must be an int, got {type(refine).__name__}")
+    if not 0 <= refine <= MAX_REFINE:
+        raise ValueError(f"refine must be in [0, {MAX_REFINE}], got {refine}")
+    return int(refine)
+
+
 def _int(v: Any, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
